@@ -1,0 +1,38 @@
+# The two commands a new user needs:  `make repro`  and  `make test`.
+# FAISS=gpu installs faiss-gpu instead of faiss-cpu on a CUDA machine.
+VENV ?= .venv
+PYTHON ?= python3
+FAISS ?= cpu
+BIN := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+
+.PHONY: venv data repro test lint bench clean-venv
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[$(FAISS),dev]"
+	touch $@
+
+data: venv  ## the embedded default: Fashion-MNIST IDX files into data/raw/fashion-mnist
+	langdml fetch-data
+
+repro: data  ## the whole DVC pipeline on the embedded default
+	dvc repro
+
+test: venv
+	pytest -q
+
+lint: venv
+	ruff check stages tests benchmarks
+	ruff format --check stages tests benchmarks
+
+bench: venv
+	python benchmarks/pseudo_labels_throughput.py
+	python benchmarks/guidance_overhead.py
+	python benchmarks/eval_scaling.py
+
+clean-venv:
+	rm -rf $(VENV)

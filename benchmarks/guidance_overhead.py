@@ -1,0 +1,113 @@
+"""Cost of language guidance per training step: omega = 0 versus omega > 0, same model and data.
+
+Both variants run the training loop's own ``TrainStep`` on one fixed class-balanced batch,
+interleaved (the order alternates each round) after a warm-up, so drift in machine load hits
+both equally. Prints the median step times, their ratio (target <= 1.03) and images/s.
+
+    .venv/bin/python benchmarks/guidance_overhead.py            # params.yaml's model and batch
+    .venv/bin/python benchmarks/guidance_overhead.py --steps 50 --guidance both
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from stages.core.language_targets import EmbeddingTarget
+from stages.core.losses import build_dml_loss
+from stages.core.runtime import resolve_device, seed_everything
+from stages.core.training import TrainStep, build_optimizer
+from stages.core.vision import build_model
+from stages.params import Params, load_params
+
+
+def parse() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml", help="parameter file (defaults if missing)")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
+    ap.add_argument("--omega", type=float, default=1.0, help="the guided variant's omega")
+    ap.add_argument("--guidance", choices=["elg", "plg", "both"], default="elg", help="targets (random embeddings)")
+    ap.add_argument("--classes", type=int, default=100, help="classes in the language table")
+    ap.add_argument("--dim", type=int, default=512, help="language embedding size (CLIP ViT-B/32: 512)")
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse()
+    params = load_params(args.params) if Path(args.params).is_file() else Params()
+    tp, mp = params.train, params.model
+    device = resolve_device(tp.device)
+    cuda = device.type == "cuda"
+    gen = seed_everything(params.seed)
+
+    model = build_model(mp).to(device).train()
+    if cuda:
+        model.to(memory_format=torch.channels_last)
+    per_batch = tp.batch_size // tp.samples_per_class
+    dml = build_dml_loss(tp.loss, args.classes, mp.embed_dim, params.losses.get(tp.loss)).to(device)
+    optimizer = build_optimizer(tp, model, dml)
+    x = torch.randn(tp.batch_size, 3, mp.image_size, mp.image_size, generator=gen)
+    y = torch.arange(per_batch).repeat_interleave(tp.samples_per_class)
+    if cuda:
+        x, y = x.pin_memory(), y.pin_memory()
+    elg = torch.randn(args.classes, args.dim, generator=gen)
+    plg = torch.randn(5, args.classes, args.dim, generator=gen)
+    targets = {"elg": [EmbeddingTarget(elg)], "plg": [EmbeddingTarget(plg)]}
+    targets["both"] = targets["elg"] + targets["plg"]
+    common = {
+        "forward": torch.compile(model) if tp.compile else model,
+        "dml": dml,
+        "optimizer": optimizer,
+        "lang_kwargs": {"gamma": params.language.gamma, "temperature": params.language.temperature},
+        "device": device,
+        "amp": cuda and tp.amp,
+    }
+    variants = {
+        "omega=0": TrainStep(targets=[], omega=0.0, **common),
+        f"omega={args.omega:g} ({args.guidance})": TrainStep(
+            targets=[t.to(device) for t in targets[args.guidance]], omega=args.omega, **common
+        ),
+    }
+
+    def timed(step: TrainStep) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        parts = step(x, y)
+        if cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        assert torch.isfinite(parts).all(), "non-finite loss in the benchmark"
+        return elapsed
+
+    names = list(variants)
+    for _ in range(args.warmup):
+        for name in names:
+            timed(variants[name])
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(args.steps):
+        for name in names if i % 2 == 0 else reversed(names):
+            times[name].append(timed(variants[name]))
+
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    base = medians[names[0]]
+    label = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(
+        f"{mp.backbone} @ {mp.image_size}px, batch {tp.batch_size}, loss {tp.loss}, "
+        f"{args.steps} interleaved steps after {args.warmup} warm-up, {label}"
+    )
+    print(f"{'variant':<24} {'median step (ms)':>17} {'images/s':>10} {'ratio':>7}")
+    for name in names:
+        m = medians[name]
+        print(f"{name:<24} {m * 1e3:>17.2f} {tp.batch_size / m:>10.1f} {m / base:>7.3f}")
+    ratio = medians[names[1]] / base
+    print(f"overhead ratio {ratio:.3f} (target <= 1.03): {'OK' if ratio <= 1.03 else 'ABOVE TARGET'}")
+
+
+if __name__ == "__main__":
+    main()

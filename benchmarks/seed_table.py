@@ -1,0 +1,114 @@
+"""The README's seed table: baseline, ELG, PLG and the two controls, over several seeds.
+
+Needs the precompute outputs of `dvc repro` (data/prepared, data/language, data/pseudolabels,
+data/pretrained_eval). Each run trains and evaluates in a scratch folder that links to those outputs, so
+the repository's own data/ is left alone; the same grid through DVC is
+`dvc exp run --queue -S 'omega=0,1,5' -S seed=0,1,2 && dvc queue start`.
+
+    python benchmarks/seed_table.py --seeds 0 1 2 --omegas 1 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+LINKED = ["prepared", "language", "pseudolabels", "pretrained_eval"]
+KEYS = ["recall@1", "map@r"]
+
+
+def grid(omegas: list[float], control_omega: float) -> list[tuple[str, dict[str, object]]]:
+    """(row name, parameter overrides) for every configuration of the table."""
+    rows: list[tuple[str, dict[str, object]]] = [("baseline (omega=0)", {"omega": 0.0, "language.guidance": "none"})]
+    for guidance in ("elg", "plg"):
+        rows += [(f"{guidance.upper()} omega={w:g}", {"omega": w, "language.guidance": guidance}) for w in omegas]
+    for control in ("shuffled", "uniform"):
+        rows.append((f"{control} omega={control_omega:g}", {"omega": control_omega, "language.guidance": control}))
+    return rows
+
+
+def with_overrides(params: dict, overrides: dict[str, object]) -> dict:
+    out = json.loads(json.dumps(params))
+    for dotted, value in overrides.items():
+        node = out
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return out
+
+
+def run_one(params: dict, workdir: Path) -> dict[str, float]:
+    """Train and evaluate in ``workdir`` with the precompute outputs linked in; return the metrics."""
+    (workdir / "data").mkdir(parents=True)
+    for name in LINKED:
+        (workdir / "data" / name).symlink_to(REPO / "data" / name, target_is_directory=True)
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    langdml = str(Path(sys.executable).parent / "langdml")
+    for stage in ("train", "evaluate"):
+        res = subprocess.run([langdml, stage], cwd=workdir, capture_output=True, text=True)
+        if res.returncode:
+            raise SystemExit(f"langdml {stage} failed in {workdir}:\n{res.stderr[-3000:]}")
+    return json.loads((workdir / "data/eval/metrics.json").read_text())
+
+
+def fmt(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * mean:.1f} ± {100 * spread:.1f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--omegas", type=float, nargs="+", default=[1.0, 5.0])
+    ap.add_argument("--control-omega", type=float, default=None, help="omega of the controls (default: largest)")
+    ap.add_argument("--out", type=Path, default=None, help="also write the raw results as JSON here")
+    args = ap.parse_args()
+    for name in LINKED:
+        if not (REPO / "data" / name).exists():
+            raise SystemExit(f"data/{name} is missing: run `dvc repro` first")
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    pretrained = json.loads((REPO / "data/pretrained_eval/metrics.json").read_text())
+    control_omega = args.control_omega if args.control_omega is not None else max(args.omegas)
+
+    results: dict[str, list[dict[str, float]]] = {}
+    scratch = Path(tempfile.mkdtemp(prefix="langdml-seeds-"))
+    try:
+        for name, overrides in grid(args.omegas, control_omega):
+            for seed in args.seeds:
+                t0 = time.perf_counter()
+                params = with_overrides(base, {**overrides, "seed": seed})
+                slug = f"{name.split()[0]}-{overrides['omega']}-s{seed}"
+                metrics = run_one(params, scratch / slug)
+                results.setdefault(name, []).append(metrics)
+                print(
+                    f"{name:24s} seed={seed} recall@1={metrics['recall@1']:.4f} "
+                    f"map@r={metrics['map@r']:.4f} ({time.perf_counter() - t0:.0f} s)",
+                    flush=True,
+                )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    print(f"\n| configuration | recall@1 (%) | MAP@R (%) |   (mean ± std over seeds {args.seeds})")
+    print("|---|---|---|")
+    control = " | ".join(f"{100 * pretrained[k]:.1f}" for k in KEYS)
+    print(f"| pretrained backbone, no training | {control} |")
+    for name, runs in results.items():
+        print(f"| {name} | " + " | ".join(fmt([r[k] for r in runs]) for k in KEYS) + " |")
+    if args.out:
+        args.out.write_text(json.dumps({"pretrained": pretrained, "runs": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

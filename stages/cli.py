@@ -1,0 +1,116 @@
+"""The ``langdml`` command line: one command per DVC stage, each reading ``params.yaml``.
+
+Heavy libraries (torch, timm, open_clip) are imported inside the stage modules, which are
+imported inside the commands, so ``langdml --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from stages.core.errors import LangdmlError
+from stages.core.registry import RegistryError
+
+app = typer.Typer(
+    name="langdml",
+    help="Language-guided deep metric learning as a DVC pipeline. Each command is one stage of dvc.yaml.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Parameter file to read.")]
+log = logging.getLogger("langdml")
+
+
+def _run_stage(module: str, params_path: Path) -> None:
+    """Load params, run ``stages.<module>.run``; user errors become one line on stderr and exit 1."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from stages.params import load_params
+
+    try:
+        params = load_params(params_path)
+        importlib.import_module(f"stages.{module}").run(params)
+    except (LangdmlError, RegistryError, FileNotFoundError) as err:
+        typer.echo(f"langdml {module.replace('_', '-')}: error: {_one_line(err)}", err=True)
+        sys.exit(1)
+
+
+def _one_line(err: BaseException) -> str:
+    """The message itself; an error re-raised from a DataLoader worker carries the worker's traceback."""
+    text = str(err).strip()
+    if "\n" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
+@app.command()
+def prepare(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Read the dataset root and write the train/test/classes manifests (data/prepared/)."""
+    _run_stage("prepare", params)
+
+
+@app.command("embed-text")
+def embed_text(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Embed "a photo of a {class}" with the frozen text encoder (ELG cache, data/language/)."""
+    _run_stage("embed_text", params)
+
+
+@app.command("pseudo-labels")
+def pseudo_labels(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Top-k ImageNet pseudo-labels per training class, embedded (PLG cache, data/pseudolabels/)."""
+    _run_stage("pseudo_labels", params)
+
+
+@app.command()
+def train(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Train the image encoder with the DML loss plus omega times language matching (data/model/)."""
+    _run_stage("train", params)
+
+
+@app.command("evaluate-pretrained")
+def evaluate_pretrained(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Retrieval metrics of the untrained backbone's pooled features: the control (data/pretrained_eval/)."""
+    _run_stage("evaluate_pretrained", params)
+
+
+@app.command()
+def evaluate(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Embed the test split with the trained model; metrics JSON, embeddings and pictures (data/eval/)."""
+    _run_stage("evaluate", params)
+
+
+@app.command("fetch-data")
+def fetch_data(
+    root: Annotated[Path, typer.Option(help="Where to put the Fashion-MNIST IDX files.")] = Path(
+        "data/raw/fashion-mnist"
+    ),
+) -> None:
+    """Put the embedded default data set (Fashion-MNIST) into ROOT: from Debian's package, else downloaded."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from stages.core.datasets import fetch_fashion_mnist
+
+    try:
+        typer.echo(f"Fashion-MNIST ready in {fetch_fashion_mnist(root)}")
+    except LangdmlError as err:
+        typer.echo(f"langdml fetch-data: error: {err}", err=True)
+        sys.exit(1)
+
+
+@app.command("list")
+def list_registries() -> None:
+    """List every registered dataset, text encoder, backbone, classifier and loss."""
+    from stages.core.catalog import registries
+
+    for kind, names in registries().items():
+        typer.echo(f"{kind}: {', '.join(names)}")
+
+
+if __name__ == "__main__":
+    app()

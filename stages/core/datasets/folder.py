@@ -1,0 +1,57 @@
+"""Any ``root/<class name>/<images>`` tree: the way to bring your own data.
+
+Classes sorted by name get ids 0..C-1; the first ``round(train_fraction * C)`` train, the rest test.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stages.core.datasets.base import (
+    DATASETS,
+    IMAGE_SUFFIXES,
+    ClassInfo,
+    Images,
+    Manifests,
+    assemble,
+    choose_train_classes,
+    require_root,
+)
+from stages.core.errors import LangdmlError
+from stages.params import DatasetParams
+
+
+def scan_class_folders(root: Path, dataset: str) -> list[tuple[str, list[str]]]:
+    """(class name, sorted image paths relative to root) per non-hidden sub-folder, sorted by name."""
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise LangdmlError(f"{dataset}: {root} has no class folders; expected root/<class name>/<image files>")
+    result = []
+    for folder in folders:
+        files = sorted(
+            p.relative_to(root).as_posix()
+            for p in folder.rglob("*")
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")
+        )
+        if not files:
+            suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+            raise LangdmlError(f"{dataset}: class folder {folder.name!r} has no image files ({suffixes})")
+        result.append((folder.name, files))
+    return result
+
+
+@DATASETS.register("folder")
+def folder(params: DatasetParams) -> Manifests:
+    root = require_root(params)
+    folders = scan_class_folders(root, "folder")
+    if len(folders) < 2:
+        raise LangdmlError(f"folder: {root} has {len(folders)} class folder; need at least 2 (train and test)")
+    classes = [ClassInfo(i, name) for i, (name, _) in enumerate(folders)]
+    n_train = min(max(round(params.train_fraction * len(classes)), 1), len(classes) - 1)
+    train_ids = choose_train_classes("folder", classes, params.train_classes, default=set(range(n_train)))
+    rows = {"train": Images([], paths=[]), "test": Images([], paths=[])}
+    for class_id, (_, files) in enumerate(folders):
+        split = rows["train" if class_id in train_ids else "test"]
+        split.labels.extend([class_id] * len(files))
+        split.paths.extend(files)  # type: ignore[union-attr]
+    return assemble("folder", root, classes, rows, params)

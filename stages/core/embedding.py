@@ -1,0 +1,69 @@
+"""Run an embedding function over a dataset: the one inference loop both evaluation stages share."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from stages.core.errors import LangdmlError
+
+if TYPE_CHECKING:
+    import torch
+    from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
+
+
+def embed_dataset(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    dataset: Dataset[Any],
+    *,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device | str,
+) -> np.ndarray:
+    """``fn`` (a model, or its ``pooled``) over ``dataset`` in order: float32, L2-normalised N x D.
+
+    When ``fn`` is an ``nn.Module`` or one's bound method, the module is moved to ``device`` and put in
+    eval mode for the loop (batch-norm statistics and dropout must not change what an image maps to),
+    then given back its previous mode. bf16 autocast on CUDA; full precision on the CPU.
+    """
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+    from torch.utils.data import DataLoader
+
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise LangdmlError("the dataset to embed is empty; check the test manifest (langdml prepare)")
+    device = torch.device(device)
+    owner = fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)
+    module = owner if isinstance(owner, nn.Module) else None
+    was_training = module.training if module is not None else False
+    if module is not None:
+        module.to(device).eval()
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    chunks: list[np.ndarray] = []
+    try:
+        with (
+            torch.inference_mode(),
+            torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
+        ):
+            for images, _ in tqdm(loader, desc="embed", unit="batch", disable=None):
+                out = fn(images.to(device, non_blocking=True)).float().flatten(1)
+                chunks.append(F.normalize(out, dim=1).cpu().numpy())
+    finally:
+        if module is not None:
+            module.train(was_training)
+    emb = np.concatenate(chunks).astype(np.float32, copy=False)
+    log.info("embedded %d images into %d dimensions", emb.shape[0], emb.shape[1])
+    return emb

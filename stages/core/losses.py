@@ -1,0 +1,158 @@
+"""Language matching (the paper's KL regulariser) and the base DML losses by name.
+
+``language_matching`` follows the official ``LanguageGuide``/``kl_div`` of
+ExplainableML/LanguageGuidance_for_DML: same-class entries of both similarity matrices are
+masked to ``1 + gamma``, the language side is shifted by ``gamma`` and carries no gradient,
+and the row-wise KL is summed, scaled by ``T^2 / B``.
+
+Base losses come from pytorch-metric-learning; each registered factory returns a
+:class:`DMLLoss` (loss + miner) that also says which of its parameters need their own
+optimiser group (margin's beta, proxy-anchor's proxies).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stages.core.errors import LangdmlError
+from stages.core.registry import Registry
+
+Similarity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+SIMILARITIES: Registry[Similarity] = Registry("similarity")
+
+
+@SIMILARITIES.register("cosine")
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of L2-normalised rows: a plain inner product."""
+    return a @ b.T
+
+
+def language_matching(
+    img_emb: torch.Tensor,
+    labels: torch.Tensor,
+    lang_sim: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    temperature: float = 1.0,
+    direction: str = "backward",
+    similarity: str = "cosine",
+) -> torch.Tensor:
+    """T^2/B * sum_i KL(P_i || Q_i) (``backward``) or KL(Q_i || P_i) (``forward``).
+
+    P = softmax(S_img masked / T), Q = softmax((lang_sim + gamma) masked / T); same-class entries,
+    the diagonal included, are set to 1 + gamma on both sides. At least float32, even under autocast.
+    """
+    if direction not in ("backward", "forward"):
+        raise ValueError(f"direction must be 'backward' or 'forward', got {direction!r}")
+    sim_fn = SIMILARITIES.get(similarity)
+    dtype = torch.promote_types(img_emb.dtype, torch.float32)  # bf16/fp16 -> float32; float64 stays
+    with torch.autocast(device_type=img_emb.device.type, enabled=False):
+        emb = img_emb.to(dtype)
+        same = labels.view(-1, 1) == labels.view(1, -1)
+        fill = 1.0 + gamma
+        s_img = sim_fn(emb, emb).masked_fill(same, fill)
+        s_lang = (lang_sim.detach().to(dtype) + gamma).masked_fill(same, fill)
+        log_p = F.log_softmax(s_img / temperature, dim=-1)
+        log_q = F.log_softmax(s_lang / temperature, dim=-1)
+        a, b = (log_p, log_q) if direction == "backward" else (log_q, log_p)
+        kl = (a.exp() * (a - b)).sum()  # KL(A || B), summed over rows
+        return kl * (temperature**2) / emb.shape[0]
+
+
+class DMLLoss(nn.Module):
+    """A PML loss with its optional miner; labels must be dense 0..C-1 (proxies index by them)."""
+
+    def __init__(self, loss: nn.Module, miner: nn.Module | None = None, lr: float | None = None) -> None:
+        super().__init__()
+        self.loss = loss
+        self.miner = miner
+        self.lr = lr
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        pairs = self.miner(embeddings, labels) if self.miner is not None else None
+        return self.loss(embeddings, labels, pairs)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The loss's own learnable parameters as one optimiser group with its own lr (no weight decay)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            return []
+        group: dict[str, Any] = {"params": params, "weight_decay": 0.0, "name": "loss"}
+        if self.lr is not None:
+            group["lr"] = self.lr
+        return [group]
+
+
+DMLFactory = Callable[..., DMLLoss]
+DML_LOSSES: Registry[DMLFactory] = Registry("DML loss")
+
+
+def build_dml_loss(name: str, num_classes: int, embed_dim: int, kwargs: dict[str, Any] | None = None) -> DMLLoss:
+    """Look ``name`` up and pass ``params.losses[name]``; a wrong keyword is a one-line error."""
+    factory = DML_LOSSES.get(name)
+    kwargs = dict(kwargs or {})
+    try:
+        inspect.signature(factory).bind(num_classes, embed_dim, **kwargs)
+    except TypeError as err:
+        allowed = [p for p in inspect.signature(factory).parameters if p not in ("num_classes", "embed_dim")]
+        raise LangdmlError(f"losses.{name}: {err}; allowed keys: {', '.join(allowed)}") from None
+    return factory(num_classes, embed_dim, **kwargs)
+
+
+@DML_LOSSES.register("multisimilarity")
+def _multisimilarity(
+    num_classes: int, embed_dim: int, alpha: float = 2.0, beta: float = 40.0, base: float = 0.5, epsilon: float = 0.1
+) -> DMLLoss:
+    from pytorch_metric_learning import losses, miners
+
+    return DMLLoss(losses.MultiSimilarityLoss(alpha, beta, base), miners.MultiSimilarityMiner(epsilon))
+
+
+@DML_LOSSES.register("margin")
+def _margin(
+    num_classes: int,
+    embed_dim: int,
+    margin: float = 0.2,
+    beta: float = 1.2,
+    nu: float = 0.0,
+    beta_lr: float = 5e-4,
+    cutoff: float = 0.5,
+    nonzero_loss_cutoff: float = 1.4,
+) -> DMLLoss:
+    """Per-class learnable beta (as in Roth et al.'s margin loss), trained with ``beta_lr``."""
+    from pytorch_metric_learning import losses, miners
+
+    loss = losses.MarginLoss(margin=margin, nu=nu, beta=beta, learn_beta=True, num_classes=num_classes)
+    return DMLLoss(loss, miners.DistanceWeightedMiner(cutoff, nonzero_loss_cutoff), lr=beta_lr)
+
+
+@DML_LOSSES.register("triplet")
+def _triplet(num_classes: int, embed_dim: int, margin: float = 0.2) -> DMLLoss:
+    from pytorch_metric_learning import losses, miners
+
+    return DMLLoss(
+        losses.TripletMarginLoss(margin=margin), miners.TripletMarginMiner(margin, type_of_triplets="semihard")
+    )
+
+
+@DML_LOSSES.register("contrastive")
+def _contrastive(num_classes: int, embed_dim: int, pos_margin: float = 0.0, neg_margin: float = 1.0) -> DMLLoss:
+    from pytorch_metric_learning import losses
+
+    return DMLLoss(losses.ContrastiveLoss(pos_margin=pos_margin, neg_margin=neg_margin))
+
+
+@DML_LOSSES.register("proxy_anchor")
+def _proxy_anchor(
+    num_classes: int, embed_dim: int, margin: float = 0.1, alpha: float = 32.0, lr: float | None = None
+) -> DMLLoss:
+    """Proxies get their own lr (Kim et al. use 100x the backbone's); None falls back to train.head_lr."""
+    from pytorch_metric_learning import losses
+
+    return DMLLoss(losses.ProxyAnchorLoss(num_classes, embed_dim, margin=margin, alpha=alpha), lr=lr)

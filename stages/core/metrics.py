@@ -1,0 +1,257 @@
+"""Retrieval metrics of an embedding space: Recall@k, MAP@R, R-precision and NMI.
+
+Definitions follow "A Metric Learning Reality Check" (Musgrave et al., 2020): every test image
+queries all the others (itself excluded by index, so exact duplicates still count as neighbours),
+and R is the number of other images of the query's class. Neighbours come from an exact faiss
+inner-product index, searched in query chunks so a 60k x 512 test set never needs an N x N
+matrix; each chunk is reduced to per-query numbers before the next one is searched.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from stages.core.errors import LangdmlError
+
+log = logging.getLogger(__name__)
+
+# Neighbour entries (queries x neighbours) held at once; ~12 bytes each for faiss' ids and scores,
+# plus the per-chunk label and precision arrays: about 100 MB at the default.
+NEIGHBOUR_BUDGET = 2**21
+# faiss-gpu cannot select more than this many neighbours per query; larger searches run on the CPU.
+GPU_MAX_K = 2048
+KMEANS_ITERATIONS = 20
+
+Searcher = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+
+
+def _validate(embeddings: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(embeddings)
+    y = np.asarray(labels)
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise LangdmlError(f"embeddings must be a non-empty N x D matrix, got shape {x.shape}")
+    if y.ndim != 1 or len(y) != len(x):
+        raise LangdmlError(f"labels must be one per embedding: {len(x)} embeddings but labels of shape {y.shape}")
+    if not np.issubdtype(x.dtype, np.number):
+        raise LangdmlError(f"embeddings must be numeric, got dtype {x.dtype}")
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise LangdmlError(
+            f"{int(bad.sum())} of {len(x)} embeddings contain NaN or inf (first at row "
+            f"{int(np.argmax(bad))}); the model diverged or its input is broken"
+        )
+    return x, y
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Float32, unit rows (all-zero rows stay zero), copying only when needed."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if np.allclose(norms, 1.0, atol=1e-4):
+        return x
+    return x / np.maximum(norms, 1e-12)
+
+
+def _faiss() -> Any:
+    """faiss, imported quietly: its loader logs a ModuleNotFoundError at INFO when it falls back from AVX-512."""
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    import faiss
+
+    return faiss
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """One log line: rates with 4 decimals, counts as integers."""
+    return ", ".join(f"{k}={v}" if isinstance(v, int) else f"{k}={v:.4f}" for k, v in metrics.items())
+
+
+def _faiss_gpu_count() -> int:
+    faiss = _faiss()
+    return faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
+
+
+def flat_ip_searcher(database: np.ndarray, max_k: int) -> Searcher:
+    """Exact inner-product search over ``database``; on a GPU when faiss-gpu sees one and ``max_k`` allows."""
+    faiss = _faiss()
+    index = faiss.IndexFlatIP(database.shape[1])
+    index.add(database)
+    if _faiss_gpu_count() > 0 and max_k <= GPU_MAX_K:
+        res = faiss.StandardGpuResources()
+        gpu_index = faiss.index_cpu_to_gpu(res, 0, index)
+
+        def search_gpu(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+            _ = res  # the resources must outlive the GPU index
+            return gpu_index.search(queries, k)
+
+        return search_gpu
+    return index.search
+
+
+def search_excluding_self(
+    search: Searcher, queries: np.ndarray, query_ids: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest database rows of each query, without the query's own row.
+
+    Searches ``k + 1`` and drops the entry whose id is the query's id; a query that is not among its
+    own ``k + 1`` results (many exact duplicates ahead of it) drops its last entry instead.
+    Needs ``k + 1 <= len(database)``.
+    """
+    scores, ids = search(np.ascontiguousarray(queries, dtype=np.float32), k + 1)
+    keep = ids != query_ids[:, None]
+    keep[:, -1] &= ~keep.all(axis=1)
+    return scores[keep].reshape(len(ids), k), ids[keep].reshape(len(ids), k)
+
+
+def nearest_neighbours(embeddings: np.ndarray, query_ids: Sequence[int] | np.ndarray, k: int) -> np.ndarray:
+    """Indices (len(query_ids) x k) of each query's k nearest other rows, by cosine similarity."""
+    x = l2_normalize(embeddings)
+    k = min(k, len(x) - 1)
+    qids = np.asarray(query_ids, dtype=np.int64)
+    _, ids = search_excluding_self(flat_ip_searcher(x, k + 1), x[qids], qids, k)
+    return ids
+
+
+def cosine_similarity_matrix(vectors: np.ndarray) -> np.ndarray:
+    """Pairwise cosine similarity of the rows of ``vectors`` (C x D -> C x C)."""
+    v = np.asarray(vectors, dtype=np.float64)
+    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    return v @ v.T
+
+
+def class_centroids(embeddings: np.ndarray, labels: np.ndarray, classes: Sequence[int]) -> np.ndarray:
+    """Mean embedding of each class in ``classes`` order (C x D); every class must occur in ``labels``."""
+    present, inverse, counts = np.unique(np.asarray(labels), return_inverse=True, return_counts=True)
+    order = np.argsort(inverse, kind="stable")
+    sums = np.add.reduceat(np.asarray(embeddings, dtype=np.float64)[order], np.r_[0, np.cumsum(counts)[:-1]])
+    wanted = np.asarray(classes)
+    pos = np.minimum(np.searchsorted(present, wanted), len(present) - 1)
+    missing = present[pos] != wanted
+    if missing.any():
+        raise ValueError(f"{int(missing.sum())} classes have no embedding, e.g. {wanted[missing][0]!r}")
+    return sums[pos] / counts[pos, None]
+
+
+def normalized_mutual_info(labels: np.ndarray, clusters: np.ndarray) -> float:
+    """NMI with the arithmetic mean of the two entropies as normaliser (scikit-learn's default).
+
+    Built from the sparse contingency counts, so 11k classes x 11k clusters costs O(N), not O(C^2).
+    """
+    _, a = np.unique(np.asarray(labels), return_inverse=True)
+    _, b = np.unique(np.asarray(clusters), return_inverse=True)
+    n = len(a)
+    na, nb = int(a.max()) + 1, int(b.max()) + 1
+    if na == nb == 1:
+        return 1.0
+    cells, joint = np.unique(a.astype(np.int64) * nb + b, return_counts=True)
+    count_a = np.bincount(a, minlength=na).astype(np.float64)
+    count_b = np.bincount(b, minlength=nb).astype(np.float64)
+    joint = joint.astype(np.float64)
+    outer = count_a[cells // nb] * count_b[cells % nb]
+    mi = float(np.sum(joint / n * (np.log(joint) + np.log(n) - np.log(outer))))
+
+    def entropy(counts: np.ndarray) -> float:
+        p = counts[counts > 0] / n
+        return float(-np.sum(p * np.log(p)))
+
+    denom = (entropy(count_a) + entropy(count_b)) / 2
+    return max(mi, 0.0) / max(denom, np.finfo(np.float64).eps)
+
+
+def kmeans_assign(x: np.ndarray, n_clusters: int, seed: int = 0) -> np.ndarray:
+    """Seeded faiss k-means on all points (no subsampling, as in the paper's code): each row's cluster."""
+    faiss = _faiss()
+    kmeans = faiss.Kmeans(
+        x.shape[1],
+        n_clusters,
+        niter=KMEANS_ITERATIONS,
+        seed=seed,
+        verbose=False,
+        min_points_per_centroid=1,
+        max_points_per_centroid=max(1, -(-len(x) // n_clusters)),
+        gpu=_faiss_gpu_count() > 0,
+    )
+    kmeans.train(x)
+    _, assign = kmeans.index.search(x, 1)
+    return assign[:, 0]
+
+
+def _chunk_scores(same: np.ndarray, r: np.ndarray, ks: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per query: hits for each k (Q x len(ks)), MAP@R and R-precision, from the neighbour-match matrix."""
+    k_avail = same.shape[1]
+    hits = np.stack([same[:, : min(k, k_avail)].any(axis=1) for k in ks], axis=1)
+    ranks = np.arange(1, k_avail + 1)
+    relevant = same & (ranks[None, :] <= r[:, None])
+    precision_at_i = np.cumsum(relevant, axis=1) / ranks
+    # cumsum adds left to right, so the trailing columns a larger chunk k brings cannot change the rounding.
+    map_r = np.cumsum(precision_at_i * relevant, axis=1)[:, -1] / r
+    r_precision = relevant.sum(axis=1) / r
+    return hits, map_r, r_precision
+
+
+def retrieval_metrics(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    *,
+    seed: int = 0,
+    chunk_size: int | None = None,
+    nmi: bool = True,
+) -> dict[str, float]:
+    """Recall@k, MAP@R, R-precision and NMI of ``embeddings`` (N x D) under cosine similarity.
+
+    Queries whose class has no other image cannot be scored; they stay in the database as
+    distractors and are counted in ``n_skipped_queries`` (``n_queries`` counts the scored ones).
+    ``chunk_size`` (queries per faiss search) defaults to what fits :data:`NEIGHBOUR_BUDGET`.
+    """
+    x, y = _validate(embeddings, labels)
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise LangdmlError(f"ks must be positive integers, got {list(ks)}")
+    classes, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
+    if len(classes) < 2:
+        raise LangdmlError(f"retrieval needs at least 2 classes in the test split, got {len(classes)}")
+    r = counts[inverse] - 1
+    scored = r > 0
+    if not scored.any():
+        raise LangdmlError(f"every one of the {len(classes)} test classes has a single image: nothing to retrieve")
+
+    x = l2_normalize(x)
+    n = len(x)
+    k_max = min(n - 1, max(ks[-1], int(r.max())))
+    chunk = min(n, chunk_size or max(1, NEIGHBOUR_BUDGET // (k_max + 1)))
+    search = flat_ip_searcher(x, k_max + 1)
+    log.info("k-NN of %d x %d embeddings: %d neighbours, %d queries per chunk", n, x.shape[1], k_max, chunk)
+
+    # Per-query values, summed once at the end: the result does not depend on the chunking.
+    hits_all = np.zeros((n, len(ks)), dtype=bool)
+    map_all = np.zeros(n)
+    rp_all = np.zeros(n)
+    starts = range(0, n, chunk)
+    for start in tqdm(starts, desc="k-NN", unit="chunk", disable=len(starts) < 4 or None):
+        stop = min(start + chunk, n)
+        keep = scored[start:stop]
+        if not keep.any():
+            continue
+        q_ids = np.arange(start, stop)[keep]
+        k = min(n - 1, max(ks[-1], int(r[q_ids].max())))
+        _, ids = search_excluding_self(search, x[q_ids], q_ids, k)
+        hits_all[q_ids], map_all[q_ids], rp_all[q_ids] = _chunk_scores(y[ids] == y[q_ids, None], r[q_ids], ks)
+
+    n_scored = int(scored.sum())
+    hits_sum = hits_all.sum(axis=0)
+    out: dict[str, float] = {f"recall@{k}": float(h) / n_scored for k, h in zip(ks, hits_sum, strict=True)}
+    out["map@r"] = float(map_all.sum()) / n_scored
+    out["r_precision"] = float(rp_all.sum()) / n_scored
+    if nmi:
+        out["nmi"] = normalized_mutual_info(inverse, kmeans_assign(x, len(classes), seed=seed))
+    out["n_queries"] = n_scored
+    out["n_classes"] = len(classes)
+    out["n_skipped_queries"] = n - n_scored
+    if n_scored < n:
+        log.info("%d queries skipped: their class has no other test image", n - n_scored)
+    return out

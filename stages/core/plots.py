@@ -1,0 +1,144 @@
+"""Static evaluation pictures (matplotlib, Agg): arrays and labels in, a PNG file out.
+
+Figures have a fixed size and are saved without ``bbox_inches="tight"``, so a picture's pixel
+size depends only on its layout (what the tests check), and are written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from stages.core.io import atomic_path
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+DPI = 100
+GALLERY_CELL = (1.6, 1.9)  # inches per image cell: the image plus two lines of class name
+CORRECT_COLOUR = "#1a9641"
+WRONG_COLOUR = "#d7191c"
+SIMILARITY_FIGSIZE = (14.0, 6.5)
+MAX_TICK_LABELS = 40  # more classes than this: axes show indices only, names would overlap
+
+
+@dataclass(frozen=True)
+class GalleryRow:
+    """One query and its nearest neighbours, best first; images are H x W x 3 uint8 arrays."""
+
+    query: np.ndarray
+    query_name: str
+    neighbours: Sequence[np.ndarray]
+    neighbour_names: Sequence[str]
+    correct: Sequence[bool]
+
+
+def pick_gallery_queries(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """``n`` row indices spread over the classes: a seeded class order, one image per class per round.
+
+    Classes with a single image are used last, since they have no correct neighbour to show.
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    order = rng.permutation(len(classes))
+    order = order[np.argsort(counts[order] < 2, kind="stable")][:n]  # a round uses at most n classes
+    pools = [list(rng.permutation(np.flatnonzero(labels == classes[c]))) for c in order]
+    picked: list[int] = []
+    while len(picked) < n and any(pools):
+        for pool in pools:
+            if pool and len(picked) < n:
+                picked.append(int(pool.pop()))
+    return np.asarray(picked, dtype=np.int64)
+
+
+def gallery_size(n_rows: int, n_neighbours: int) -> tuple[int, int]:
+    """Pixel (width, height) of a gallery with ``n_rows`` queries and ``n_neighbours`` per row."""
+    return round((n_neighbours + 1) * GALLERY_CELL[0] * DPI), round(n_rows * GALLERY_CELL[1] * DPI)
+
+
+def similarity_size() -> tuple[int, int]:
+    """Pixel (width, height) of the similarity picture."""
+    return round(SIMILARITY_FIGSIZE[0] * DPI), round(SIMILARITY_FIGSIZE[1] * DPI)
+
+
+def _figure(figsize: tuple[float, float]) -> Figure:
+    # The object-oriented API with no pyplot: no global figure state and no GUI backend.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
+    return Path(path)
+
+
+def _short(name: str, width: int = 18) -> str:
+    return name if len(name) <= width else name[: width - 1] + "…"
+
+
+def plot_gallery(rows: Sequence[GalleryRow], path: str | os.PathLike[str]) -> Path:
+    """Queries (first column) with their nearest neighbours; correct neighbours framed green, wrong red."""
+    if not rows:
+        raise ValueError("a gallery needs at least one query")
+    n_cols = 1 + max(len(r.neighbours) for r in rows)
+    fig = _figure((n_cols * GALLERY_CELL[0], len(rows) * GALLERY_CELL[1]))
+    axes = fig.subplots(len(rows), n_cols, squeeze=False)
+    for r, row in enumerate(rows):
+        cells = [(row.query, f"query\n{_short(row.query_name)}", "black", 1.0)]
+        found = zip(row.neighbours, row.neighbour_names, row.correct, strict=True)
+        cells += [
+            (img, f"{i + 1}. {_short(name)}", CORRECT_COLOUR if ok else WRONG_COLOUR, 4.0)
+            for i, (img, name, ok) in enumerate(found)
+        ]
+        for c, ax in enumerate(axes[r]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(cells):
+                ax.set_axis_off()
+                continue
+            img, text, colour, width = cells[c]
+            ax.imshow(np.asarray(img), interpolation="nearest")
+            ax.set_xlabel(text, fontsize=8, color=colour if c else "black", labelpad=2)
+            for spine in ax.spines.values():
+                spine.set_edgecolor(colour)
+                spine.set_linewidth(width)
+    return _save(fig, path)
+
+
+def plot_similarity(
+    language_sim: np.ndarray,
+    image_sim: np.ndarray,
+    class_names: Sequence[str],
+    path: str | os.PathLike[str],
+) -> Path:
+    """The language similarity of the classes beside the learned image similarity, in the same class order."""
+    n = len(class_names)
+    if language_sim.shape != (n, n) or image_sim.shape != (n, n):
+        raise ValueError(
+            f"similarity matrices must be {n} x {n} (one row per class), got {language_sim.shape} and {image_sim.shape}"
+        )
+    fig = _figure(SIMILARITY_FIGSIZE)
+    axes = fig.subplots(1, 2)
+    titles = ("language similarity (class names)", "image similarity (class centroids)")
+    show_names = n <= MAX_TICK_LABELS
+    for ax, sim, title in zip(axes, (language_sim, image_sim), titles, strict=True):
+        im = ax.imshow(sim, cmap="viridis", interpolation="nearest")
+        fig.colorbar(im, ax=ax, shrink=0.8, label="cosine similarity")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("test class")
+        ax.set_ylabel("test class")
+        if show_names:
+            ax.set_xticks(range(n), [_short(c, 14) for c in class_names], rotation=90, fontsize=7)
+            ax.set_yticks(range(n), [_short(c, 14) for c in class_names], fontsize=7)
+    return _save(fig, path)

@@ -1,0 +1,48 @@
+"""Device choice and seeding, passed explicitly instead of living in global state."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from stages.core.errors import LangdmlError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present; ``cuda`` without a GPU is a clear error, not a torch traceback."""
+    import torch
+
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cuda" and not torch.cuda.is_available():
+        raise LangdmlError("device 'cuda' was asked for but torch sees no CUDA GPU; use device: auto or cpu")
+    return torch.device(spec)
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> torch.Generator:
+    """Seed Python, NumPy and torch, and return a torch Generator for samplers and loaders.
+
+    Libraries we do not control (timm's init, pytorch-metric-learning's samplers) read the global
+    generators, so they are seeded too; our own code uses the returned generator.
+    """
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return gen

@@ -1,0 +1,204 @@
+"""Image encoder: a registered backbone, global pooling, a linear head, L2 normalisation.
+
+The backbone family is a :class:`Registry` so a new architecture is one decorated factory.
+``load_model`` rebuilds the architecture without pretrained weights and loads our own
+safetensors, so evaluation never needs a model hub.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stages.core.errors import LangdmlError
+from stages.core.io import atomic_path, write_json
+from stages.core.registry import Registry
+from stages.params import ModelParams
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+CONFIG_FORMAT = 1
+
+
+@dataclass
+class Backbone:
+    """``module`` maps B x 3 x H x W to a B x C x h x w feature map; mean/std are for 0..1 tensors."""
+
+    module: nn.Module
+    channels: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+BackboneFactory = Callable[[str, bool], Backbone]
+BACKBONES: Registry[BackboneFactory] = Registry("backbone")
+
+
+def create_backbone(spec: str, pretrained: bool) -> Backbone:
+    """``spec`` is a registered name, or ``family:<arg>`` (e.g. ``timm:resnet50``)."""
+    family, _, arg = spec.partition(":")
+    return BACKBONES.get(family)(arg, pretrained)
+
+
+class _LiteFeatures(nn.Module):
+    """EfficientNet-Lite0 without its classifier: forward is ``extract_features``."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        net._fc = nn.Identity()  # the ImageNet classifier is never used; do not train or save it
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(x)
+
+
+@BACKBONES.register("efficientnet-lite0")
+def _efficientnet_lite0(arg: str, pretrained: bool) -> Backbone:
+    from stages.core.efficientnet_lite import LITE0_FEATURES, LITE0_MEAN, LITE0_STD, load_efficientnet_lite0
+
+    if arg:
+        raise LangdmlError(f"backbone 'efficientnet-lite0' takes no ':{arg}' suffix")
+    return Backbone(_LiteFeatures(load_efficientnet_lite0(pretrained)), LITE0_FEATURES, LITE0_MEAN, LITE0_STD)
+
+
+class _TimmFeatures(nn.Module):
+    """A timm model without pooling/classifier; token outputs (ViTs) become a B x C x N x 1 map."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.net(x)
+        return y.transpose(1, 2).unsqueeze(-1) if y.ndim == 3 else y
+
+
+@BACKBONES.register("timm")
+def _timm(name: str, pretrained: bool) -> Backbone:
+    import timm
+
+    if not name:
+        raise LangdmlError("backbone 'timm' needs a model name, e.g. timm:resnet50")
+    if not timm.is_model(name):
+        raise LangdmlError(f"timm has no model {name!r} (see timm.list_models()); or use efficientnet-lite0")
+    try:
+        net = timm.create_model(name, pretrained=pretrained, num_classes=0, global_pool="")
+    except (OSError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LangdmlError(
+            f"cannot get pretrained weights for timm:{name} ({first[:160]}); "
+            "without hub access use backbone: efficientnet-lite0 (offline weights) or pretrained: false"
+        ) from None
+    cfg = timm.data.resolve_data_config({}, model=net)
+    return Backbone(_TimmFeatures(net), int(net.num_features), tuple(cfg["mean"]), tuple(cfg["std"]))
+
+
+def global_pool(fmap: torch.Tensor, pooling: str) -> torch.Tensor:
+    """``avg`` or ``avg+max`` (the sum, as in the paper's code) over the spatial dims: B x C."""
+    avg = fmap.mean(dim=(2, 3))
+    return avg + fmap.amax(dim=(2, 3)) if pooling == "avg+max" else avg
+
+
+class EmbeddingModel(nn.Module):
+    """Backbone -> pooling -> linear -> L2 normalisation; ``pooled`` is the head-less control."""
+
+    def __init__(self, backbone: Backbone, pooling: str, embed_dim: int, freeze_bn: bool = False) -> None:
+        super().__init__()
+        if pooling not in ("avg", "avg+max"):
+            raise LangdmlError(f"model.pooling must be avg or avg+max, got {pooling!r}")
+        self.backbone = backbone.module
+        self.head = nn.Linear(backbone.channels, embed_dim)
+        self.pooling = pooling
+        self.freeze_bn = freeze_bn
+        self.channels = backbone.channels
+        self.embed_dim = embed_dim
+        self.mean = tuple(backbone.mean)
+        self.std = tuple(backbone.std)
+
+    def train(self, mode: bool = True) -> EmbeddingModel:
+        """With ``freeze_bn`` BatchNorm keeps its ImageNet running statistics (paper's ResNet50 setting)."""
+        super().train(mode)
+        if self.freeze_bn:
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        return global_pool(self.backbone(x), self.pooling)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32: under bf16 autocast the head output is bf16, the losses want float32.
+        return F.normalize(self.head(self.pooled(x)).float(), dim=-1)
+
+
+def build_model(model_params: ModelParams) -> EmbeddingModel:
+    backbone = create_backbone(model_params.backbone, model_params.pretrained)
+    return EmbeddingModel(backbone, model_params.pooling, model_params.embed_dim, model_params.freeze_bn)
+
+
+def save_model(model: EmbeddingModel, model_params: ModelParams, directory: str | Path) -> None:
+    """Weights (safetensors) and ``config.json`` (the ModelParams), each written atomically."""
+    from safetensors.torch import save_model as st_save
+
+    directory = Path(directory)
+    with atomic_path(directory / WEIGHTS_NAME) as tmp:
+        st_save(model, str(tmp))
+    write_json(
+        directory / CONFIG_NAME,
+        {
+            "format": CONFIG_FORMAT,
+            "model": model_params.model_dump(),
+            "embed_dim": model.embed_dim,
+            "channels": model.channels,
+            "mean": list(model.mean),
+            "std": list(model.std),
+        },
+    )
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[EmbeddingModel, ModelParams]:
+    """Rebuild the architecture (no pretrained download) and load the saved weights; eval mode."""
+    from safetensors.torch import load_model as st_load
+
+    directory = Path(directory)
+    cfg_path, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    for p in (cfg_path, weights):
+        if not p.is_file():
+            raise LangdmlError(f"{p} does not exist (run `langdml train` first)")
+    cfg: dict[str, Any] = json.loads(cfg_path.read_text())
+    if cfg.get("format") != CONFIG_FORMAT:
+        raise LangdmlError(f"{cfg_path}: unsupported model format {cfg.get('format')!r}; re-run `langdml train`")
+    model_params = ModelParams(**cfg["model"])
+    model = build_model(model_params.model_copy(update={"pretrained": False}))
+    try:
+        st_load(model, str(weights), strict=True)
+    except RuntimeError as err:
+        raise LangdmlError(f"{weights} does not match {cfg_path}: {str(err).splitlines()[0]}") from None
+    return model.to(device).eval(), model_params
+
+
+def train_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable[[Any], torch.Tensor]:
+    from torchvision import transforms as T
+
+    return T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+
+
+def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable[[Any], torch.Tensor]:
+    from torchvision import transforms as T
+
+    return T.Compose(
+        [
+            T.Resize(round(image_size * 256 / 224)),
+            T.CenterCrop(image_size),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )

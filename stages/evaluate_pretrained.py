@@ -1,0 +1,40 @@
+"""Stage ``evaluate-pretrained``: retrieval metrics of the untrained backbone's pooled features.
+
+The control every trained model is compared with. It reads only the test manifest and the
+backbone settings (no head, so ``embed_dim`` and training parameters do not matter), and the
+seed, which only changes anything when ``model.pretrained`` is false.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from stages import paths
+from stages.core.io import write_json
+from stages.params import Params
+
+log = logging.getLogger(__name__)
+
+
+def run(params: Params) -> None:
+    from stages.core import vision
+    from stages.core.datasets import ImageDataset, load_manifest
+    from stages.core.embedding import embed_dataset
+    from stages.core.metrics import format_metrics, retrieval_metrics
+    from stages.core.runtime import resolve_device, seed_everything
+
+    seed_everything(params.seed)
+    ev = params.evaluate
+    table, root = load_manifest(paths.TEST_MANIFEST)
+    device = resolve_device(ev.device)
+    model = vision.build_model(params.model)
+    dataset = ImageDataset(table, root, vision.eval_transform(params.model.image_size, model.mean, model.std))
+    log.info(
+        "embedding %d test images with the pretrained %s (pooled features)",
+        len(dataset),
+        params.model.backbone,
+    )
+    emb = embed_dataset(model.pooled, dataset, batch_size=ev.batch_size, num_workers=ev.num_workers, device=device)
+    metrics = retrieval_metrics(emb, dataset.labels, ev.ks, seed=params.seed, nmi=ev.nmi)
+    write_json(paths.PRETRAINED_METRICS, metrics)
+    log.info("pretrained control: %s", format_metrics(metrics))

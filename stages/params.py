@@ -1,0 +1,174 @@
+"""``params.yaml`` validated into typed objects.
+
+Each stage calls :func:`load_params` first, so a typo or an out-of-range value fails at once,
+in one line that names the key and what is allowed, instead of deep inside torch an hour in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from stages.core.errors import LangdmlError
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetParams(_Section):
+    name: str = "fashion-mnist"
+    root: str = "data/raw/fashion-mnist"
+    max_per_class: PositiveInt | None = 200
+    train_classes: list[str | int] | None = None
+    train_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    verify_images: bool = True
+
+
+def _check_template(t: str) -> str:
+    if t.count("{}") != 1:
+        raise ValueError(f"template {t!r} must contain exactly one '{{}}' for the class name")
+    return t
+
+
+class TextParams(_Section):
+    encoder: str = "sentence-transformers:all-MiniLM-L6-v2"
+    templates: Annotated[list[str], Field(min_length=1)] = ["a photo of a {}"]
+    pooling: Literal["pooler", "cls", "mean"] = "mean"
+    batch_size: PositiveInt = 64
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("templates")
+    @classmethod
+    def _templates(cls, v: list[str]) -> list[str]:
+        return [_check_template(t) for t in v]
+
+
+class PseudoLabelParams(_Section):
+    classifier: str = "efficientnet-lite0"
+    k: Annotated[int, Field(ge=1, le=1000)] = 5
+    averaging: Literal["probs", "logits"] = "probs"
+    template: str = "a photo of a {}"
+    batch_size: PositiveInt = 64
+    num_workers: NonNegInt = 2
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    image_size: PositiveInt | None = 192  # None = the classifier's native input size
+    max_per_class: PositiveInt | None = 50  # None = every training image
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        return _check_template(v)
+
+
+class ModelParams(_Section):
+    backbone: str = "efficientnet-lite0"
+    pretrained: bool = True
+    pooling: Literal["avg", "avg+max"] = "avg"
+    embed_dim: PositiveInt = 512
+    freeze_bn: bool = False
+    image_size: PositiveInt = 64
+
+
+class LanguageParams(_Section):
+    guidance: Literal["none", "elg", "plg", "both", "shuffled", "uniform"] = "elg"
+    gamma: float = 1.0
+    temperature: PositiveFloat = 1.0
+    direction: Literal["backward", "forward"] = "backward"
+
+
+class TrainParams(_Section):
+    epochs: PositiveInt = 5
+    batch_size: PositiveInt = 40
+    samples_per_class: PositiveInt = 8
+    loss: str = "multisimilarity"
+    optimizer: Literal["adam", "adamw"] = "adamw"
+    lr: PositiveFloat = 1e-4
+    head_lr: PositiveFloat | None = None
+    weight_decay: Annotated[float, Field(ge=0)] = 4e-4
+    scheduler: Literal["none", "multistep", "cosine"] = "none"
+    milestones: list[PositiveInt] = []
+    lr_decay: Annotated[float, Field(gt=0, le=1)] = 0.3
+    num_workers: NonNegInt = 2
+    log_every: PositiveInt = 10
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    compile: bool = False
+    deterministic: bool = False
+
+    @model_validator(mode="after")
+    def _batch(self) -> TrainParams:
+        if self.batch_size % self.samples_per_class:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of samples_per_class ({self.samples_per_class})"
+            )
+        return self
+
+
+class EvaluateParams(_Section):
+    batch_size: PositiveInt = 256
+    ks: Annotated[list[PositiveInt], Field(min_length=1)] = [1, 2, 4, 8]
+    num_workers: NonNegInt = 2
+    gallery_queries: PositiveInt = 12
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    nmi: bool = True
+
+
+class Params(_Section):
+    seed: int = 0
+    omega: Annotated[float, Field(ge=0)] = 1.0
+    dataset: DatasetParams = DatasetParams()
+    text: TextParams = TextParams()
+    pseudo_labels: PseudoLabelParams = PseudoLabelParams()
+    model: ModelParams = ModelParams()
+    language: LanguageParams = LanguageParams()
+    train: TrainParams = TrainParams()
+    losses: dict[str, dict[str, Any]] = {}
+    evaluate: EvaluateParams = EvaluateParams()
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<top level>"
+    if first["type"] == "extra_forbidden":
+        section: Any = Params
+        for part in first["loc"][:-1]:
+            section = section.model_fields[str(part)].annotation
+        allowed = ", ".join(section.model_fields) if isinstance(section, type) else "?"
+        msg = f"unknown key; allowed here: {allowed}"
+    else:
+        msg = first["msg"].removeprefix("Value error, ")
+        if "input" in first and not isinstance(first["input"], dict):
+            msg += f" (got {first['input']!r})"
+    more = len(err.errors()) - 1
+    tail = f" [+{more} more error{'s' if more > 1 else ''}]" if more else ""
+    return f"{source}: {key}: {msg}{tail}"
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise LangdmlError(f"{source}: expected a mapping of parameters, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise LangdmlError(_format_error(source, err)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    p = Path(path)
+    if not p.is_file():
+        raise LangdmlError(f"{p}: parameter file not found (run from the repository root or pass --params)")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise LangdmlError(f"{p}: not valid YAML: {str(err).splitlines()[0]}") from None
+    return parse_params(raw, str(p))

@@ -1,0 +1,36 @@
+"""Where each stage reads and writes, relative to the repository root (the same paths as dvc.yaml)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DATA = Path("data")
+
+PREPARED = DATA / "prepared"
+TRAIN_MANIFEST = PREPARED / "train.parquet"
+TEST_MANIFEST = PREPARED / "test.parquet"
+CLASSES = PREPARED / "classes.parquet"
+
+LANGUAGE = DATA / "language"
+CLASS_EMBEDDINGS = LANGUAGE / "class_embeddings.parquet"
+
+PSEUDOLABELS = DATA / "pseudolabels"
+PSEUDOLABELS_TABLE = PSEUDOLABELS / "pseudolabels.parquet"
+PSEUDOLABELS_REPORT = PSEUDOLABELS / "pseudolabels.md"
+
+MODEL = DATA / "model"
+MODEL_WEIGHTS = MODEL / "model.safetensors"
+MODEL_CONFIG = MODEL / "config.json"
+CHECKPOINT = DATA / "checkpoint"
+CHECKPOINT_FILE = CHECKPOINT / "last.pt"
+TRAIN_LOGS = DATA / "train"
+
+PRETRAINED_EVAL = DATA / "pretrained_eval"
+PRETRAINED_METRICS = PRETRAINED_EVAL / "metrics.json"
+
+EVAL = DATA / "eval"
+METRICS = EVAL / "metrics.json"
+TEST_EMBEDDINGS = EVAL / "test_embeddings.parquet"
+GALLERY = EVAL / "gallery.png"
+SIMILARITY = EVAL / "similarity.png"
+RECALL_CSV = EVAL / "recall_at_k.csv"

@@ -1,0 +1,30 @@
+"""Stage ``train``: the training manifest + cached language embeddings -> the image encoder (data/model/).
+
+Reads only the training split (no model selection on test classes). The per-epoch checkpoint
+(data/checkpoint/last.pt) is resumed only when its fingerprint matches this config and inputs.
+"""
+
+from __future__ import annotations
+
+from stages import paths
+from stages.core.datasets import ImageDataset, load_manifest
+from stages.core.training import TrainPaths, fit
+from stages.params import Params
+
+
+def run(params: Params) -> None:
+    table, root = load_manifest(paths.TRAIN_MANIFEST)
+    class_names = dict(zip(table.column("label").to_pylist(), table.column("class_name").to_pylist(), strict=True))
+    fit(
+        params,
+        lambda transform: ImageDataset(table, root, transform),
+        TrainPaths(
+            checkpoint=paths.CHECKPOINT_FILE,
+            model_dir=paths.MODEL,
+            log_dir=paths.TRAIN_LOGS,
+            class_embeddings=paths.CLASS_EMBEDDINGS,
+            pseudolabels=paths.PSEUDOLABELS_TABLE,
+        ),
+        input_files=[paths.TRAIN_MANIFEST],
+        class_names=class_names,
+    )

@@ -1,0 +1,150 @@
+"""Tiny datasets in the real on-disk layouts, written by the tests (8x8 JPEGs, a few per class)."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import scipy.io
+from PIL import Image
+
+from stages.params import Params, parse_params
+
+
+def params_for(name: str, root: Path | str, **dataset: object) -> Params:
+    return parse_params({"dataset": {"name": name, "root": str(root), **dataset}})
+
+
+def tiny_jpeg(path: Path, shade: int = 128, size: int = 8) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), (shade, 255 - shade, 64)).save(path, "JPEG")
+    return path
+
+
+def truncated_jpeg(path: Path) -> Path:
+    """A JPEG cut in half: opens (the header is intact) but fails to decode."""
+    buf = path.parent / f".full-{path.name}"
+    tiny_jpeg(buf, size=32)
+    data = buf.read_bytes()
+    buf.unlink()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+CUB_CLASSES = {
+    1: "001.Black_footed_Albatross",
+    2: "002.Laysan_Albatross",
+    101: "101.White_Pelican",
+    102: "102.Western_Wood_Pewee",
+}
+
+
+def make_cub(root: Path, per_class: int = 3, classes: dict[int, str] | None = None) -> Path:
+    """CUB_200_2011: images.txt, image_class_labels.txt, classes.txt, images/<class folder>/<file>.
+
+    Image ids interleave the classes, so "the dataset's own order" differs from a per-class order.
+    """
+    classes = classes or CUB_CLASSES
+    images, labels = [], []
+    image_id = 1
+    for k in range(per_class):
+        for cid, folder in classes.items():
+            rel = f"{folder}/{folder.split('.')[1]}_{k:04d}.jpg"
+            tiny_jpeg(root / "images" / rel, shade=(cid * 7 + k) % 256)
+            images.append(f"{image_id} {rel}")
+            labels.append(f"{image_id} {cid}")
+            image_id += 1
+    (root / "images.txt").write_text("\n".join(images) + "\n")
+    (root / "image_class_labels.txt").write_text("\n".join(labels) + "\n")
+    (root / "classes.txt").write_text("\n".join(f"{cid} {f}" for cid, f in classes.items()) + "\n")
+    return root
+
+
+def cars_class_names(n: int = 196) -> list[str]:
+    return [f"Make{i:03d} Model Sedan 2012" for i in range(1, n + 1)]
+
+
+def make_cars_mat(root: Path, n_classes: int = 196) -> Path:
+    """Official layout: cars_annos.mat (annotations struct array, class_names cell) and car_ims/.
+
+    Written by scipy.io.savemat with the fields and shapes of the real file; one image per class,
+    two for class 1, in interleaved order.
+    """
+    fields = ["relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "test"]
+    order = [*range(1, n_classes + 1), 1]
+    annos = np.zeros((1, len(order)), dtype=[(f, "O") for f in fields])
+    for i, cid in enumerate(order):
+        rel = f"car_ims/{i + 1:06d}.jpg"
+        tiny_jpeg(root / rel, shade=cid)
+        box = [np.array([[v]], dtype=np.uint16) for v in (1, 1, 7, 7)]
+        annos[0, i] = (rel, *box, np.array([[cid]], dtype=np.uint8), np.array([[i % 2]], dtype=np.uint8))
+    names = np.empty((1, n_classes), dtype=object)
+    names[0, :] = cars_class_names(n_classes)
+    scipy.io.savemat(root / "cars_annos.mat", {"annotations": annos, "class_names": names})
+    return root
+
+
+def make_class_folders(root: Path, counts: dict[str, int], suffix: str = ".jpg") -> Path:
+    for name, n in counts.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for k in range(n):
+            tiny_jpeg(root / name / f"img_{k:03d}{suffix}", shade=(len(name) * 31 + k) % 256)
+    return root
+
+
+# (class_id, super_class_id, path) rows of Ebay_train.txt / Ebay_test.txt
+SOP_TRAIN = [
+    (1, 1, "bicycle_final/111085122871_0.JPG"),
+    (1, 1, "bicycle_final/111085122871_1.JPG"),
+    (2, 1, "bicycle_final/111265328556_0.JPG"),
+    (3, 2, "chair_final/111500328556_0.JPG"),
+]
+SOP_TEST = [
+    (4, 1, "bicycle_final/121015839442_0.JPG"),
+    (5, 2, "chair_final/121141625436_0.JPG"),
+    (5, 2, "chair_final/121141625436_1.JPG"),
+]
+
+
+def write_ebay(path: Path, rows: list[tuple[int, int, str]], start: int = 1) -> None:
+    lines = ["image_id class_id super_class_id path"]
+    lines += [f"{start + i} {cid} {sid} {p}" for i, (cid, sid, p) in enumerate(rows)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def make_sop(root: Path, train=SOP_TRAIN, test=SOP_TEST) -> Path:
+    for _, _, rel in [*train, *test]:
+        tiny_jpeg(root / rel)
+    write_ebay(root / "Ebay_train.txt", train)
+    write_ebay(root / "Ebay_test.txt", test, start=len(train) + 1)
+    return root
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """Encode an unsigned-byte array in the IDX format (magic 0x0000 08 <ndim>, big-endian dims)."""
+    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, dtype=">i4").tobytes()
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def fashion_arrays(per_class: int, seed: int, size: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = np.tile(np.arange(10, dtype=np.uint8), per_class)
+    images = rng.integers(0, 256, size=(len(labels), size, size), dtype=np.uint8)
+    images[:, 0, 0] = labels * 20  # so a test can tell images apart by class
+    return images, labels
+
+
+def make_fashion(root: Path, train_per_class: int = 4, test_per_class: int = 2, gz: bool = True) -> Path:
+    """The four IDX files of Fashion-MNIST, with tiny images and every class present in both files."""
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, per_class, seed in (("train", train_per_class, 0), ("t10k", test_per_class, 1)):
+        images, labels = fashion_arrays(per_class, seed)
+        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
+            data = idx_bytes(array)
+            name = f"{prefix}-{kind}-ubyte"
+            if gz:
+                (root / f"{name}.gz").write_bytes(gzip.compress(data))
+            else:
+                (root / name).write_bytes(data)
+    return root

@@ -1,0 +1,176 @@
+"""Language matching against hand-computed values and a float64 NumPy reference; DML losses by name."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import log_softmax
+
+from stages.core.errors import LangdmlError
+from stages.core.losses import DML_LOSSES, SIMILARITIES, build_dml_loss, language_matching
+from stages.core.registry import RegistryError
+from stages.params import load_params
+
+torch.set_num_threads(1)
+
+
+def reference(emb, labels, lang, gamma, t, direction):
+    """Independent float64 NumPy version of the paper's masked, temperature-scaled KL."""
+    emb, lang = np.asarray(emb, np.float64), np.asarray(lang, np.float64)
+    same = np.asarray(labels)[:, None] == np.asarray(labels)[None, :]
+    s_img = np.where(same, 1 + gamma, emb @ emb.T)
+    s_lang = np.where(same, 1 + gamma, lang + gamma)
+    log_p, log_q = log_softmax(s_img / t, axis=1), log_softmax(s_lang / t, axis=1)
+    a, b = (log_p, log_q) if direction == "backward" else (log_q, log_p)
+    return t**2 * float((np.exp(a) * (a - b)).sum()) / len(emb)
+
+
+# Three samples, three classes: e0 = (1, 0), e1 = (0, 1), e2 = (-1, 0).
+HAND_EMB = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+HAND_LABELS = torch.tensor([0, 1, 2])
+HAND_LANG = torch.tensor([[1.0, 0.5, 0.0], [0.5, 1.0, 0.5], [0.0, 0.5, 1.0]])
+
+
+def test_hand_computed_three_samples() -> None:
+    # gamma = 1: S_img_x = [[2, 0, -1], [0, 2, 0], [-1, 0, 2]]  (diagonal -> 1 + gamma = 2)
+    #            S_lang_x = [[2, 1.5, 1], [1.5, 2, 1.5], [1, 1.5, 2]]  (lang + 1, diagonal -> 2)
+    # Row 0: P = softmax(2, 0, -1) = (0.843795, 0.114195, 0.042010),
+    #        Q = softmax(2, 1.5, 1) = (0.506480, 0.307196, 0.186324).
+    # Row 1: P = (0.106507, 0.786986, 0.106507), Q = (0.274069, 0.451863, 0.274069); row 2 mirrors row 0.
+    # backward = (KL(P0||Q0) + KL(P1||Q1) + KL(P2||Q2)) / 3 = 0.248511; forward uses KL(Q||P) = 0.304470.
+    back = language_matching(HAND_EMB, HAND_LABELS, HAND_LANG)
+    fwd = language_matching(HAND_EMB, HAND_LABELS, HAND_LANG, direction="forward")
+    assert back.item() == pytest.approx(0.248511, abs=1e-6)
+    assert fwd.item() == pytest.approx(0.304470, abs=1e-6)
+    # T = 2: softmax of S/2 on both sides, times T^2 = 4: 0.336436.
+    t2 = language_matching(HAND_EMB, HAND_LABELS, HAND_LANG, temperature=2.0)
+    assert t2.item() == pytest.approx(0.336436, abs=1e-6)
+
+
+@pytest.mark.parametrize("direction", ["backward", "forward"])
+@pytest.mark.parametrize(("gamma", "t"), [(0.0, 1.0), (1.0, 0.5), (2.5, 3.0)])
+def test_matches_float64_reference(direction: str, gamma: float, t: float) -> None:
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(10, 6))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    labels = rng.integers(0, 4, size=10)
+    lang = rng.uniform(-1, 1, size=(10, 10))
+    got = language_matching(
+        torch.tensor(emb, dtype=torch.float32),
+        torch.tensor(labels),
+        torch.tensor(lang, dtype=torch.float32),
+        gamma=gamma,
+        temperature=t,
+        direction=direction,
+    )
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(reference(emb, labels, lang, gamma, t, direction), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("direction", ["backward", "forward"])
+def test_gradcheck_float64(direction: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 0, 1, 1, 2, 3])
+    lang = torch.rand(6, 6, generator=g, dtype=torch.float64)
+
+    def f(e: torch.Tensor) -> torch.Tensor:
+        return language_matching(e, labels, lang, gamma=0.7, temperature=1.5, direction=direction)
+
+    assert f(emb).dtype == torch.float64
+    assert torch.autograd.gradcheck(f, (emb,))
+
+
+def test_language_side_has_no_gradient_and_same_class_entries_are_masked() -> None:
+    emb = torch.nn.functional.normalize(torch.randn(5, 3), dim=1).requires_grad_()
+    labels = torch.tensor([0, 0, 1, 2, 2])
+    lang = torch.rand(5, 5, requires_grad=True)
+    loss = language_matching(emb, labels, lang)
+    loss.backward()
+    assert lang.grad is None
+    assert emb.grad is not None and torch.isfinite(emb.grad).all()
+    # Same-class language entries are overwritten by 1 + gamma: changing them changes nothing.
+    same = labels[:, None] == labels[None, :]
+    other = lang.detach().masked_fill(same, -7.0)
+    assert language_matching(emb, labels, other).item() == pytest.approx(loss.item(), abs=1e-7)
+
+
+def test_zero_when_image_similarities_match_the_target() -> None:
+    gamma = 0.8
+    emb = torch.nn.functional.normalize(torch.randn(6, 4), dim=1).requires_grad_()
+    labels = torch.tensor([0, 1, 1, 2, 3, 3])
+    lang = (emb @ emb.T).detach() - gamma  # then lang + gamma == S_img off the same-class mask
+    for direction in ("backward", "forward"):
+        loss = language_matching(emb, labels, lang, gamma=gamma, direction=direction)
+        assert loss.item() == pytest.approx(0.0, abs=1e-6)
+        (grad,) = torch.autograd.grad(loss, emb)
+        assert grad.abs().max().item() < 1e-5
+
+
+def test_gamma_and_temperature_change_the_loss_as_the_formula_says() -> None:
+    emb, labels, lang = HAND_EMB, HAND_LABELS, HAND_LANG
+    values = {
+        (g, t): language_matching(emb, labels, lang, gamma=g, temperature=t).item()
+        for g in (0.0, 1.0, 4.0)
+        for t in (0.5, 1.0, 2.0)
+    }
+    for (g, t), v in values.items():
+        assert v == pytest.approx(reference(emb.numpy(), labels.numpy(), lang.numpy(), g, t, "backward"), rel=1e-5)
+    assert len({round(v, 6) for v in values.values()}) == len(values)  # each knob matters
+    # A larger gamma makes the own-class entry dominate P but not Q's spread: the KL grows here.
+    assert values[(4.0, 1.0)] > values[(1.0, 1.0)] > values[(0.0, 1.0)]
+
+
+def test_float32_under_autocast() -> None:
+    emb = torch.nn.functional.normalize(torch.randn(6, 4), dim=1)
+    labels = torch.tensor([0, 1, 1, 2, 3, 3])
+    lang = torch.rand(6, 6)
+    ref = language_matching(emb, labels, lang)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = language_matching(emb.bfloat16(), labels, lang.bfloat16())
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(ref.item(), rel=0.05)
+
+
+def test_bad_direction_and_similarity_registry() -> None:
+    with pytest.raises(ValueError, match="direction"):
+        language_matching(HAND_EMB, HAND_LABELS, HAND_LANG, direction="sideways")
+    a, b = torch.randn(3, 4), torch.randn(5, 4)
+    torch.testing.assert_close(SIMILARITIES.get("cosine")(a, b), a @ b.T)
+    with pytest.raises(RegistryError, match="cosine"):
+        language_matching(HAND_EMB, HAND_LABELS, HAND_LANG, similarity="nope")
+
+
+DEFAULT_LOSS_KWARGS = load_params("params.yaml").losses
+
+
+@pytest.mark.parametrize("name", DML_LOSSES.names())
+def test_each_dml_loss_builds_from_params_yaml_and_gives_finite_loss_and_gradient(name: str) -> None:
+    torch.manual_seed(0)
+    loss_fn = build_dml_loss(name, num_classes=4, embed_dim=8, kwargs=DEFAULT_LOSS_KWARGS.get(name))
+    emb = torch.nn.functional.normalize(torch.randn(16, 8), dim=1).requires_grad_()
+    labels = torch.arange(4).repeat_interleave(4)
+    loss = loss_fn(emb, labels)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert emb.grad is not None and torch.isfinite(emb.grad).all() and emb.grad.abs().sum() > 0
+    for group in loss_fn.param_groups():
+        assert all(torch.isfinite(p.grad).all() for p in group["params"] if p.grad is not None)
+
+
+def test_loss_parameters_get_their_own_group_and_lr() -> None:
+    pa = build_dml_loss("proxy_anchor", 5, 8, {"lr": 0.02})
+    (group,) = pa.param_groups()
+    assert group["lr"] == 0.02 and group["params"][0].shape == (5, 8)
+    (margin_group,) = build_dml_loss("margin", 5, 8, {"beta_lr": 0.001}).param_groups()
+    assert margin_group["lr"] == 0.001 and margin_group["params"][0].numel() == 5  # one beta per class
+    assert build_dml_loss("multisimilarity", 5, 8).param_groups() == []
+
+
+def test_wrong_loss_kwarg_and_unknown_loss_are_one_line_errors() -> None:
+    with pytest.raises(LangdmlError, match=r"losses\.triplet: .*allowed keys: margin") as err:
+        build_dml_loss("triplet", 4, 8, {"margn": 0.1})
+    assert "\n" not in str(err.value)
+    with pytest.raises(RegistryError, match="multisimilarity"):
+        build_dml_loss("arcface-typo", 4, 8)

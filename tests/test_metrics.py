@@ -1,0 +1,214 @@
+"""Retrieval metrics against hand-computed toy sets, a brute-force numpy reference and scikit-learn."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import normalized_mutual_info_score
+
+from stages.core.errors import LangdmlError
+from stages.core.metrics import (
+    class_centroids,
+    cosine_similarity_matrix,
+    kmeans_assign,
+    nearest_neighbours,
+    normalized_mutual_info,
+    retrieval_metrics,
+)
+
+
+def _on_circle(degrees: list[float]) -> np.ndarray:
+    """Unit vectors at these angles: cosine similarity orders neighbours by angular distance."""
+    t = np.deg2rad(np.asarray(degrees))
+    return np.stack([np.cos(t), np.sin(t)], axis=1).astype(np.float32)
+
+
+# Angles and labels of the toy set; neighbour orders (no ties) worked out by hand:
+#   A(0):   B+ C- D- E+ F-     B(10): A+ C- D- E+ F-     C(25):  B- D+ A- E- F+
+#   D(45):  C+ E- B- A- F+     E(70): D- F- C- B+ A+     F(100): E- D+ C+ B- A-
+# R = 2 for everyone, so MAP@R per query = (1/2) * sum over correct hits in the top 2 of precision@i:
+#   A 1/2, B 1/2, C 1/4, D 1/2, E 0, F 1/4 -> mean 1/3;  R-precision: 1/2 except E (0) -> 5/12.
+TOY_ANGLES = [0, 10, 25, 45, 70, 100]
+TOY_LABELS = [0, 0, 1, 1, 0, 1]
+
+
+def test_toy_set_by_hand() -> None:
+    m = retrieval_metrics(_on_circle(TOY_ANGLES), np.array(TOY_LABELS), ks=(1, 2, 4))
+    assert m["recall@1"] == pytest.approx(3 / 6)  # A, B, D
+    assert m["recall@2"] == pytest.approx(5 / 6)  # all but E
+    assert m["recall@4"] == pytest.approx(1.0)  # E finds B at rank 4
+    assert m["map@r"] == pytest.approx(1 / 3)
+    assert m["r_precision"] == pytest.approx(5 / 12)
+    assert (m["n_queries"], m["n_classes"], m["n_skipped_queries"]) == (6, 2, 0)
+
+
+def test_map_at_r_averages_precision_over_r() -> None:
+    # Query 0 (class 0, R = 3) sees + (10deg), - (22deg), + (31deg), + (43deg), so within R = 3:
+    # AP@R = (1/1 + 0 + 2/3) / 3 = 5/9 and R-precision = 2/3. No two distances tie for any query.
+    x = _on_circle([0, 10, 22, 31, 43, 180, 190])
+    y = np.array([0, 0, 1, 0, 0, 1, 1])
+    reference = _brute_force_per_query(x, y)
+    assert reference["map@r"][0] == pytest.approx(5 / 9)
+    assert reference["r_precision"][0] == pytest.approx(2 / 3)
+    m = retrieval_metrics(x, y, ks=(1,))
+    assert m["map@r"] == pytest.approx(reference["map@r"].mean())
+    assert m["r_precision"] == pytest.approx(reference["r_precision"].mean())
+
+
+def test_singleton_class_is_a_distractor_not_a_query() -> None:
+    # G (200deg, its own class) is farther from everyone than the neighbours that decide the metrics.
+    x = _on_circle([*TOY_ANGLES, 200])
+    y = np.array([*TOY_LABELS, 7])
+    m = retrieval_metrics(x, y, ks=(1, 2, 4))
+    assert (m["n_queries"], m["n_classes"], m["n_skipped_queries"]) == (6, 3, 1)
+    assert m["recall@1"] == pytest.approx(0.5)
+    assert m["map@r"] == pytest.approx(1 / 3)
+
+
+def test_singleton_changes_recall_when_it_is_near() -> None:
+    # A singleton at 5deg sits between A and B: A's and B's first neighbour becomes wrong.
+    x = _on_circle([*TOY_ANGLES, 5])
+    y = np.array([*TOY_LABELS, 7])
+    m = retrieval_metrics(x, y, ks=(1,))
+    assert m["recall@1"] == pytest.approx(1 / 6)  # only D
+    assert m["n_skipped_queries"] == 1
+
+
+def test_self_is_excluded_by_index_even_among_duplicates() -> None:
+    # Three identical images of class 0: each must find another copy, never itself.
+    x = _on_circle([0, 0, 0, 90, 95])
+    y = np.array([0, 0, 0, 1, 1])
+    m = retrieval_metrics(x, y, ks=(1, 2))
+    assert m["recall@1"] == 1.0
+    assert m["map@r"] == 1.0
+    ids = nearest_neighbours(x, [0, 1, 2], k=2)
+    for q, row in zip([0, 1, 2], ids, strict=True):
+        assert q not in row
+        assert set(row) == {0, 1, 2} - {q}
+
+
+def test_k_larger_than_the_set_is_clipped() -> None:
+    m = retrieval_metrics(_on_circle(TOY_ANGLES), np.array(TOY_LABELS), ks=(1, 100))
+    assert m["recall@100"] == 1.0
+
+
+def _brute_force_per_query(x: np.ndarray, y: np.ndarray, ks: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
+    """The definitions, one query at a time, from a full similarity matrix."""
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sim = x.astype(np.float64) @ x.T.astype(np.float64)
+    out: dict[str, list[float]] = {"map@r": [], "r_precision": [], **{f"recall@{k}": [] for k in ks}}
+    for q in range(len(x)):
+        others = np.array([j for j in range(len(x)) if j != q])
+        order = others[np.argsort(-sim[q, others], kind="stable")]
+        rel = y[order] == y[q]
+        r = int(rel.sum())
+        if r == 0:
+            continue
+        for k in ks:
+            out[f"recall@{k}"].append(float(rel[:k].any()))
+        hits, ap = 0, 0.0
+        for i in range(r):
+            if rel[i]:
+                hits += 1
+                ap += hits / (i + 1)
+        out["map@r"].append(ap / r)
+        out["r_precision"].append(rel[:r].sum() / r)
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def _clustered(n: int, n_classes: int, dim: int, seed: int, noise: float = 1.2) -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_classes, dim))
+    y = rng.integers(0, n_classes, n)
+    y[0] = n_classes + 5  # a singleton class
+    x = np.where(y[:, None] < n_classes, centres[np.minimum(y, n_classes - 1)], 0.0)
+    x = x + noise * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), y
+
+
+def test_matches_brute_force_on_clustered_data() -> None:
+    x, y = _clustered(300, 12, 16, seed=1)
+    ks = (1, 2, 4, 8, 16)
+    m = retrieval_metrics(x, y, ks=ks)
+    ref = _brute_force_per_query(x, y, ks)
+    for key, values in ref.items():
+        assert m[key] == pytest.approx(values.mean(), abs=1e-12), key
+    assert m["n_queries"] == len(ref["map@r"]) == 299
+    assert (m["n_classes"], m["n_skipped_queries"]) == (13, 1)
+    assert 0.0 < m["nmi"] <= 1.0
+
+
+def test_chunked_search_equals_unchunked() -> None:
+    x, y = _clustered(257, 9, 8, seed=2)
+    whole = retrieval_metrics(x, y, chunk_size=10_000)
+    for chunk in (1, 7, 64):
+        assert retrieval_metrics(x, y, chunk_size=chunk) == whole
+
+
+def test_embeddings_are_normalised_inside() -> None:
+    x, y = _clustered(120, 5, 8, seed=3)
+    assert retrieval_metrics(3.0 * x, y, nmi=False) == retrieval_metrics(x, y, nmi=False)
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ([0, 0, 1, 1, 2, 2], [1, 1, 0, 0, 2, 2]),
+        ([0, 0, 1, 1, 2, 2], [0, 1, 0, 1, 0, 1]),
+        ([0, 0, 0, 1, 1, 1, 2, 2, 9], [5, 5, 6, 6, 6, 7, 7, 7, 7]),
+        ([3, 3, 3, 3], [0, 1, 2, 3]),
+        ([1, 1, 1], [4, 4, 4]),
+    ],
+)
+def test_nmi_matches_sklearn(a: list[int], b: list[int]) -> None:
+    assert normalized_mutual_info(np.array(a), np.array(b)) == pytest.approx(
+        normalized_mutual_info_score(a, b), abs=1e-12
+    )
+
+
+def test_nmi_matches_sklearn_on_random_assignments() -> None:
+    rng = np.random.default_rng(4)
+    a, b = rng.integers(0, 30, 2000), rng.integers(0, 25, 2000)
+    assert normalized_mutual_info(a, b) == pytest.approx(normalized_mutual_info_score(a, b), abs=1e-12)
+
+
+def test_kmeans_recovers_separated_clusters_and_is_seeded() -> None:
+    x, y = _clustered(200, 4, 16, seed=5, noise=0.05)
+    x, y = x[1:], y[1:]  # drop the singleton
+    assign = kmeans_assign(x, 4, seed=0)
+    assert normalized_mutual_info(y, assign) == pytest.approx(1.0)
+    np.testing.assert_array_equal(assign, kmeans_assign(x, 4, seed=0))
+    assert retrieval_metrics(x, y)["nmi"] == pytest.approx(1.0)
+
+
+def test_centroids_and_cosine_similarity() -> None:
+    emb = np.array([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0]])
+    c = class_centroids(emb, np.array([5, 5, 2]), [5, 2])
+    np.testing.assert_allclose(c, [[2.0, 0.0], [0.0, 2.0]])
+    c45 = 0.5**0.5
+    sim = cosine_similarity_matrix(np.array([[2.0, 0.0], [1.0, 1.0]]))
+    np.testing.assert_allclose(sim, [[1, c45], [c45, 1]])
+    with pytest.raises(ValueError, match="no embedding"):
+        class_centroids(emb, np.array([5, 5, 2]), [5, 3])
+
+
+@pytest.mark.parametrize(
+    ("x", "y", "match"),
+    [
+        (np.array([[np.nan, 0.0], [1.0, 0.0], [0.0, 1.0]]), np.array([0, 0, 1]), "NaN or inf"),
+        (np.array([[np.inf, 0.0], [1.0, 0.0], [0.0, 1.0]]), np.array([0, 0, 1]), "NaN or inf"),
+        (np.ones((3, 2)), np.array([0, 1]), "one per embedding"),
+        (np.ones(3), np.array([0, 1, 1]), "N x D"),
+        (np.eye(3), np.array([4, 4, 4]), "at least 2 classes"),
+        (np.eye(3), np.array([0, 1, 2]), "single image"),
+    ],
+)
+def test_invalid_input_is_one_line(x: np.ndarray, y: np.ndarray, match: str) -> None:
+    with pytest.raises(LangdmlError, match=match) as err:
+        retrieval_metrics(x, y)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_ks() -> None:
+    with pytest.raises(LangdmlError, match="ks"):
+        retrieval_metrics(_on_circle(TOY_ANGLES), np.array(TOY_LABELS), ks=(0, 1))

@@ -1,0 +1,122 @@
+"""End to end: the real dvc.yaml in a temporary git repository, on tiny parameters.
+
+Checks the contract a user relies on: `dvc repro` builds everything and writes the metrics JSON, and
+`dvc exp run -S omega=...` re-runs only training and evaluation.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+COPY = ["dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", "stages"]
+PRECOMPUTE = ["prepare", "embed_text", "pseudo_labels", "evaluate_pretrained"]
+
+
+def _write_idx(path: Path, images: np.ndarray, labels: np.ndarray, prefix: str) -> None:
+    """Fashion-MNIST's IDX format: big-endian magic, dims, then uint8 data; gzip-compressed."""
+    n, h, w = images.shape
+    with gzip.open(path / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+        f.write(np.array([2051, n, h, w], dtype=">i4").tobytes() + images.astype(np.uint8).tobytes())
+    with gzip.open(path / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(np.array([2049, n], dtype=">i4").tobytes() + labels.astype(np.uint8).tobytes())
+
+
+def _tiny_fashion_mnist(root: Path, per_class: int = 12) -> None:
+    """Class-dependent stripes plus noise: learnable, so the metrics are not all chance."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    for prefix in ("train", "t10k"):
+        labels = np.repeat(np.arange(10), per_class)
+        images = rng.integers(0, 60, size=(labels.size, 28, 28))
+        for i, c in enumerate(labels):
+            images[i, :, (c * 2) % 28 : (c * 2) % 28 + 6] += 180
+        _write_idx(root, images, labels, prefix)
+
+
+def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{out[-4000:]}"
+    return out
+
+
+@pytest.mark.slow
+def test_dvc_repro_then_sweep_reruns_only_train_and_evaluate(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in COPY:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(src, repo / name)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["dataset"]["max_per_class"] = 12
+    params["pseudo_labels"].update(batch_size=32, num_workers=0)
+    params["model"]["image_size"] = 32
+    params["train"].update(epochs=1, batch_size=16, samples_per_class=4, num_workers=0, log_every=2)
+    params["evaluate"].update(num_workers=0, gallery_queries=4)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _tiny_fashion_mnist(repo / params["dataset"]["root"])
+
+    bindir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ["PATH"], "HF_HUB_OFFLINE": "1"}
+    env.update(
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t.invalid",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t.invalid",
+    )
+    git = shutil.which("git")
+    assert git, "git is needed by DVC experiments"
+    _run([git, "init", "-q"], repo, env)
+    _run([f"{bindir}/dvc", "init", "-q"], repo, env)
+    _run([f"{bindir}/dvc", "config", "core.analytics", "false"], repo, env)
+    (repo / ".gitignore").write_text("/data/raw/\n__pycache__/\n")
+    _run([git, "add", "-A"], repo, env)
+    _run([git, "commit", "-qm", "init"], repo, env)
+
+    out = _run([f"{bindir}/dvc", "repro"], repo, env)
+    for stage in [*PRECOMPUTE, "train", "evaluate"]:
+        assert f"Running stage '{stage}'" in out, out[-3000:]
+    metrics = json.loads((repo / "data/eval/metrics.json").read_text())
+    for key in (
+        "recall@1",
+        "recall@2",
+        "recall@4",
+        "recall@8",
+        "map@r",
+        "r_precision",
+        "nmi",
+        "pretrained/recall@1",
+    ):
+        assert 0.0 <= metrics[key] <= 1.0, (key, metrics[key])
+    assert metrics["recall@1"] <= metrics["recall@2"] <= metrics["recall@4"] <= metrics["recall@8"]
+    for png in ("gallery.png", "similarity.png"):
+        assert (repo / "data/eval" / png).stat().st_size > 1000
+
+    status = _run([f"{bindir}/dvc", "status"], repo, env)
+    assert "Data and pipelines are up to date" in status, status
+
+    _run([git, "add", "-A"], repo, env)
+    _run([git, "commit", "-qm", "baseline"], repo, env)
+    out = _run([f"{bindir}/dvc", "exp", "run", "-S", "omega=5.0"], repo, env)
+    for stage in PRECOMPUTE:
+        assert f"Stage '{stage}' didn't change, skipping" in out, out[-3000:]
+    for stage in ("train", "evaluate"):
+        assert f"Running stage '{stage}'" in out, out[-3000:]
+    diff = json.loads(_run([f"{bindir}/dvc", "metrics", "diff", "--all", "--json"], repo, env))
+    eval_diff = diff["data/eval/metrics.json"]
+    assert set(eval_diff) >= {"recall@1", "map@r", "pretrained/recall@1"}
+    assert eval_diff["pretrained/recall@1"]["diff"] == 0  # the control is not re-run by a sweep

@@ -1,0 +1,313 @@
+"""Training: sampler, seeding, smoke run, resume/re-export, fingerprints, NaN stop, SIGKILL resume."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+import yaml
+from fixtures_training import (
+    CLASS_IDS,
+    CLASS_NAMES,
+    TinyImages,
+    tiny_params,
+    train_paths,
+    write_class_embeddings,
+)
+from PIL import Image
+from safetensors.torch import load_file
+from torchvision import transforms as T
+
+from stages.core import training
+from stages.core.errors import LangdmlError
+from stages.core.losses import DMLLoss
+from stages.core.training import ClassBalancedBatchSampler, SeededSamples, fit
+from stages.core.vision import load_model
+
+torch.set_num_threads(1)
+TESTS = Path(__file__).parent
+
+
+def make(transform):
+    return TinyImages(transform)
+
+
+def run_fit(root: Path, **overrides):
+    paths = train_paths(root)
+    if not paths.class_embeddings.exists():
+        write_class_embeddings(paths.class_embeddings)
+    return fit(tiny_params(**overrides), make, paths, class_names=CLASS_NAMES), paths
+
+
+# --- sampler and per-item seeding ---------------------------------------------------------------
+
+
+def test_class_balanced_batches_are_seeded_by_seed_and_epoch() -> None:
+    labels = np.repeat([3, 5, 7, 9, 11], [4, 6, 1, 5, 5])
+    sampler = ClassBalancedBatchSampler(labels, m=2, batch_size=6, num_batches=4, seed=1)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 4
+    for batch in batches:
+        idx = [i for i, _ in batch]
+        classes, counts = np.unique(labels[idx], return_counts=True)
+        assert len(classes) == 3 and (counts == 2).all()  # 3 distinct classes x m=2 (class 7 has 1 image)
+    assert list(sampler) == batches
+    sampler.set_epoch(1)
+    assert list(sampler) != batches
+    sampler.set_epoch(0)
+    assert list(sampler) == batches
+    with pytest.raises(LangdmlError, match="3 classes per batch, but the training split has only 2"):
+        ClassBalancedBatchSampler(np.array([0, 0, 1, 1]), m=2, batch_size=6, num_batches=1, seed=0)
+
+
+def test_seeded_samples_reproduce_augmentations_densify_labels_and_spare_global_rng() -> None:
+    base = TinyImages(T.Compose([T.RandomResizedCrop(8), T.ToTensor()]))
+    ds = SeededSamples(base, np.array(CLASS_IDS))
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    (a, la), (b, _), (c, _) = ds[(7, 42)], ds[(7, 42)], ds[(7, 43)]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert la == CLASS_IDS.index(int(base.labels[7]))
+
+
+def test_rng_state_round_trip() -> None:
+    import random
+
+    state = training.rng_state()
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.rand(5), np.random.rand(5), random.random()
+    training.set_rng_state(state)
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
+
+
+# --- fit -------------------------------------------------------------------------------------------
+
+
+def test_smoke_two_epochs_loss_falls_outputs_written_and_model_round_trips(tmp_path: Path) -> None:
+    result, paths = run_fit(tmp_path)
+    assert result.epochs_trained == 2 and result.resumed_from == 0
+    first, last = result.history
+    assert last["loss/total"] < first["loss/total"]
+    assert first["loss/language"] > 0 and first["images_per_s"] > 0
+    assert paths.checkpoint.is_file()
+    ckpt = torch.load(paths.checkpoint, weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["sampler"] == {"seed": 0, "epoch": 2}
+    model, mp = load_model(paths.model_dir)
+    assert mp.backbone == "timm:test_resnet"
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, ckpt["model"][name]), name
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        emb = model(x)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(2))
+    for part in ("dml", "language", "total"):
+        rows = (paths.log_dir / "plots" / "metrics" / "loss" / f"{part}.tsv").read_text().splitlines()
+        assert rows[0] == f"step\t{part}" and len(rows) == 3
+    assert (paths.log_dir / "plots" / "metrics" / "images_per_s.tsv").is_file()
+    assert not (paths.log_dir / "dvc.yaml").exists()
+
+
+def test_rerun_with_same_config_reexports_and_new_config_starts_fresh(tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="stages.core.training")
+    _, paths = run_fit(tmp_path)
+    weights = load_file(paths.model_dir / "model.safetensors")
+    (paths.model_dir / "model.safetensors").unlink()
+
+    again, _ = run_fit(tmp_path, train={"num_workers": 0, "log_every": 1})  # neither affects the weights
+    assert again.epochs_trained == 0 and again.resumed_from == 2
+    rexp = load_file(paths.model_dir / "model.safetensors")
+    assert all(torch.equal(weights[k], rexp[k]) for k in weights)
+    rows = (paths.log_dir / "plots" / "metrics" / "loss" / "total.tsv").read_text().splitlines()
+    assert len(rows) == 3  # the history is replayed into fresh logs
+
+    more, _ = run_fit(tmp_path, train={"epochs": 3})  # no schedule depends on epochs: continue
+    assert more.resumed_from == 2 and more.epochs_trained == 1
+
+    caplog.clear()
+    fresh, _ = run_fit(tmp_path, omega=2.0)
+    assert fresh.resumed_from == 0 and fresh.epochs_trained == 2
+    assert any("different training config (omega)" in r.getMessage() for r in caplog.records)
+
+
+def test_changed_input_file_starts_fresh(tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="stages.core.training")
+    run_fit(tmp_path, train={"epochs": 1})
+    write_class_embeddings(train_paths(tmp_path).class_embeddings, seed=9)
+    fresh, _ = run_fit(tmp_path, train={"epochs": 1})
+    assert fresh.resumed_from == 0
+    assert any("different training config (inputs)" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(("part", "target"), [("language", "language_matching"), ("dml", "dml")])
+def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, part: str, target: str
+) -> None:
+    run_fit(tmp_path, train={"epochs": 1})
+    paths = train_paths(tmp_path)
+    good = paths.checkpoint.read_bytes()
+    calls = {"n": 0}
+
+    def poison(loss: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        return loss * float("nan") if calls["n"] == 2 else loss  # resumed at epoch 2: its step 2
+
+    if target == "dml":
+        real_forward = DMLLoss.forward
+        monkeypatch.setattr(DMLLoss, "forward", lambda self, e, y: poison(real_forward(self, e, y)))
+    else:
+        real = training.language_matching
+        monkeypatch.setattr(training, "language_matching", lambda *a, **k: poison(real(*a, **k)))
+    with pytest.raises(LangdmlError) as err:
+        fit(tiny_params(train={"epochs": 3}), make, paths, class_names=CLASS_NAMES)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert f"non-finite {part} loss at epoch 2/3, step 2" in msg
+    assert paths.checkpoint.read_bytes() == good
+
+
+def test_missing_cache_and_too_few_classes_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(LangdmlError, match="run `langdml pseudo-labels`"):
+        fit(tiny_params(language={"guidance": "plg"}), make, train_paths(tmp_path))
+    with pytest.raises(LangdmlError, match="only 4 classes"):
+        fit(tiny_params(train={"batch_size": 10, "samples_per_class": 2}), make, train_paths(tmp_path))
+    result = fit(tiny_params(omega=0.0, train={"epochs": 1}), make, train_paths(tmp_path))  # no cache needed
+    assert result.history[0]["loss/language"] == 0.0
+
+
+@pytest.mark.parametrize("loss", ["proxy_anchor", "margin"])
+def test_losses_with_parameters_train_and_resume(tmp_path: Path, loss: str) -> None:
+    _, paths = run_fit(tmp_path, train={"epochs": 1, "loss": loss, "scheduler": "multistep", "milestones": [1]})
+    ckpt = torch.load(paths.checkpoint, weights_only=True)
+    assert ckpt["loss"] and ckpt["scheduler"]["last_epoch"] == 1
+    assert [g["name"] for g in ckpt["optimizer"]["param_groups"]] == ["backbone", "head", "loss"]
+    more, _ = run_fit(tmp_path, train={"epochs": 2, "loss": loss, "scheduler": "multistep", "milestones": [1]})
+    assert more.resumed_from == 1 and more.history[1]["lr/backbone"] == pytest.approx(1e-3 * 0.3)
+
+
+# --- the stage, through the real manifest reader ----------------------------------------------------
+
+
+def test_train_stage_on_a_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from stages import paths
+    from stages.cli import app
+    from stages.core.datasets import MANIFEST_SCHEMA
+    from stages.core.io import write_parquet
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    blobs, labels = [], []
+    for c in CLASS_IDS:
+        for _ in range(6):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8), "L").save(buf, "PNG")
+            blobs.append(buf.getvalue())
+            labels.append(c)
+    table = pa.table(
+        {
+            "path": pa.nulls(len(labels), pa.string()),
+            "image_bytes": blobs,
+            "label": pa.array(labels, pa.int64()),
+            "class_name": [CLASS_NAMES[c] for c in labels],
+            "super_class": pa.nulls(len(labels), pa.string()),
+        }
+    )
+    write_parquet(paths.TRAIN_MANIFEST, table, MANIFEST_SCHEMA, {"dataset": "test", "root": str(tmp_path)})
+    raw = tiny_params(train={"epochs": 1}).model_dump()
+    Path("params.yaml").write_text(yaml.safe_dump(raw))
+    runner = CliRunner()
+    missing = runner.invoke(app, ["train"])
+    assert missing.exit_code == 1
+    assert "run `langdml embed-text`" in missing.output and len(missing.output.strip().splitlines()) == 1
+    write_class_embeddings(paths.CLASS_EMBEDDINGS)
+    ok = runner.invoke(app, ["train"])
+    assert ok.exit_code == 0, ok.output
+    assert paths.MODEL_WEIGHTS.is_file() and paths.MODEL_CONFIG.is_file() and paths.CHECKPOINT_FILE.is_file()
+
+
+# --- kill -9 mid-epoch, re-run, same weights as never interrupted ----------------------------------
+
+SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, {tests!r})
+    import torch
+    torch.set_num_threads(1)
+    from pathlib import Path
+    from fixtures_training import CLASS_NAMES, TinyImages, tiny_params, train_paths, write_class_embeddings
+    from stages.core import training
+
+    root, kill_at, workers = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    calls = 0
+    real = training.language_matching
+
+    def maybe_kill(*args, **kwargs):
+        global calls
+        calls += 1
+        if calls == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+
+    training.language_matching = maybe_kill
+    paths = train_paths(root)
+    if not paths.class_embeddings.exists():
+        write_class_embeddings(paths.class_embeddings)
+    params = tiny_params(train={{"epochs": 3, "deterministic": True, "num_workers": workers, "loss": "margin"}})
+    result = training.fit(params, TinyImages, paths, class_names=CLASS_NAMES)
+    print("resumed_from", result.resumed_from)
+    """
+)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_rerun_gives_bit_identical_weights(tmp_path: Path) -> None:
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT.format(tests=str(TESTS)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def start(root: Path, kill_at: int, workers: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, str(script), str(root), str(kill_at), str(workers)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+
+    # Uninterrupted (in-process loading) and killed at epoch 2, step 2 (with a worker process), in parallel.
+    clean, killed = start(tmp_path / "clean", -1, 0), start(tmp_path / "killed", 5, 1)
+    out_clean, err_clean = clean.communicate(timeout=300)
+    _, err_killed = killed.communicate(timeout=300)
+    assert clean.returncode == 0, err_clean[-2000:]
+    assert killed.returncode == -9, err_killed[-2000:]
+    ckpt = torch.load(tmp_path / "killed" / "checkpoint" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 1
+    assert not (tmp_path / "killed" / "model").exists()
+
+    rerun = start(tmp_path / "killed", -1, 1)
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err[-2000:]
+    assert "resumed_from 1" in out and "resumed_from 0" in out_clean
+    a = load_file(tmp_path / "clean" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "killed" / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    la = torch.load(tmp_path / "clean" / "checkpoint" / "last.pt", weights_only=True)
+    lb = torch.load(tmp_path / "killed" / "checkpoint" / "last.pt", weights_only=True)
+    assert all(torch.equal(la["loss"][k], lb["loss"][k]) for k in la["loss"])  # margin's learnt betas
+    losses = [
+        [{k: v for k, v in r.items() if k.startswith("loss/")} for r in h] for h in (la["history"], lb["history"])
+    ]
+    assert losses[0] == losses[1]
