@@ -116,6 +116,11 @@ def test_dvc_repro_then_sweep_reruns_only_train_and_evaluate(tmp_path: Path) -> 
         assert f"Stage '{stage}' didn't change, skipping" in out, out[-3000:]
     for stage in ("train", "evaluate"):
         assert f"Running stage '{stage}'" in out, out[-3000:]
+    # Queued and --temp experiments run in a copy of the commit: the untracked dataset folder travels with -C, and
+    # the manifests (with a repo-relative root) are byte-identical there, so the precompute stages still skip.
+    out = _run([f"{bindir}/dvc", "exp", "run", "--temp", "-C", "data/raw", "-S", "omega=0.5"], repo, env)
+    for stage in PRECOMPUTE:
+        assert f"Stage '{stage}' didn't change, skipping" in out, out[-3000:]
     diff = json.loads(_run([f"{bindir}/dvc", "metrics", "diff", "--all", "--json"], repo, env))
     eval_diff = diff["data/eval/metrics.json"]
     assert set(eval_diff) >= {"recall@1", "map@r", "pretrained/recall@1"}

@@ -45,7 +45,7 @@ def test_prepare_writes_three_tables_with_metadata(workdir) -> None:
     train, meta = read_parquet(paths.TRAIN_MANIFEST)
     assert meta == {
         "dataset": "cub200",
-        "root": str(root.resolve()),
+        "root": "raw/CUB_200_2011",
         "max_per_class": 2,
         "n_images": 4,
         "n_classes": 2,
@@ -55,7 +55,7 @@ def test_prepare_writes_three_tables_with_metadata(workdir) -> None:
     assert cmeta["n_images"] == 8 and cmeta["n_classes"] == 4
     assert classes["split"].to_pylist() == ["train", "train", "test", "test"]
     table, manifest_root = load_manifest(paths.TEST_MANIFEST)
-    assert manifest_root == root.resolve()
+    assert manifest_root == Path("raw/CUB_200_2011") and manifest_root.resolve() == root.resolve()
     ds = ImageDataset(table, manifest_root, transform=lambda im: im.size)
     assert ds[0] == ((8, 8), 101)
 
@@ -177,7 +177,7 @@ def test_cli_prepare(workdir) -> None:
     result = CliRunner().invoke(app, ["prepare", "--params", "params.yaml"])
     assert result.exit_code == 0, result.output
     train, meta = read_parquet(paths.TRAIN_MANIFEST)
-    assert train.num_rows == 15 and meta["root"] == str((workdir / "fm").resolve())
+    assert train.num_rows == 15 and meta["root"] == "fm"
 
 
 @pytest.mark.parametrize(
@@ -195,3 +195,12 @@ def test_cli_prepare_errors_are_one_line(workdir, dataset, message) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert not any(p.exists() for p in OUTPUTS)
+
+
+def test_portable_root_is_relative_inside_the_repo_and_absolute_outside(tmp_path, monkeypatch) -> None:
+    repo = tmp_path / "repo"
+    (repo / "data" / "raw").mkdir(parents=True)
+    monkeypatch.chdir(repo)
+    assert prepare.portable_root(repo / "data" / "raw") == "data/raw"
+    assert prepare.portable_root(Path("data/raw")) == "data/raw"
+    assert prepare.portable_root(tmp_path / "elsewhere") == str((tmp_path / "elsewhere").resolve())
