@@ -20,7 +20,7 @@ import torch
 from stages.core.language_targets import EmbeddingTarget
 from stages.core.losses import build_dml_loss
 from stages.core.runtime import resolve_device, seed_everything
-from stages.core.training import TrainStep, build_optimizer
+from stages.core.training import TrainStep, build_optimizer, language_kwargs
 from stages.core.vision import build_model
 from stages.params import Params, load_params
 
@@ -63,7 +63,7 @@ def main() -> None:
         "forward": torch.compile(model) if tp.compile else model,
         "dml": dml,
         "optimizer": optimizer,
-        "lang_kwargs": {"gamma": params.language.gamma, "temperature": params.language.temperature},
+        "lang_kwargs": language_kwargs(params),
         "device": device,
         "amp": cuda and tp.amp,
     }

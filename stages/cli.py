@@ -31,15 +31,26 @@ log = logging.getLogger("langdml")
 
 def _run_stage(module: str, params_path: Path) -> None:
     """Load params, run ``stages.<module>.run``; user errors become one line on stderr and exit 1."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _setup_logging()
     from stages.params import load_params
 
     try:
         params = load_params(params_path)
         importlib.import_module(f"stages.{module}").run(params)
-    except (LangdmlError, RegistryError, FileNotFoundError) as err:
-        typer.echo(f"langdml {module.replace('_', '-')}: error: {_one_line(err)}", err=True)
-        sys.exit(1)
+    except USER_ERRORS as err:
+        _fail(module.replace("_", "-"), err)
+
+
+USER_ERRORS = (LangdmlError, RegistryError, FileNotFoundError)
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def _fail(command: str, err: BaseException) -> None:
+    typer.echo(f"langdml {command}: error: {_one_line(err)}", err=True)
+    sys.exit(1)
 
 
 def _one_line(err: BaseException) -> str:
@@ -93,14 +104,13 @@ def fetch_data(
     ),
 ) -> None:
     """Put the embedded default data set (Fashion-MNIST) into ROOT: from Debian's package, else downloaded."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _setup_logging()
     from stages.core.datasets import fetch_fashion_mnist
 
     try:
         typer.echo(f"Fashion-MNIST ready in {fetch_fashion_mnist(root)}")
-    except LangdmlError as err:
-        typer.echo(f"langdml fetch-data: error: {err}", err=True)
-        sys.exit(1)
+    except USER_ERRORS as err:
+        _fail("fetch-data", err)
 
 
 @app.command("list")

@@ -18,7 +18,7 @@ import pyarrow as pa
 from stages import paths
 from stages.core.errors import LangdmlError
 from stages.core.io import embedding_array, embedding_type, write_parquet, write_text
-from stages.core.prompts import clean_class_name, embed_names, fill_template
+from stages.core.prompts import clean_class_name, embed_names
 from stages.params import Params
 
 log = logging.getLogger(__name__)
@@ -107,9 +107,6 @@ def run(params: Params) -> None:
     from stages.core.text import create_text_encoder
 
     cfg = params.pseudo_labels
-    fill_template(cfg.template, "x")  # a bad template fails before the long classifier pass
-    if not 1 <= cfg.k <= N_IMAGENET:
-        raise LangdmlError(f"pseudo_labels.k must be between 1 and {N_IMAGENET}, got {cfg.k}")
     table, root = load_manifest(paths.TRAIN_MANIFEST)
     if table.num_rows == 0:
         raise LangdmlError(f"{paths.TRAIN_MANIFEST} has no images; check the dataset and re-run `langdml prepare`")
@@ -151,7 +148,7 @@ def run(params: Params) -> None:
     imagenet_names = imagenet_class_names()
     unique = sorted({int(i) for i in indices.reshape(-1)})
     encoder = create_text_encoder(params.text.encoder, pooling=params.text.pooling, device=device)
-    _, vectors, _ = embed_names(
+    _, vectors, used = embed_names(
         encoder, [clean_class_name(imagenet_names[i]) for i in unique], [cfg.template], params.text.batch_size
     )
     out = pseudolabel_rows(class_ids, indices, scores, imagenet_names, dict(zip(unique, vectors, strict=True)))
@@ -161,7 +158,7 @@ def run(params: Params) -> None:
         "averaging": cfg.averaging,
         "encoder": params.text.encoder,
         "dim": encoder.dim,
-        "template": cfg.template if encoder.uses_template else "{}",
+        "template": used[0],
         "pooling": params.text.pooling,
         "normalized": True,
         "n_images": int(table.num_rows),

@@ -117,7 +117,7 @@ def test_none_and_omega_zero_read_no_cache(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("guidance", "stage"), [("elg", "embed-text"), ("plg", "pseudo-labels")])
 def test_missing_cache_names_the_stage_to_run(tmp_path: Path, guidance: str, stage: str) -> None:
-    with pytest.raises(LangdmlError, match=f"run `langdml {stage}`"):
+    with pytest.raises(FileNotFoundError, match=f"run `langdml {stage}`"):
         build_language_targets(guidance, 1.0, sources(tmp_path))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -142,7 +144,7 @@ def test_bad_direction_and_similarity_registry() -> None:
         language_matching(HAND_EMB, HAND_LABELS, HAND_LANG, similarity="nope")
 
 
-DEFAULT_LOSS_KWARGS = load_params("params.yaml").losses
+DEFAULT_LOSS_KWARGS = load_params(Path(__file__).resolve().parents[1] / "params.yaml").losses
 
 
 @pytest.mark.parametrize("name", DML_LOSSES.names())

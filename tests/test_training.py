@@ -102,7 +102,7 @@ def test_smoke_two_epochs_loss_falls_outputs_written_and_model_round_trips(tmp_p
     assert first["loss/language"] > 0 and first["images_per_s"] > 0
     assert paths.checkpoint.is_file()
     ckpt = torch.load(paths.checkpoint, weights_only=True)
-    assert ckpt["epoch"] == 2 and ckpt["sampler"] == {"seed": 0, "epoch": 2}
+    assert ckpt["epoch"] == 2
     model, mp = load_model(paths.model_dir)
     assert mp.backbone == "timm:test_resnet"
     for name, value in model.state_dict().items():
@@ -177,7 +177,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(
 
 
 def test_missing_cache_and_too_few_classes_are_clear_errors(tmp_path: Path) -> None:
-    with pytest.raises(LangdmlError, match="run `langdml pseudo-labels`"):
+    with pytest.raises(FileNotFoundError, match="run `langdml pseudo-labels`"):
         fit(tiny_params(language={"guidance": "plg"}), make, train_paths(tmp_path))
     with pytest.raises(LangdmlError, match="only 4 classes"):
         fit(tiny_params(train={"batch_size": 10, "samples_per_class": 2}), make, train_paths(tmp_path))

@@ -27,9 +27,9 @@ N_IMAGENET = 1000
 OFFLINE_HINT = "the classifier efficientnet-lite0 works offline"
 
 Transform = Callable[[Any], Any]
-# factory(rest of the spec after "family:", device, image size or None for the native one)
-#   -> (eval-mode model on device, PIL -> tensor transform)
-ClassifierFactory = Callable[[str, "torch.device", int | None], tuple["nn.Module", Transform]]
+# factory(rest of the spec after "family:", image size or None for the native one)
+#   -> (model on the CPU, PIL -> tensor transform); create_classifier moves it to the device
+ClassifierFactory = Callable[[str, int | None], tuple["nn.Module", Transform]]
 IMAGENET_CLASSIFIERS: Registry[ClassifierFactory] = Registry("ImageNet classifier")
 
 
@@ -39,11 +39,10 @@ def create_classifier(
     """``efficientnet-lite0`` or ``timm:<model name>``: an eval-mode model giving B x 1000 logits,
     and the PIL-image transform it was trained with, cropping to ``image_size`` instead of the
     native input size when given (smaller is much faster on a CPU, at some cost in accuracy)."""
-    import torch
 
     family, _, rest = spec.partition(":")
     factory = IMAGENET_CLASSIFIERS.get(family)
-    model, transform = factory(rest, torch.device(device), image_size)
+    model, transform = factory(rest, image_size)
     return model.eval().to(device), transform
 
 
@@ -62,7 +61,7 @@ def transform_output_size(transform: Transform) -> tuple[int, int]:
 
 
 @IMAGENET_CLASSIFIERS.register("efficientnet-lite0")
-def _efficientnet_lite0(rest: str, device: torch.device, image_size: int | None) -> tuple[nn.Module, Transform]:
+def _efficientnet_lite0(rest: str, image_size: int | None) -> tuple[nn.Module, Transform]:
     from torchvision import transforms as T
 
     from stages.core.efficientnet_lite import LITE0_IMAGE_SIZE, LITE0_MEAN, LITE0_STD, load_efficientnet_lite0
@@ -82,7 +81,7 @@ def _efficientnet_lite0(rest: str, device: torch.device, image_size: int | None)
 
 
 @IMAGENET_CLASSIFIERS.register("timm")
-def _timm(rest: str, device: torch.device, image_size: int | None) -> tuple[nn.Module, Transform]:
+def _timm(rest: str, image_size: int | None) -> tuple[nn.Module, Transform]:
     import timm
     from timm.data import create_transform, resolve_data_config
 

@@ -88,7 +88,7 @@ def read_parquet(path: str | os.PathLike[str], stage: str | None = None) -> tupl
     """Read a table and its langdml metadata; a missing file names the stage that makes it."""
     p = Path(path)
     if not p.is_file():
-        hint = f" (run `langdml {stage}` or `dvc repro {stage}`)" if stage else ""
+        hint = f" (run `langdml {stage}` or `dvc repro {stage.replace('-', '_')}`)" if stage else ""
         raise FileNotFoundError(f"{p} does not exist{hint}")
     table = pq.read_table(p)
     raw = (table.schema.metadata or {}).get(METADATA_KEY, b"{}")

@@ -81,12 +81,6 @@ class Guidance:
 GUIDANCES: Registry[Guidance] = Registry("language guidance")
 
 
-def _read_cache(path: Path, what: str, stage: str) -> tuple:
-    if not path.is_file():
-        raise LangdmlError(f"{what} needs {path}, which does not exist; run `langdml {stage}` first")
-    return read_parquet(path, stage=stage)
-
-
 def _check_names(table_ids: np.ndarray, table_names: list[str], src: LanguageSources, path: Path, stage: str) -> None:
     if src.class_names is None:
         return
@@ -122,7 +116,7 @@ def _embeddings(table, path: Path, stage: str) -> np.ndarray:
 def elg_embeddings(src: LanguageSources) -> torch.Tensor:
     """C x D prompt embeddings of the training classes, in dense-label order."""
     path, stage = src.class_embeddings, "embed-text"
-    table, _ = _read_cache(path, "language guidance elg", stage)
+    table, _ = read_parquet(path, stage=stage)
     ids = table.column("class_id").to_numpy()
     rows = _rows(ids, src, path, stage)
     _check_names(ids, table.column("class_name").to_pylist(), src, path, stage)
@@ -132,7 +126,7 @@ def elg_embeddings(src: LanguageSources) -> torch.Tensor:
 def plg_embeddings(src: LanguageSources) -> torch.Tensor:
     """k x C x D pseudo-label embeddings (rank j of every training class in slice j)."""
     path, stage = src.pseudolabels, "pseudo-labels"
-    table, meta = _read_cache(path, "language guidance plg", stage)
+    table, meta = read_parquet(path, stage=stage)
     ids = table.column("class_id").to_numpy()
     ranks = table.column("rank").to_numpy().astype(np.int64)
     matrix = _embeddings(table, path, stage)

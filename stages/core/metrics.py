@@ -17,6 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from stages.core.errors import LangdmlError
+from stages.core.vectors import l2_normalize
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +47,6 @@ def _validate(embeddings: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, n
             f"{int(np.argmax(bad))}); the model diverged or its input is broken"
         )
     return x, y
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Float32, unit rows (all-zero rows stay zero), copying only when needed."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    if np.allclose(norms, 1.0, atol=1e-4):
-        return x
-    return x / np.maximum(norms, 1e-12)
 
 
 def _faiss() -> Any:
@@ -118,8 +110,7 @@ def nearest_neighbours(embeddings: np.ndarray, query_ids: Sequence[int] | np.nda
 
 def cosine_similarity_matrix(vectors: np.ndarray) -> np.ndarray:
     """Pairwise cosine similarity of the rows of ``vectors`` (C x D -> C x C)."""
-    v = np.asarray(vectors, dtype=np.float64)
-    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    v = l2_normalize(vectors)
     return v @ v.T
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from stages.core.errors import LangdmlError
+from stages.core.vectors import l2_normalize
 
 if TYPE_CHECKING:
     from stages.core.text import TextEncoder
@@ -37,7 +38,6 @@ def fill_template(template: str, name: str) -> str:
 
 def average_templates(embeddings: np.ndarray, n_templates: int) -> np.ndarray:
     """(C * T) x D rows, T consecutive rows per class, into C x D unit vectors (mean, then L2)."""
-    from stages.core.text import l2_normalize
 
     emb = np.asarray(embeddings, dtype=np.float64)
     if n_templates < 1 or emb.ndim != 2 or emb.shape[0] % n_templates:

@@ -20,6 +20,7 @@ import numpy as np
 from stages.core.errors import LangdmlError
 from stages.core.hub import load_cached_or_online, load_local
 from stages.core.registry import Registry
+from stages.core.vectors import l2_normalize
 
 if TYPE_CHECKING:
     import torch
@@ -29,13 +30,6 @@ log = logging.getLogger(__name__)
 POOLINGS = ("pooler", "cls", "mean")
 OFFLINE_HINT = "the encoder sentence-transformers:all-MiniLM-L6-v2 works offline"
 MINILM_NAMES = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
-
-
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Rows scaled to unit length, as float32; an all-zero row stays zero instead of becoming NaN."""
-    x = np.asarray(x, dtype=np.float64)
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return (x / np.maximum(norms, eps)).astype(np.float32)
 
 
 class TextEncoder(ABC):

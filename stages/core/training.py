@@ -42,6 +42,11 @@ PARTS = ("dml", "language")
 _NEUTRAL_TRAIN_KEYS = {"num_workers", "log_every", "device"}
 
 
+def language_kwargs(params: Params) -> dict[str, Any]:
+    """The keyword arguments of ``language_matching`` that params.yaml sets."""
+    return params.language.model_dump(include={"gamma", "temperature", "direction"})
+
+
 @dataclass(frozen=True)
 class TrainPaths:
     checkpoint: Path
@@ -259,7 +264,7 @@ def fit(
     tp, mp = params.train, params.model
     device = resolve_device(tp.device)
     cuda = device.type == "cuda"
-    seed_everything(params.seed, tp.deterministic)
+    gen = seed_everything(params.seed, tp.deterministic)
 
     model = build_model(mp)
     dataset = make_dataset(train_transform(mp.image_size, model.mean, model.std))
@@ -305,7 +310,7 @@ def fit(
         pin_memory=cuda,
         persistent_workers=tp.num_workers > 0,
         # Own generator: creating an iterator must not consume the global RNG we checkpoint.
-        generator=torch.Generator().manual_seed(params.seed),
+        generator=gen,
     )
     step_fn = TrainStep(
         forward=torch.compile(model) if tp.compile else model,
@@ -313,11 +318,7 @@ def fit(
         targets=targets,
         optimizer=optimizer,
         omega=params.omega,
-        lang_kwargs={
-            "gamma": params.language.gamma,
-            "temperature": params.language.temperature,
-            "direction": params.language.direction,
-        },
+        lang_kwargs=language_kwargs(params),
         device=device,
         amp=cuda and tp.amp,
     )
@@ -472,7 +473,6 @@ def _save_checkpoint(
     history: list[dict[str, float]],
 ) -> None:
     state = {
-        "format": CHECKPOINT_FORMAT,
         "fingerprint": fp,
         "config": config,
         "epoch": epoch,
@@ -481,7 +481,6 @@ def _save_checkpoint(
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "rng": rng_state(),
-        "sampler": {"seed": config["seed"], "epoch": epoch},
         "history": history,
     }
     with atomic_path(path) as tmp:

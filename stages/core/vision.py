@@ -103,7 +103,11 @@ def _timm(name: str, pretrained: bool) -> Backbone:
 def global_pool(fmap: torch.Tensor, pooling: str) -> torch.Tensor:
     """``avg`` or ``avg+max`` (the sum, as in the paper's code) over the spatial dims: B x C."""
     avg = fmap.mean(dim=(2, 3))
-    return avg + fmap.amax(dim=(2, 3)) if pooling == "avg+max" else avg
+    if pooling == "avg":
+        return avg
+    if pooling == "avg+max":
+        return avg + fmap.amax(dim=(2, 3))
+    raise LangdmlError(f"model.pooling must be avg or avg+max, got {pooling!r}")
 
 
 class EmbeddingModel(nn.Module):

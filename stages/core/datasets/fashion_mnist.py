@@ -97,9 +97,10 @@ def _find(directory: Path, name: str) -> Path | None:
     return None
 
 
-def _read_bytes(path: Path) -> bytes:
+def _read_bytes(path: Path, raw: bytes | None = None) -> bytes:
+    """The uncompressed content; ``raw`` is the file's bytes when the caller has read them already."""
     try:
-        raw = path.read_bytes()
+        raw = path.read_bytes() if raw is None else raw
         return gzip.decompress(raw) if path.suffix == ".gz" else raw
     except (OSError, EOFError, zlib.error) as err:
         raise LangdmlError(f"{path}: cannot read ({err}); {_HOW_TO_GET}") from None
@@ -115,7 +116,7 @@ def _verify(path: Path, name: str) -> None:
     raw = path.read_bytes()
     if path.suffix == ".gz" and hashlib.md5(raw).hexdigest() == GZ_MD5[name]:
         return
-    if hashlib.md5(_read_bytes(path)).hexdigest() != RAW_MD5[name]:
+    if hashlib.md5(_read_bytes(path, raw)).hexdigest() != RAW_MD5[name]:
         raise LangdmlError(f"{path}: MD5 does not match the published Fashion-MNIST file; delete it and fetch again")
 
 
