@@ -48,7 +48,7 @@ def worker(args: argparse.Namespace) -> None:
         from stages.core.metrics import retrieval_metrics
 
         def call() -> dict[str, float]:
-            return retrieval_metrics(x, y, (1, 2, 4, 8), nmi=not args.no_nmi)
+            return retrieval_metrics(x, query_labels=y, ks=(1, 2, 4, 8), nmi=not args.no_nmi)
 
     else:
         from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator

@@ -35,7 +35,8 @@ class SyntheticImages:
 
 def make_dataset(manifest: Path, n: int, size: int, transform: Callable[[Image.Image], Any]) -> tuple[Any, str]:
     if manifest.is_file():
-        from stages.core.datasets import ImageDataset, load_manifest
+        from stages.core.artifacts import load_manifest
+        from stages.core.datasets.torch_dataset import ImageDataset
 
         table, root = load_manifest(manifest)
         table = table.slice(0, min(n, table.num_rows))

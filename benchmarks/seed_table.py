@@ -1,9 +1,11 @@
 """The README's seed table: baseline, ELG, PLG and the two controls, over several seeds.
 
 Needs the precompute outputs of `dvc repro` (data/prepared, data/language, data/pseudolabels,
-data/pretrained_eval). Each run trains and evaluates in a scratch folder that links to those outputs, so
-the repository's own data/ is left alone; the same grid through DVC is
-`dvc exp run --queue -S 'omega=0,1,5' -S seed=0,1,2 && dvc queue start`.
+data/pretrained_eval). Each run trains and evaluates in a scratch folder that links to everything in
+data/ except what training and evaluation write (so manifests whose images live under data/raw work),
+and the repository's own data/ is left alone; the same grid through DVC is
+`dvc exp run --queue -S 'omega=0,1,5' -S seed=0,1,2 && dvc queue start`. The table gives mean ± std
+over seeds and, per configuration, the paired same-seed difference to the baseline (polars).
 
     python benchmarks/seed_table.py --seeds 0 1 2 --omegas 1 5
 """
@@ -13,23 +15,25 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import polars as pl
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-LINKED = ["prepared", "language", "pseudolabels", "pretrained_eval"]
+NEEDED = ["prepared", "language", "pseudolabels", "pretrained_eval"]
+WRITTEN = {"model", "checkpoint", "train", "eval"}  # what each run writes in its own scratch folder
 KEYS = ["recall@1", "map@r"]
+BASELINE = "baseline (omega=0)"
 
 
 def grid(omegas: list[float], control_omega: float) -> list[tuple[str, dict[str, object]]]:
     """(row name, parameter overrides) for every configuration of the table."""
-    rows: list[tuple[str, dict[str, object]]] = [("baseline (omega=0)", {"omega": 0.0, "language.guidance": "none"})]
+    rows: list[tuple[str, dict[str, object]]] = [(BASELINE, {"omega": 0.0, "language.guidance": "none"})]
     for guidance in ("elg", "plg"):
         rows += [(f"{guidance.upper()} omega={w:g}", {"omega": w, "language.guidance": guidance}) for w in omegas]
     for control in ("shuffled", "uniform"):
@@ -51,8 +55,9 @@ def with_overrides(params: dict, overrides: dict[str, object]) -> dict:
 def run_one(params: dict, workdir: Path) -> dict[str, float]:
     """Train and evaluate in ``workdir`` with the precompute outputs linked in; return the metrics."""
     (workdir / "data").mkdir(parents=True)
-    for name in LINKED:
-        (workdir / "data" / name).symlink_to(REPO / "data" / name, target_is_directory=True)
+    for entry in (REPO / "data").iterdir():
+        if entry.name not in WRITTEN:
+            (workdir / "data" / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     langdml = str(Path(sys.executable).parent / "langdml")
     for stage in ("train", "evaluate"):
@@ -62,10 +67,25 @@ def run_one(params: dict, workdir: Path) -> dict[str, float]:
     return json.loads((workdir / "data/eval/metrics.json").read_text())
 
 
-def fmt(values: list[float]) -> str:
-    mean = statistics.fmean(values)
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * mean:.1f} ± {100 * spread:.1f}"
+def summary(runs: pl.DataFrame) -> pl.DataFrame:
+    """Per configuration: mean and std over seeds of each metric, and of its paired same-seed
+    difference to the baseline (the std of a difference is what tells an effect from seed noise)."""
+    base = runs.filter(pl.col("config") == BASELINE).select("seed", *[pl.col(k).alias(f"{k}_base") for k in KEYS])
+    paired = runs.join(base, on="seed", how="left").with_columns(
+        [(pl.col(k) - pl.col(f"{k}_base")).alias(f"{k}_diff") for k in KEYS]
+    )
+    stats = []
+    for k in KEYS:
+        stats += [pl.col(k).mean().alias(f"{k}_mean"), pl.col(k).std().fill_null(0.0).alias(f"{k}_std")]
+        stats += [
+            pl.col(f"{k}_diff").mean().alias(f"{k}_dmean"),
+            pl.col(f"{k}_diff").std().fill_null(0.0).alias(f"{k}_dstd"),
+        ]
+    return paired.group_by("config", maintain_order=True).agg(stats)
+
+
+def pct(mean: float, std: float, signed: bool = False) -> str:
+    return f"{100 * mean:{'+' if signed else ''}.1f} ± {100 * std:.1f}"
 
 
 def main() -> None:
@@ -75,7 +95,7 @@ def main() -> None:
     ap.add_argument("--control-omega", type=float, default=None, help="omega of the controls (default: largest)")
     ap.add_argument("--out", type=Path, default=None, help="also write the raw results as JSON here")
     args = ap.parse_args()
-    for name in LINKED:
+    for name in NEEDED:
         if not (REPO / "data" / name).exists():
             raise SystemExit(f"data/{name} is missing: run `dvc repro` first")
     base = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -83,6 +103,7 @@ def main() -> None:
     control_omega = args.control_omega if args.control_omega is not None else max(args.omegas)
 
     results: dict[str, list[dict[str, float]]] = {}
+    rows: list[dict[str, object]] = []
     scratch = Path(tempfile.mkdtemp(prefix="langdml-seeds-"))
     try:
         for name, overrides in grid(args.omegas, control_omega):
@@ -92,6 +113,7 @@ def main() -> None:
                 slug = f"{name.split()[0]}-{overrides['omega']}-s{seed}"
                 metrics = run_one(params, scratch / slug)
                 results.setdefault(name, []).append(metrics)
+                rows.append({"config": name, "seed": seed, **{k: metrics[k] for k in KEYS}})
                 print(
                     f"{name:24s} seed={seed} recall@1={metrics['recall@1']:.4f} "
                     f"map@r={metrics['map@r']:.4f} ({time.perf_counter() - t0:.0f} s)",
@@ -100,12 +122,15 @@ def main() -> None:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    print(f"\n| configuration | recall@1 (%) | MAP@R (%) |   (mean ± std over seeds {args.seeds})")
-    print("|---|---|---|")
+    print(f"\n(mean ± std over seeds {args.seeds}; Δ: paired same-seed difference to the baseline)")
+    print("| configuration | recall@1 (%) | MAP@R (%) | Δ recall@1 | Δ MAP@R |")
+    print("|---|---|---|---|---|")
     control = " | ".join(f"{100 * pretrained[k]:.1f}" for k in KEYS)
-    print(f"| pretrained backbone, no training | {control} |")
-    for name, runs in results.items():
-        print(f"| {name} | " + " | ".join(fmt([r[k] for r in runs]) for k in KEYS) + " |")
+    print(f"| pretrained backbone, no training | {control} | | |")
+    for r in summary(pl.DataFrame(rows)).iter_rows(named=True):
+        cells = [pct(r[f"{k}_mean"], r[f"{k}_std"]) for k in KEYS]
+        cells += [pct(r[f"{k}_dmean"], r[f"{k}_dstd"], signed=True) for k in KEYS]
+        print(f"| {r['config']} | " + " | ".join(cells) + " |")
     if args.out:
         args.out.write_text(json.dumps({"pretrained": pretrained, "runs": results}, indent=2))
 

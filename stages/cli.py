@@ -14,8 +14,7 @@ from typing import Annotated
 
 import typer
 
-from stages.core.errors import LangdmlError
-from stages.core.registry import RegistryError
+from stages.core.errors import LangdmlError, one_line
 
 app = typer.Typer(
     name="langdml",
@@ -32,16 +31,13 @@ log = logging.getLogger("langdml")
 def _run_stage(module: str, params_path: Path) -> None:
     """Load params, run ``stages.<module>.run``; user errors become one line on stderr and exit 1."""
     _setup_logging()
-    from stages.params import load_params
+    from stages.core.config import load_params
 
     try:
         params = load_params(params_path)
         importlib.import_module(f"stages.{module}").run(params)
-    except USER_ERRORS as err:
+    except LangdmlError as err:
         _fail(module.replace("_", "-"), err)
-
-
-USER_ERRORS = (LangdmlError, RegistryError, FileNotFoundError)
 
 
 def _setup_logging() -> None:
@@ -49,16 +45,8 @@ def _setup_logging() -> None:
 
 
 def _fail(command: str, err: BaseException) -> None:
-    typer.echo(f"langdml {command}: error: {_one_line(err)}", err=True)
+    typer.echo(f"langdml {command}: error: {one_line(err)}", err=True)
     sys.exit(1)
-
-
-def _one_line(err: BaseException) -> str:
-    """The message itself; an error re-raised from a DataLoader worker carries the worker's traceback."""
-    text = str(err).strip()
-    if "\n" in text:
-        text = text.splitlines()[-1].split(": ", 1)[-1]
-    return text
 
 
 @app.command()
@@ -105,17 +93,17 @@ def fetch_data(
 ) -> None:
     """Put the embedded default data set (Fashion-MNIST) into ROOT: from Debian's package, else downloaded."""
     _setup_logging()
-    from stages.core.datasets import fetch_fashion_mnist
+    from stages.core.datasets.fashion_mnist import fetch_fashion_mnist
 
     try:
         typer.echo(f"Fashion-MNIST ready in {fetch_fashion_mnist(root)}")
-    except USER_ERRORS as err:
+    except LangdmlError as err:
         _fail("fetch-data", err)
 
 
 @app.command("list")
 def list_registries() -> None:
-    """List every registered dataset, text encoder, backbone, classifier and loss."""
+    """List every registry: datasets, text encoders, classifiers, backbones, losses, guidances, ..."""
     from stages.core.catalog import registries
 
     for kind, names in registries().items():

@@ -13,38 +13,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
-
 from stages import paths
+from stages.core.config import Params
 from stages.core.errors import LangdmlError
-from stages.core.io import (
-    embedding_array,
-    embedding_matrix,
-    embedding_type,
-    read_parquet,
-    write_json,
-    write_parquet,
-    write_text,
-)
-from stages.params import Params
+from stages.core.io import write_json, write_text
 
 log = logging.getLogger(__name__)
-
-GALLERY_NEIGHBOURS = 5
-THUMBNAIL = 96  # pixels; gallery images are shown small
-MAX_SIMILARITY_CLASSES = 100  # beyond this a class x class picture is unreadable: the first ones by id
-
-
-def embeddings_schema(dim: int) -> pa.Schema:
-    return pa.schema(
-        [
-            pa.field("index", pa.int64(), nullable=False),
-            pa.field("label", pa.int64(), nullable=False),
-            pa.field("class_name", pa.string(), nullable=False),
-            pa.field("embedding", embedding_type(dim), nullable=False),
-        ]
-    )
 
 
 def read_pretrained_metrics(path: Path) -> dict[str, Any]:
@@ -64,68 +38,12 @@ def recall_csv(metrics: dict[str, Any], ks: list[int]) -> str:
     return "k,recall\n" + "".join(f"{k},{metrics[f'recall@{k}']:.6f}\n" for k in sorted(set(ks)))
 
 
-def _thumbnail(image: Any) -> np.ndarray:
-    image = image.copy()
-    image.thumbnail((THUMBNAIL, THUMBNAIL))
-    return np.asarray(image)
-
-
-def write_gallery(
-    emb: np.ndarray, labels: np.ndarray, names: np.ndarray, table: pa.Table, root: Path, params: Params
-) -> None:
-    from stages.core.datasets import ImageDataset
-    from stages.core.metrics import nearest_neighbours
-    from stages.core.plots import GalleryRow, pick_gallery_queries, plot_gallery
-
-    queries = pick_gallery_queries(labels, params.evaluate.gallery_queries, params.seed)
-    neighbours = nearest_neighbours(emb, queries, GALLERY_NEIGHBOURS)
-    images = ImageDataset(table, root, _thumbnail)
-    rows = [
-        GalleryRow(
-            query=images[q][0],
-            query_name=str(names[q]),
-            neighbours=[images[j][0] for j in nb],
-            neighbour_names=[str(names[j]) for j in nb],
-            correct=list(labels[nb] == labels[q]),
-        )
-        for q, nb in zip(queries, neighbours, strict=True)
-    ]
-    plot_gallery(rows, paths.GALLERY)
-
-
-def write_similarity(emb: np.ndarray, labels: np.ndarray) -> None:
-    """Language vs learned image similarity of the test classes; skipped (logged) without the ELG cache."""
-    from stages.core.metrics import class_centroids, cosine_similarity_matrix
-    from stages.core.plots import plot_similarity
-
-    classes = np.unique(labels)
-    if len(classes) > MAX_SIMILARITY_CLASSES:
-        log.info("similarity.png shows the first %d of %d test classes", MAX_SIMILARITY_CLASSES, len(classes))
-        classes = classes[:MAX_SIMILARITY_CLASSES]
-    skip = None
-    if paths.CLASS_EMBEDDINGS.is_file():
-        lang, _ = read_parquet(paths.CLASS_EMBEDDINGS, stage="embed-text")
-        pos = {int(c): i for i, c in enumerate(lang.column("class_id").to_pylist())}
-        missing = [int(c) for c in classes if int(c) not in pos]
-        if missing:
-            skip = f"{len(missing)} test classes (e.g. {missing[0]}) are not in {paths.CLASS_EMBEDDINGS}"
-    else:
-        skip = f"{paths.CLASS_EMBEDDINGS} is absent (run `langdml embed-text`)"
-    if skip:
-        log.info("similarity.png skipped: %s", skip)
-        paths.SIMILARITY.unlink(missing_ok=True)  # never leave a picture of an older model beside new metrics
-        return
-    rows = [pos[int(c)] for c in classes]
-    lang_sim = cosine_similarity_matrix(embedding_matrix(lang.column("embedding"))[rows])
-    image_sim = cosine_similarity_matrix(class_centroids(emb, labels, classes))
-    class_names = lang.column("class_name").to_pylist()
-    plot_similarity(lang_sim, image_sim, [str(class_names[r]) for r in rows], paths.SIMILARITY)
-
-
 def run(params: Params) -> None:
-    from stages.core import vision
-    from stages.core.datasets import ImageDataset, load_manifest
+    from stages.core import report, vision
+    from stages.core.artifacts import load_manifest, read_class_embeddings, write_test_embeddings
+    from stages.core.datasets.torch_dataset import ImageDataset
     from stages.core.embedding import embed_dataset
+    from stages.core.io import embedding_matrix
     from stages.core.metrics import format_metrics, retrieval_metrics
     from stages.core.runtime import resolve_device
 
@@ -138,27 +56,35 @@ def run(params: Params) -> None:
     log.info("embedding %d test images with the trained model", len(dataset))
     emb = embed_dataset(model, dataset, batch_size=ev.batch_size, num_workers=ev.num_workers, device=device)
     labels = dataset.labels
-    metrics = retrieval_metrics(emb, labels, ev.ks, seed=params.seed, nmi=ev.nmi)
-
-    names = np.asarray(table.column("class_name").to_pylist(), dtype=object)
-    n, dim = emb.shape
-    rows = pa.table(
-        {
-            "index": pa.array(np.arange(n, dtype=np.int64)),
-            "label": pa.array(labels),
-            "class_name": table.column("class_name"),
-            "embedding": embedding_array(emb),
-        }
+    metrics = retrieval_metrics(
+        emb, query_labels=labels, ks=ev.ks, seed=params.seed, nmi=ev.nmi, nmi_restarts=ev.nmi_restarts
     )
-    meta = {
-        "model": model_params.model_dump(),
-        "dim": dim,
-        "normalized": True,
-        "manifest": str(paths.TEST_MANIFEST),
-    }
-    write_parquet(paths.TEST_EMBEDDINGS, rows, embeddings_schema(dim), meta)
+
+    meta = {"model": model_params.model_dump(), "normalized": True, "manifest": str(paths.TEST_MANIFEST)}
+    write_test_embeddings(paths.TEST_EMBEDDINGS, labels, table.column("class_name"), emb, meta)
     write_text(paths.RECALL_CSV, recall_csv(metrics, ev.ks))
-    write_gallery(emb, labels, names, table, root, params)
-    write_similarity(emb, labels)
+    names = table.column("class_name").to_pylist()
+    report.gallery_figure(
+        emb,
+        labels,
+        names,
+        ImageDataset(table, root, None),
+        paths.GALLERY,
+        n_queries=ev.gallery_queries,
+        seed=params.seed,
+    )
+    if paths.CLASS_EMBEDDINGS.is_file():
+        lang, _ = read_class_embeddings(paths.CLASS_EMBEDDINGS)
+        language = (
+            lang.column("class_id").to_numpy(),
+            embedding_matrix(lang.column("embedding")),
+            lang.column("class_name").to_pylist(),
+        )
+        skipped = report.similarity_figure(emb, labels, language, paths.SIMILARITY)
+    else:
+        paths.SIMILARITY.unlink(missing_ok=True)
+        skipped = f"{paths.CLASS_EMBEDDINGS} is absent (run `langdml embed-text`)"
+    if skipped:
+        log.info("similarity.png skipped: %s", skipped)
     write_json(paths.METRICS, {**metrics, **control})
     log.info("metrics: %s", format_metrics(metrics))

@@ -10,15 +10,16 @@ from __future__ import annotations
 import logging
 
 from stages import paths
+from stages.core.config import Params
 from stages.core.io import write_json
-from stages.params import Params
 
 log = logging.getLogger(__name__)
 
 
 def run(params: Params) -> None:
     from stages.core import vision
-    from stages.core.datasets import ImageDataset, load_manifest
+    from stages.core.artifacts import load_manifest
+    from stages.core.datasets.torch_dataset import ImageDataset
     from stages.core.embedding import embed_dataset
     from stages.core.metrics import format_metrics, retrieval_metrics
     from stages.core.runtime import resolve_device, seed_everything
@@ -35,6 +36,8 @@ def run(params: Params) -> None:
         params.model.backbone,
     )
     emb = embed_dataset(model.pooled, dataset, batch_size=ev.batch_size, num_workers=ev.num_workers, device=device)
-    metrics = retrieval_metrics(emb, dataset.labels, ev.ks, seed=params.seed, nmi=ev.nmi)
+    metrics = retrieval_metrics(
+        emb, query_labels=dataset.labels, ks=ev.ks, seed=params.seed, nmi=ev.nmi, nmi_restarts=ev.nmi_restarts
+    )
     write_json(paths.PRETRAINED_METRICS, metrics)
     log.info("pretrained control: %s", format_metrics(metrics))

@@ -7,9 +7,10 @@ import logging
 from pathlib import Path
 
 from stages import paths
-from stages.core.datasets import CLASSES_SCHEMA, MANIFEST_SCHEMA, build_manifests
+from stages.core.artifacts import CLASSES_SCHEMA, MANIFEST_SCHEMA
+from stages.core.config import Params
+from stages.core.datasets.base import build_manifests
 from stages.core.io import atomic_path, write_parquet
-from stages.params import Params
 
 log = logging.getLogger(__name__)
 

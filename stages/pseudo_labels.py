@@ -13,36 +13,17 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 
 from stages import paths
+from stages.core.artifacts import manifest_class_names, write_pseudolabels
+from stages.core.config import Params
 from stages.core.errors import LangdmlError
-from stages.core.io import embedding_array, embedding_type, write_parquet, write_text
+from stages.core.io import embedding_array, write_text
 from stages.core.prompts import clean_class_name, embed_names
-from stages.params import Params
 
 log = logging.getLogger(__name__)
-
-
-def pseudolabels_schema(dim: int) -> pa.Schema:
-    return pa.schema(
-        [
-            pa.field("class_id", pa.int64(), nullable=False),
-            pa.field("rank", pa.int32(), nullable=False),
-            pa.field("imagenet_index", pa.int32(), nullable=False),
-            pa.field("imagenet_name", pa.string(), nullable=False),
-            pa.field("score", pa.float32(), nullable=False),
-            pa.field("embedding", embedding_type(dim), nullable=False),
-        ]
-    )
-
-
-def class_names_of(table: pa.Table) -> dict[int, str]:
-    """label -> class_name from a manifest (first name seen per label)."""
-    names: dict[int, str] = {}
-    for label, name in zip(table.column("label").to_pylist(), table.column("class_name").to_pylist(), strict=True):
-        names.setdefault(int(label), name)
-    return names
 
 
 def pseudolabel_rows(
@@ -78,12 +59,14 @@ def markdown_report(
     lines = ["# PLG pseudo-labels", "", *header, ""]
     lines.append("| class_id | class | " + " | ".join(f"top-{r + 1}" for r in range(k)) + " |")
     lines.append("|---:|---|" + "---|" * k)
-    ids = table.column("class_id").to_pylist()
-    names = table.column("imagenet_name").to_pylist()
-    scores = table.column("score").to_pylist()
-    for start in range(0, len(ids), k):
-        cells = [f"{_cell(names[start + r])} ({scores[start + r]:.3f})" for r in range(k)]
-        cid = ids[start]
+    per_class = (
+        pl.from_arrow(table.select(["class_id", "rank", "imagenet_name", "score"]))
+        .sort("class_id", "rank")
+        .group_by("class_id", maintain_order=True)
+        .agg("imagenet_name", "score")
+    )
+    for cid, names, scores in per_class.iter_rows():
+        cells = [f"{_cell(name)} ({score:.3f})" for name, score in zip(names, scores, strict=True)]
         lines.append(f"| {cid} | {_cell(class_names.get(cid, '?'))} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"Scores are the class mean of the classifier's {score_label}.")
@@ -93,8 +76,8 @@ def markdown_report(
 def run(params: Params) -> None:
     import torch
 
-    from stages.core.datasets import ImageDataset, load_manifest
-    from stages.core.datasets.base import first_per_class
+    from stages.core.artifacts import first_per_class, load_manifest
+    from stages.core.datasets.torch_dataset import ImageDataset
     from stages.core.imagenet import (
         N_IMAGENET,
         class_mean_outputs,
@@ -110,7 +93,7 @@ def run(params: Params) -> None:
     table, root = load_manifest(paths.TRAIN_MANIFEST)
     if table.num_rows == 0:
         raise LangdmlError(f"{paths.TRAIN_MANIFEST} has no images; check the dataset and re-run `langdml prepare`")
-    class_names = class_names_of(table)
+    class_names = manifest_class_names(table)
     n_total = table.num_rows
     table = table.take(first_per_class(table.column("label").to_pylist(), cfg.max_per_class))
     device = resolve_device(cfg.device)
@@ -174,7 +157,7 @@ def run(params: Params) -> None:
     report = markdown_report(
         out, class_names, cfg.k, header, "softmax probabilities" if cfg.averaging == "probs" else "logits"
     )
-    write_parquet(paths.PSEUDOLABELS_TABLE, out, pseudolabels_schema(encoder.dim), metadata)
+    write_pseudolabels(paths.PSEUDOLABELS_TABLE, out, encoder.dim, metadata)
     write_text(paths.PSEUDOLABELS_REPORT, report)
     log.info(
         "pseudo-labels for %d classes -> %s, %s",

@@ -7,16 +7,16 @@ Reads only the training split (no model selection on test classes). The per-epoc
 from __future__ import annotations
 
 from stages import paths
-from stages.core.datasets import ImageDataset, load_manifest
+from stages.core.artifacts import load_manifest, manifest_class_names
+from stages.core.config import Params
+from stages.core.datasets.torch_dataset import ImageDataset
 from stages.core.training import TrainPaths, fit
-from stages.params import Params
 
 
 def run(params: Params) -> None:
     table, root = load_manifest(paths.TRAIN_MANIFEST)
-    class_names = dict(zip(table.column("label").to_pylist(), table.column("class_name").to_pylist(), strict=True))
     fit(
-        params,
+        params.training,
         lambda transform: ImageDataset(table, root, transform),
         TrainPaths(
             checkpoint=paths.CHECKPOINT_FILE,
@@ -26,5 +26,5 @@ def run(params: Params) -> None:
             pseudolabels=paths.PSEUDOLABELS_TABLE,
         ),
         input_files=[paths.TRAIN_MANIFEST],
-        class_names=class_names,
+        class_names=manifest_class_names(table),
     )

@@ -9,7 +9,7 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
-from stages.params import Params, parse_params
+from stages.core.config import Params, parse_params
 
 
 def params_for(name: str, root: Path | str, **dataset: object) -> Params:

@@ -10,9 +10,9 @@ import pyarrow as pa
 from PIL import Image
 from torch.utils.data import Dataset
 
+from stages.core.config import TrainConfig, parse_params
 from stages.core.io import embedding_array, embedding_type, write_parquet
 from stages.core.training import TrainPaths
-from stages.params import Params, parse_params
 
 # Original class ids are sparse on purpose: training must densify them.
 CLASS_IDS = (0, 2, 4, 6)
@@ -97,8 +97,8 @@ def write_pseudolabels(path: Path, class_ids=CLASS_IDS, k: int = 3, dim: int = 8
     return emb.transpose(1, 0, 2)
 
 
-def tiny_params(**overrides: Any) -> Params:
-    """A config that trains in about a second: tiny timm CNN, 32 px, 3 batches of 8 per epoch."""
+def tiny_params(**overrides: Any) -> TrainConfig:
+    """A training config that trains in about a second: tiny timm CNN, 32 px, 3 batches of 8 per epoch."""
     raw: dict[str, Any] = {
         "seed": 0,
         "omega": 1.0,
@@ -120,7 +120,7 @@ def tiny_params(**overrides: Any) -> Params:
             raw.setdefault(key, {}).update(value)
         else:
             raw[key] = value
-    return parse_params(raw)
+    return parse_params(raw).training
 
 
 def train_paths(root: Path) -> TrainPaths:

@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pytest
 from fixtures_datasets import (
@@ -28,18 +29,13 @@ from fixtures_datasets import (
 )
 from PIL import Image
 
-from stages.core.datasets import (
-    CLASSES_SCHEMA,
-    DATASETS,
-    MANIFEST_SCHEMA,
-    ImageDataset,
-    build_manifests,
-    fetch_fashion_mnist,
-)
+from stages.core.artifacts import CLASSES_SCHEMA, MANIFEST_SCHEMA, first_per_class
 from stages.core.datasets import fashion_mnist as fm
-from stages.core.datasets.base import first_per_class
+from stages.core.datasets.base import DATASETS, build_manifests
 from stages.core.datasets.cub200 import class_name
+from stages.core.datasets.fashion_mnist import fetch_fashion_mnist
 from stages.core.datasets.sop import super_class_name
+from stages.core.datasets.torch_dataset import ImageDataset
 from stages.core.errors import LangdmlError
 from stages.core.registry import RegistryError
 
@@ -73,8 +69,8 @@ def test_first_per_class_keeps_dataset_order() -> None:
 
 def test_name_cleaning() -> None:
     assert class_name("001.Black_footed_Albatross") == "Black footed Albatross"
-    assert super_class_name("bicycle_final/111085122871_0.JPG") == "bicycle"
-    assert super_class_name("coffee_maker_final/1.JPG") == "coffee_maker"
+    paths = pl.DataFrame({"p": ["bicycle_final/111085122871_0.JPG", "coffee_maker_final/1.JPG"]})
+    assert paths.select(super_class_name(pl.col("p")))["p"].to_list() == ["bicycle", "coffee_maker"]
 
 
 # --- CUB-200-2011 -----------------------------------------------------------------------------------

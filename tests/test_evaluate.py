@@ -15,13 +15,13 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from stages import evaluate, evaluate_pretrained, paths
-from stages.core.datasets import MANIFEST_SCHEMA
+from stages.core.artifacts import MANIFEST_SCHEMA
+from stages.core.config import Params, parse_params
 from stages.core.embedding import embed_dataset
 from stages.core.errors import LangdmlError
 from stages.core.io import embedding_array, embedding_matrix, embedding_type, read_parquet, write_parquet
 from stages.core.metrics import retrieval_metrics
-from stages.core.plots import gallery_size, similarity_size
-from stages.params import Params, parse_params
+from stages.core.report import GALLERY_NEIGHBOURS, gallery_size, similarity_size
 
 torch.set_num_threads(1)
 
@@ -89,6 +89,24 @@ def test_embed_dataset_empty() -> None:
     empty: Dataset = TensorDataset(torch.zeros(0, 4), torch.zeros(0))
     with pytest.raises(LangdmlError, match="empty"):
         embed_dataset(_Net(), empty, batch_size=4, num_workers=0, device="cpu")
+
+
+def test_embed_dataset_keeps_sets_and_parquet_round_trips_them(tmp_path: Path) -> None:
+    """A set-valued model (B x K x D) is normalised per slot and never flattened into one K*D vector."""
+    from stages.core.artifacts import read_test_embeddings, write_test_embeddings
+
+    lin = nn.Linear(4, 2 * 3)
+    data = _vectors()
+    emb = embed_dataset(lambda x: lin(x).view(-1, 2, 3), data, batch_size=4, num_workers=0, device="cpu")
+    assert emb.shape == (10, 2, 3)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=-1), 1.0, atol=1e-6)
+    path = tmp_path / "emb.parquet"
+    write_test_embeddings(path, np.arange(10) % 2, [f"c{i % 2}" for i in range(10)], emb, {"model": "toy"})
+    table, meta = read_test_embeddings(path)
+    assert (meta["dim"], meta["slots"]) == (3, 2)
+    np.testing.assert_array_equal(embedding_matrix(table.column("embedding")), emb)
+    with pytest.raises(LangdmlError, match="B x D or B x K x D"):
+        embed_dataset(lambda x: x.view(-1, 1, 2, 2), data, batch_size=4, num_workers=0, device="cpu")
 
 
 # ---------------------------------------------------------------- the stages
@@ -199,14 +217,14 @@ def test_stages_end_to_end(workdir: Path) -> None:
     assert emb.shape == (14, 8)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     assert meta["model"]["embed_dim"] == 8 and meta["dim"] == 8 and meta["normalized"] is True
-    again = retrieval_metrics(emb, table.column("label").to_numpy(), ks=(1, 2))
+    again = retrieval_metrics(emb, query_labels=table.column("label").to_numpy(), ks=(1, 2))
     assert {k: metrics[k] for k in again} == pytest.approx(again)
 
     lines = paths.RECALL_CSV.read_text().splitlines()
     assert lines[0] == "k,recall"
     assert [float(x.split(",")[1]) for x in lines[1:]] == pytest.approx([metrics["recall@1"], metrics["recall@2"]])
     with Image.open(paths.GALLERY) as im:
-        assert im.size == gallery_size(3, evaluate.GALLERY_NEIGHBOURS)
+        assert im.size == gallery_size(3, GALLERY_NEIGHBOURS)
     with Image.open(paths.SIMILARITY) as im:
         assert im.size == similarity_size()
 

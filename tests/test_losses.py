@@ -9,10 +9,11 @@ import pytest
 import torch
 from scipy.special import log_softmax
 
+from stages.core.config import load_params
 from stages.core.errors import LangdmlError
-from stages.core.losses import DML_LOSSES, SIMILARITIES, build_dml_loss, language_matching
+from stages.core.losses import DML_LOSSES, build_dml_loss, language_matching
 from stages.core.registry import RegistryError
-from stages.params import load_params
+from stages.core.similarity import SIMILARITIES
 
 torch.set_num_threads(1)
 
@@ -171,8 +172,25 @@ def test_loss_parameters_get_their_own_group_and_lr() -> None:
 
 
 def test_wrong_loss_kwarg_and_unknown_loss_are_one_line_errors() -> None:
-    with pytest.raises(LangdmlError, match=r"losses\.triplet: .*allowed keys: margin") as err:
+    with pytest.raises(LangdmlError, match=r"losses\.triplet\.margn: unknown keyword; allowed keys: margin$") as err:
         build_dml_loss("triplet", 4, 8, {"margn": 0.1})
     assert "\n" not in str(err.value)
     with pytest.raises(RegistryError, match="multisimilarity"):
         build_dml_loss("arcface-typo", 4, 8)
+
+
+@pytest.mark.parametrize("name", DML_LOSSES.names())
+def test_every_loss_and_miner_take_a_pml_distance(name: str) -> None:
+    """The plug for a set similarity: the distance reaches the loss and its miner, and the loss still trains."""
+    from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
+
+    distance = LpDistance(normalize_embeddings=True) if name == "margin" else CosineSimilarity()
+    dml = build_dml_loss(name, 4, 8, distance=distance)
+    assert dml.loss.distance is distance
+    if dml.miner is not None:
+        assert dml.miner.distance is distance
+    emb = torch.nn.functional.normalize(torch.randn(16, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    emb.requires_grad_(True)
+    loss = dml(emb, torch.arange(16) % 4)
+    loss.backward()
+    assert torch.isfinite(loss) and emb.grad is not None

@@ -33,7 +33,7 @@ TOY_LABELS = [0, 0, 1, 1, 0, 1]
 
 
 def test_toy_set_by_hand() -> None:
-    m = retrieval_metrics(_on_circle(TOY_ANGLES), np.array(TOY_LABELS), ks=(1, 2, 4))
+    m = retrieval_metrics(_on_circle(TOY_ANGLES), query_labels=np.array(TOY_LABELS), ks=(1, 2, 4))
     assert m["recall@1"] == pytest.approx(3 / 6)  # A, B, D
     assert m["recall@2"] == pytest.approx(5 / 6)  # all but E
     assert m["recall@4"] == pytest.approx(1.0)  # E finds B at rank 4
@@ -50,7 +50,7 @@ def test_map_at_r_averages_precision_over_r() -> None:
     reference = _brute_force_per_query(x, y)
     assert reference["map@r"][0] == pytest.approx(5 / 9)
     assert reference["r_precision"][0] == pytest.approx(2 / 3)
-    m = retrieval_metrics(x, y, ks=(1,))
+    m = retrieval_metrics(x, query_labels=y, ks=(1,))
     assert m["map@r"] == pytest.approx(reference["map@r"].mean())
     assert m["r_precision"] == pytest.approx(reference["r_precision"].mean())
 
@@ -59,7 +59,7 @@ def test_singleton_class_is_a_distractor_not_a_query() -> None:
     # G (200deg, its own class) is farther from everyone than the neighbours that decide the metrics.
     x = _on_circle([*TOY_ANGLES, 200])
     y = np.array([*TOY_LABELS, 7])
-    m = retrieval_metrics(x, y, ks=(1, 2, 4))
+    m = retrieval_metrics(x, query_labels=y, ks=(1, 2, 4))
     assert (m["n_queries"], m["n_classes"], m["n_skipped_queries"]) == (6, 3, 1)
     assert m["recall@1"] == pytest.approx(0.5)
     assert m["map@r"] == pytest.approx(1 / 3)
@@ -69,7 +69,7 @@ def test_singleton_changes_recall_when_it_is_near() -> None:
     # A singleton at 5deg sits between A and B: A's and B's first neighbour becomes wrong.
     x = _on_circle([*TOY_ANGLES, 5])
     y = np.array([*TOY_LABELS, 7])
-    m = retrieval_metrics(x, y, ks=(1,))
+    m = retrieval_metrics(x, query_labels=y, ks=(1,))
     assert m["recall@1"] == pytest.approx(1 / 6)  # only D
     assert m["n_skipped_queries"] == 1
 
@@ -78,7 +78,7 @@ def test_self_is_excluded_by_index_even_among_duplicates() -> None:
     # Three identical images of class 0: each must find another copy, never itself.
     x = _on_circle([0, 0, 0, 90, 95])
     y = np.array([0, 0, 0, 1, 1])
-    m = retrieval_metrics(x, y, ks=(1, 2))
+    m = retrieval_metrics(x, query_labels=y, ks=(1, 2))
     assert m["recall@1"] == 1.0
     assert m["map@r"] == 1.0
     ids = nearest_neighbours(x, [0, 1, 2], k=2)
@@ -88,7 +88,7 @@ def test_self_is_excluded_by_index_even_among_duplicates() -> None:
 
 
 def test_k_larger_than_the_set_is_clipped() -> None:
-    m = retrieval_metrics(_on_circle(TOY_ANGLES), np.array(TOY_LABELS), ks=(1, 100))
+    m = retrieval_metrics(_on_circle(TOY_ANGLES), query_labels=np.array(TOY_LABELS), ks=(1, 100))
     assert m["recall@100"] == 1.0
 
 
@@ -129,7 +129,7 @@ def _clustered(n: int, n_classes: int, dim: int, seed: int, noise: float = 1.2) 
 def test_matches_brute_force_on_clustered_data() -> None:
     x, y = _clustered(300, 12, 16, seed=1)
     ks = (1, 2, 4, 8, 16)
-    m = retrieval_metrics(x, y, ks=ks)
+    m = retrieval_metrics(x, query_labels=y, ks=ks)
     ref = _brute_force_per_query(x, y, ks)
     for key, values in ref.items():
         assert m[key] == pytest.approx(values.mean(), abs=1e-12), key
@@ -140,14 +140,14 @@ def test_matches_brute_force_on_clustered_data() -> None:
 
 def test_chunked_search_equals_unchunked() -> None:
     x, y = _clustered(257, 9, 8, seed=2)
-    whole = retrieval_metrics(x, y, chunk_size=10_000)
+    whole = retrieval_metrics(x, query_labels=y, chunk_size=10_000)
     for chunk in (1, 7, 64):
-        assert retrieval_metrics(x, y, chunk_size=chunk) == whole
+        assert retrieval_metrics(x, query_labels=y, chunk_size=chunk) == whole
 
 
 def test_embeddings_are_normalised_inside() -> None:
     x, y = _clustered(120, 5, 8, seed=3)
-    assert retrieval_metrics(3.0 * x, y, nmi=False) == retrieval_metrics(x, y, nmi=False)
+    assert retrieval_metrics(3.0 * x, query_labels=y, nmi=False) == retrieval_metrics(x, query_labels=y, nmi=False)
 
 
 @pytest.mark.parametrize(
@@ -178,7 +178,7 @@ def test_kmeans_recovers_separated_clusters_and_is_seeded() -> None:
     assign = kmeans_assign(x, 4, seed=0)
     assert normalized_mutual_info(y, assign) == pytest.approx(1.0)
     np.testing.assert_array_equal(assign, kmeans_assign(x, 4, seed=0))
-    assert retrieval_metrics(x, y)["nmi"] == pytest.approx(1.0)
+    assert retrieval_metrics(x, query_labels=y)["nmi"] == pytest.approx(1.0)
 
 
 def test_centroids_and_cosine_similarity() -> None:
@@ -200,15 +200,122 @@ def test_centroids_and_cosine_similarity() -> None:
         (np.ones((3, 2)), np.array([0, 1]), "one per embedding"),
         (np.ones(3), np.array([0, 1, 1]), "N x D"),
         (np.eye(3), np.array([4, 4, 4]), "at least 2 classes"),
-        (np.eye(3), np.array([0, 1, 2]), "single image"),
+        (np.eye(3), np.array([0, 1, 2]), "nothing to retrieve"),
     ],
 )
 def test_invalid_input_is_one_line(x: np.ndarray, y: np.ndarray, match: str) -> None:
     with pytest.raises(LangdmlError, match=match) as err:
-        retrieval_metrics(x, y)
+        retrieval_metrics(x, query_labels=y)
     assert "\n" not in str(err.value)
 
 
 def test_bad_ks() -> None:
     with pytest.raises(LangdmlError, match="ks"):
-        retrieval_metrics(_on_circle(TOY_ANGLES), np.array(TOY_LABELS), ks=(0, 1))
+        retrieval_metrics(_on_circle(TOY_ANGLES), query_labels=np.array(TOY_LABELS), ks=(0, 1))
+
+
+def _brute_force_gallery(q: np.ndarray, yq: np.ndarray, g: np.ndarray, yg: np.ndarray, ks: tuple[int, ...]) -> dict:
+    """Query/gallery definitions one query at a time; queries with no gallery image of their class skipped."""
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    g = g / np.linalg.norm(g, axis=1, keepdims=True)
+    sim = q.astype(np.float64) @ g.T.astype(np.float64)
+    out: dict[str, list[float]] = {"map@r": [], "r_precision": [], **{f"recall@{k}": [] for k in ks}}
+    for i in range(len(q)):
+        rel = yg[np.argsort(-sim[i], kind="stable")] == yq[i]
+        r = int(rel.sum())
+        if r == 0:
+            continue
+        for k in ks:
+            out[f"recall@{k}"].append(float(rel[:k].any()))
+        precision = np.cumsum(rel[:r]) / np.arange(1, r + 1)
+        out["map@r"].append(float((precision * rel[:r]).sum() / r))
+        out["r_precision"].append(rel[:r].sum() / r)
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def test_query_gallery_matches_brute_force() -> None:
+    x, y = _clustered(400, 10, 16, seed=7)
+    q, yq, g, yg = x[:120], y[:120], x[120:], y[120:]
+    yq = yq.copy()
+    yq[:3] = 99  # a class the gallery lacks: skipped, counted
+    ks = (1, 2, 4, 8)
+    m = retrieval_metrics(q, g, query_labels=yq, gallery_labels=yg, ks=ks, nmi=False)
+    ref = _brute_force_gallery(q, yq, g, yg, ks)
+    for key, values in ref.items():
+        assert m[key] == pytest.approx(values.mean(), abs=1e-12), key
+    assert m["n_queries"] == len(ref["map@r"]) and m["n_skipped_queries"] == 120 - m["n_queries"] >= 3
+
+
+def test_query_gallery_matches_pytorch_metric_learning() -> None:
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    x, y = _clustered(300, 8, 16, seed=8)
+    x, y = x[1:], y[1:]  # PML counts a singleton class differently: drop it
+    q, yq, g, yg = x[:100], y[:100], x[100:], y[100:]
+    calc = AccuracyCalculator(
+        include=("precision_at_1", "mean_average_precision_at_r", "r_precision"), k="max_bin_count"
+    )
+    pml = calc.get_accuracy(q, yq, g, yg, ref_includes_query=False)
+    m = retrieval_metrics(q, g, query_labels=yq, gallery_labels=yg, ks=(1,), nmi=False)
+    assert m["recall@1"] == pytest.approx(pml["precision_at_1"], abs=1e-6)
+    assert m["map@r"] == pytest.approx(pml["mean_average_precision_at_r"], abs=1e-6)
+    assert m["r_precision"] == pytest.approx(pml["r_precision"], abs=1e-6)
+
+
+def test_gallery_arguments_must_come_together() -> None:
+    x, y = _clustered(50, 4, 8, seed=9)
+    with pytest.raises(LangdmlError, match="gallery_labels"):
+        retrieval_metrics(x, x, query_labels=y)
+    with pytest.raises(LangdmlError, match="without a gallery"):
+        retrieval_metrics(x, query_labels=y, gallery_labels=y)
+    with pytest.raises(LangdmlError, match="differ in shape"):
+        retrieval_metrics(x, x[:, :4], query_labels=y, gallery_labels=y)
+
+
+def test_set_embeddings_are_not_flattened_into_cosine() -> None:
+    sets = np.random.default_rng(0).standard_normal((20, 4, 8)).astype(np.float32)
+    with pytest.raises(LangdmlError, match=r"sets .*20 x 4 x 8.*set similarity") as err:
+        retrieval_metrics(sets, query_labels=np.repeat(np.arange(5), 4))
+    assert "\n" not in str(err.value)
+
+
+def test_a_searcher_can_be_passed_in() -> None:
+    x, y = _clustered(100, 5, 8, seed=10)
+    calls: list[tuple[int, int]] = []
+
+    def brute(database: np.ndarray, max_k: int):
+        def search(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+            calls.append((len(queries), k))
+            sim = queries @ database.T
+            ids = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+            return np.take_along_axis(sim, ids, axis=1), ids
+
+        return search
+
+    assert retrieval_metrics(x, query_labels=y, searcher=brute, nmi=False) == retrieval_metrics(
+        x, query_labels=y, nmi=False
+    )
+    assert calls
+
+
+def _ten_blobs(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(10), 30)
+    x = rng.standard_normal((10, 16))[y] + 0.6 * rng.standard_normal((300, 16))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), y
+
+
+def test_nmi_restarts_reach_sklearns_optimum() -> None:
+    """300 points in 10 classes: one k-means run lands far from the optimum (0.89 on seed 0), so NMI
+    keeps the best of several seeded runs; it then equals scikit-learn's 5-restart k-means."""
+    from sklearn.cluster import KMeans
+
+    for seed in (0, 2, 3):
+        x, y = _ten_blobs(seed)
+        sk = normalized_mutual_info(y, KMeans(10, n_init=5, random_state=0).fit_predict(x))
+        ours = retrieval_metrics(x, query_labels=y, ks=(1,))["nmi"]
+        assert ours >= sk - 0.01, (seed, ours, sk)
+    x, y = _ten_blobs(0)
+    single = normalized_mutual_info(y, kmeans_assign(x, 10, seed=0, restarts=1))
+    best = normalized_mutual_info(y, kmeans_assign(x, 10, seed=0))
+    assert single < best - 0.05  # what the restarts fix

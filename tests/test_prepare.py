@@ -22,8 +22,9 @@ from typer.testing import CliRunner
 
 from stages import paths, prepare
 from stages.cli import app
-from stages.core.datasets import ImageDataset, load_manifest
+from stages.core.artifacts import load_manifest
 from stages.core.datasets import fashion_mnist as fm
+from stages.core.datasets.torch_dataset import ImageDataset
 from stages.core.errors import LangdmlError
 from stages.core.io import read_parquet
 
@@ -183,7 +184,10 @@ def test_cli_prepare(workdir) -> None:
 @pytest.mark.parametrize(
     ("dataset", "message"),
     [
-        ({"name": "mnist"}, "langdml prepare: error: unknown dataset 'mnist'; known: cars196, cub200"),
+        (
+            {"name": "mnist"},
+            "langdml prepare: error: params.yaml: dataset.name: unknown dataset 'mnist'; known: cars196, cub200",
+        ),
         ({"name": "cub200", "root": "gone"}, "langdml prepare: error: cub200: dataset.root 'gone' is not"),
         ({"name": "folder", "verify": True}, "dataset.verify: unknown key; allowed here: name, root"),
     ],

@@ -16,12 +16,12 @@ from torch import nn
 
 from stages import paths
 from stages.core import imagenet
+from stages.core.config import parse_params
 from stages.core.errors import LangdmlError
 from stages.core.io import embedding_matrix, read_parquet, write_parquet
 from stages.core.pseudo import ClassAverager, average_per_class, topk_per_class
 from stages.core.registry import RegistryError
 from stages.core.text import TextEncoder
-from stages.params import parse_params
 
 torch.set_num_threads(1)
 
@@ -188,7 +188,7 @@ NAMES = {0: "Coat", 2: "Bag", 4: "Ankle_boot"}
 
 
 def _manifest(root: Path, images: dict[int, list[int]] = IMAGES) -> None:
-    from stages.core.datasets import MANIFEST_SCHEMA
+    from stages.core.artifacts import MANIFEST_SCHEMA
 
     rows = [(label, v) for label, values in images.items() for v in values]
     table = pa.table(
@@ -214,7 +214,8 @@ class Letters(TextEncoder):
 
 
 def test_class_mean_outputs_streams_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from stages.core.datasets import ImageDataset, load_manifest
+    from stages.core.artifacts import load_manifest
+    from stages.core.datasets.torch_dataset import ImageDataset
 
     monkeypatch.chdir(tmp_path)
     _manifest(tmp_path)
@@ -253,7 +254,7 @@ def stub_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Letters:
 )
 def test_pseudo_labels_stage_exact(stub_stage: Letters, averaging: str, top: float, rest: float) -> None:
     from stages import pseudo_labels
-    from stages.pseudo_labels import pseudolabels_schema
+    from stages.core.artifacts import pseudolabels_schema
 
     cfg = {"k": 5, "averaging": averaging, "num_workers": 0, "batch_size": 2, "device": "cpu", "image_size": None}
     pseudo_labels.run(parse_params({"pseudo_labels": cfg}))
@@ -364,3 +365,19 @@ def test_pseudo_labels_stage_real_models(tmp_path: Path, monkeypatch: pytest.Mon
     assert all(names[i] == n for i, n in pairs)
     scores = table.column("score").to_numpy().reshape(3, 3)
     assert (np.diff(scores, axis=1) <= 0).all() and (scores > 0).all() and (scores.sum(1) <= 1 + 1e-6).all()
+
+
+def test_classifier_pass_uses_the_one_precision_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 like every other forward pass: float16 overflows at 65504 and would drop a class from the top-k."""
+    dtypes: list[torch.dtype] = []
+    real = torch.autocast
+
+    def recording(device_type: str, dtype: torch.dtype | None = None, **kwargs):
+        dtypes.append(dtype)
+        return real(device_type, dtype=dtype, **kwargs)
+
+    monkeypatch.setattr(torch, "autocast", recording)
+    images = [(Image.new("L", (4, 4), v).convert("RGB"), v % 2) for v in (3, 7, 9)]
+    dataset = [(_to_tensor(im), y) for im, y in images]
+    imagenet.class_mean_outputs(PixelNet(), dataset, batch_size=2, device="cpu", progress=False)
+    assert dtypes and set(dtypes) == {torch.bfloat16}

@@ -13,6 +13,7 @@ import torch
 
 from stages import paths
 from stages.core import hub
+from stages.core.config import parse_params
 from stages.core.errors import LangdmlError
 from stages.core.io import embedding_matrix, read_parquet, write_parquet
 from stages.core.prompts import average_templates, clean_class_name, embed_names, fill_template
@@ -27,7 +28,6 @@ from stages.core.text import (
     l2_normalize,
     pool_hidden,
 )
-from stages.params import parse_params
 
 torch.set_num_threads(1)
 
@@ -358,7 +358,7 @@ def _classes(path: Path, names: list[str | None]) -> None:
 def test_embed_text_stage_end_to_end(minilm: TextEncoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import stages.core.text
     from stages import embed_text
-    from stages.embed_text import class_embeddings_schema
+    from stages.core.artifacts import class_embeddings_schema
 
     monkeypatch.chdir(tmp_path)
     _classes(paths.CLASSES, ["T-shirt/top", "ankle_boot", "Sparrow"])

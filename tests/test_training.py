@@ -27,10 +27,11 @@ from PIL import Image
 from safetensors.torch import load_file
 from torchvision import transforms as T
 
-from stages.core import training
+from stages.core import checkpoint, objective, training
 from stages.core.errors import LangdmlError
 from stages.core.losses import DMLLoss
-from stages.core.training import ClassBalancedBatchSampler, SeededSamples, fit
+from stages.core.sampling import ClassBalancedBatchSampler, SeededSamples
+from stages.core.training import fit
 from stages.core.vision import load_model
 
 torch.set_num_threads(1)
@@ -83,10 +84,10 @@ def test_seeded_samples_reproduce_augmentations_densify_labels_and_spare_global_
 def test_rng_state_round_trip() -> None:
     import random
 
-    state = training.rng_state()
+    state = checkpoint.rng_state()
     expected = (torch.rand(3), np.random.rand(3), random.random())
     torch.rand(5), np.random.rand(5), random.random()
-    training.set_rng_state(state)
+    checkpoint.set_rng_state(state)
     got = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
 
@@ -106,7 +107,7 @@ def test_smoke_two_epochs_loss_falls_outputs_written_and_model_round_trips(tmp_p
     model, mp = load_model(paths.model_dir)
     assert mp.backbone == "timm:test_resnet"
     for name, value in model.state_dict().items():
-        assert torch.equal(value, ckpt["model"][name]), name
+        assert torch.equal(value, ckpt["objective"][f"model.{name}"]), name
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         emb = model(x)
@@ -119,7 +120,7 @@ def test_smoke_two_epochs_loss_falls_outputs_written_and_model_round_trips(tmp_p
 
 
 def test_rerun_with_same_config_reexports_and_new_config_starts_fresh(tmp_path: Path, caplog) -> None:
-    caplog.set_level(logging.INFO, logger="stages.core.training")
+    caplog.set_level(logging.INFO, logger="stages.core")
     _, paths = run_fit(tmp_path)
     weights = load_file(paths.model_dir / "model.safetensors")
     (paths.model_dir / "model.safetensors").unlink()
@@ -141,7 +142,7 @@ def test_rerun_with_same_config_reexports_and_new_config_starts_fresh(tmp_path: 
 
 
 def test_changed_input_file_starts_fresh(tmp_path: Path, caplog) -> None:
-    caplog.set_level(logging.INFO, logger="stages.core.training")
+    caplog.set_level(logging.INFO, logger="stages.core")
     run_fit(tmp_path, train={"epochs": 1})
     write_class_embeddings(train_paths(tmp_path).class_embeddings, seed=9)
     fresh, _ = run_fit(tmp_path, train={"epochs": 1})
@@ -166,8 +167,8 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(
         real_forward = DMLLoss.forward
         monkeypatch.setattr(DMLLoss, "forward", lambda self, e, y: poison(real_forward(self, e, y)))
     else:
-        real = training.language_matching
-        monkeypatch.setattr(training, "language_matching", lambda *a, **k: poison(real(*a, **k)))
+        real = objective.language_matching
+        monkeypatch.setattr(objective, "language_matching", lambda *a, **k: poison(real(*a, **k)))
     with pytest.raises(LangdmlError) as err:
         fit(tiny_params(train={"epochs": 3}), make, paths, class_names=CLASS_NAMES)
     msg = str(err.value)
@@ -189,7 +190,7 @@ def test_missing_cache_and_too_few_classes_are_clear_errors(tmp_path: Path) -> N
 def test_losses_with_parameters_train_and_resume(tmp_path: Path, loss: str) -> None:
     _, paths = run_fit(tmp_path, train={"epochs": 1, "loss": loss, "scheduler": "multistep", "milestones": [1]})
     ckpt = torch.load(paths.checkpoint, weights_only=True)
-    assert ckpt["loss"] and ckpt["scheduler"]["last_epoch"] == 1
+    assert any(k.startswith("dml.") for k in ckpt["objective"]) and ckpt["scheduler"]["last_epoch"] == 1
     assert [g["name"] for g in ckpt["optimizer"]["param_groups"]] == ["backbone", "head", "loss"]
     more, _ = run_fit(tmp_path, train={"epochs": 2, "loss": loss, "scheduler": "multistep", "milestones": [1]})
     assert more.resumed_from == 1 and more.history[1]["lr/backbone"] == pytest.approx(1e-3 * 0.3)
@@ -203,7 +204,7 @@ def test_train_stage_on_a_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
     from stages import paths
     from stages.cli import app
-    from stages.core.datasets import MANIFEST_SCHEMA
+    from stages.core.artifacts import MANIFEST_SCHEMA
     from stages.core.io import write_parquet
 
     monkeypatch.chdir(tmp_path)
@@ -247,11 +248,11 @@ SCRIPT = textwrap.dedent(
     torch.set_num_threads(1)
     from pathlib import Path
     from fixtures_training import CLASS_NAMES, TinyImages, tiny_params, train_paths, write_class_embeddings
-    from stages.core import training
+    from stages.core import objective, training
 
     root, kill_at, workers = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     calls = 0
-    real = training.language_matching
+    real = objective.language_matching
 
     def maybe_kill(*args, **kwargs):
         global calls
@@ -260,7 +261,7 @@ SCRIPT = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
         return real(*args, **kwargs)
 
-    training.language_matching = maybe_kill
+    objective.language_matching = maybe_kill
     paths = train_paths(root)
     if not paths.class_embeddings.exists():
         write_class_embeddings(paths.class_embeddings)
@@ -306,8 +307,54 @@ def test_sigkill_mid_epoch_then_rerun_gives_bit_identical_weights(tmp_path: Path
     assert all(torch.equal(a[k], b[k]) for k in a)
     la = torch.load(tmp_path / "clean" / "checkpoint" / "last.pt", weights_only=True)
     lb = torch.load(tmp_path / "killed" / "checkpoint" / "last.pt", weights_only=True)
-    assert all(torch.equal(la["loss"][k], lb["loss"][k]) for k in la["loss"])  # margin's learnt betas
+    betas = [k for k in la["objective"] if k.startswith("dml.")]
+    assert betas and all(torch.equal(la["objective"][k], lb["objective"][k]) for k in betas)  # margin's betas
     losses = [
         [{k: v for k, v in r.items() if k.startswith("loss/")} for r in h] for h in (la["history"], lb["history"])
     ]
     assert losses[0] == losses[1]
+
+
+# --- seeding only the CPU generator; named loss terms ------------------------------------------------
+
+
+def test_per_item_seeding_leaves_cuda_generators_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``torch.manual_seed`` also reseeds every CUDA generator, which ``fork_rng(devices=[])`` does not
+    restore: on a GPU each item would reset the CUDA RNG (dropout, ...) to its augmentation seed."""
+    reseeded: list[int] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    ds = SeededSamples(TinyImages(T.Compose([T.RandomResizedCrop(8), T.ToTensor()])), np.array(CLASS_IDS))
+    ds[(3, 11)]
+    assert reseeded == []
+
+
+def test_step_meter_and_logs_follow_whatever_terms_the_objective_returns(tmp_path: Path) -> None:
+    """A new loss term is one more dict entry: the step sums it with its weight, the meter averages it,
+    the log row names it and the non-finite stop reports it, with no change to any of them."""
+
+    class WithExtra(objective.Objective):
+        def forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+            terms = super().forward(images, labels)
+            return {**terms, "extra": terms["dml"].detach() * 0 + self.extra_value}
+
+    from stages.core.losses import build_dml_loss
+    from stages.core.vision import build_model
+
+    config = tiny_params()
+    model = build_model(config.model)
+    obj = WithExtra(model, build_dml_loss("multisimilarity", 4, 16), [], omega=0.0, language_kwargs={})
+    obj.weights["extra"] = 2.0
+    obj.extra_value = 0.25
+    opt = torch.optim.SGD(obj.parameters(), lr=0.0)
+    step = training.TrainStep(obj, opt, torch.device("cpu"))
+    x, y = torch.randn(8, 3, 32, 32), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    out = step(x, y)
+    assert list(out) == ["dml", "language", "extra", "total"]
+    assert out["total"] == pytest.approx(float(out["dml"] + 2.0 * 0.25))
+    meter = training.EpochMeter(torch.device("cpu"))
+    meter.add(out, 0)
+    assert set(meter.epoch_means()) == {"dml", "language", "extra", "total"}
+    obj.extra_value = float("inf")
+    meter.add(step(x, y), 1)
+    with pytest.raises(LangdmlError, match="non-finite extra loss at epoch 1/1, step 2"):
+        meter.check(0, 1)

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from stages.core import vision
+from stages.core.config import ModelParams
 from stages.core.efficientnet_lite import LITE0_FEATURES, LITE0_MEAN
 from stages.core.errors import LangdmlError
 from stages.core.registry import RegistryError
@@ -24,7 +25,6 @@ from stages.core.vision import (
     save_model,
     train_transform,
 )
-from stages.params import ModelParams
 
 torch.set_num_threads(1)
 TINY = ModelParams(backbone="timm:test_resnet", pretrained=False, embed_dim=16, image_size=32)
@@ -162,3 +162,24 @@ def test_load_model_errors_are_one_line(tmp_path) -> None:
     with pytest.raises(LangdmlError, match="does not match") as err:
         load_model(tmp_path)
     assert "\n" not in str(err.value)
+
+
+def test_timm_backbone_uses_the_cache_first_loader(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """Offline with an empty cache, a pretrained timm backbone fails at once in one line naming the
+    model, as classifiers do, instead of waiting on the hub's retries."""
+    import time
+
+    from huggingface_hub import constants
+
+    from stages.core import hub
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda *a, **k: False)
+    start = time.perf_counter()
+    with pytest.raises(LangdmlError) as err:
+        create_backbone("timm:resnet18.a1_in1k", pretrained=True)
+    msg = str(err.value)
+    assert "\n" not in msg and "backbone timm:resnet18.a1_in1k" in msg and "unreachable" in msg
+    assert "efficientnet-lite0" in msg
+    assert time.perf_counter() - start < 20

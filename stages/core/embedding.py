@@ -26,7 +26,8 @@ def embed_dataset(
     num_workers: int,
     device: torch.device | str,
 ) -> np.ndarray:
-    """``fn`` (a model, or its ``pooled``) over ``dataset`` in order: float32, L2-normalised N x D.
+    """``fn`` (a model, or its ``pooled``) over ``dataset`` in order: float32, L2-normalised along the
+    last axis; N x D for one vector per image, N x K x D for a set of K (never flattened).
 
     When ``fn`` is an ``nn.Module`` or one's bound method, the module is moved to ``device`` and put in
     eval mode for the loop (batch-norm statistics and dropout must not change what an image maps to),
@@ -36,6 +37,8 @@ def embed_dataset(
     from torch import nn
     from torch.nn import functional as F
     from torch.utils.data import DataLoader
+
+    from stages.core.runtime import autocast
 
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise LangdmlError("the dataset to embed is empty; check the test manifest (langdml prepare)")
@@ -54,16 +57,18 @@ def embed_dataset(
     )
     chunks: list[np.ndarray] = []
     try:
-        with (
-            torch.inference_mode(),
-            torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
-        ):
+        with torch.inference_mode(), autocast(device):
             for images, _ in tqdm(loader, desc="embed", unit="batch", disable=None):
-                out = fn(images.to(device, non_blocking=True)).float().flatten(1)
-                chunks.append(F.normalize(out, dim=1).cpu().numpy())
+                out = fn(images.to(device, non_blocking=True)).float()
+                if out.ndim not in (2, 3):
+                    raise LangdmlError(
+                        f"the model gives outputs of shape {tuple(out.shape)}; expected B x D or B x K x D (a set)"
+                    )
+                chunks.append(F.normalize(out, dim=-1).cpu().numpy())
     finally:
         if module is not None:
             module.train(was_training)
     emb = np.concatenate(chunks).astype(np.float32, copy=False)
-    log.info("embedded %d images into %d dimensions", emb.shape[0], emb.shape[1])
+    shape = " x ".join(str(d) for d in emb.shape[1:])
+    log.info("embedded %d images into %s dimensions", emb.shape[0], shape)
     return emb

@@ -1,4 +1,8 @@
-"""The one exception type that the CLI turns into a one-line message and a non-zero exit."""
+"""The one exception family that the CLI turns into a one-line message and a non-zero exit.
+
+Everything a user can fix raises :class:`LangdmlError` (or a subclass); anything else is a bug and
+keeps its traceback, a ``FileNotFoundError`` from our own code included.
+"""
 
 from __future__ import annotations
 
@@ -8,3 +12,16 @@ class LangdmlError(Exception):
 
     The message is one line and says what is wrong and, where it can, what to do.
     """
+
+
+class MissingInputError(LangdmlError, FileNotFoundError):
+    """An input file a stage needs does not exist; the message names the stage that makes it."""
+
+
+def one_line(err: BaseException) -> str:
+    """The line a user sees: the message itself, or the last line of one re-raised from a DataLoader
+    worker (which carries the worker's traceback before it)."""
+    text = str(err).strip()
+    if "\n" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text

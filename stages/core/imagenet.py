@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 from stages.core.errors import LangdmlError
 from stages.core.hub import load_cached_or_online
 from stages.core.pseudo import Averaging, ClassAverager
-from stages.core.registry import Registry
+from stages.core.registry import Registry, parse_spec
+from stages.core.runtime import autocast
 
 if TYPE_CHECKING:
     import torch
@@ -40,7 +41,7 @@ def create_classifier(
     and the PIL-image transform it was trained with, cropping to ``image_size`` instead of the
     native input size when given (smaller is much faster on a CPU, at some cost in accuracy)."""
 
-    family, _, rest = spec.partition(":")
+    family, rest = parse_spec(spec, kind="classifier")
     factory = IMAGENET_CLASSIFIERS.get(family)
     model, transform = factory(rest, image_size)
     return model.eval().to(device), transform
@@ -140,7 +141,8 @@ def class_mean_outputs(
 ) -> ClassAverager:
     """Run ``model`` over every image of ``dataset`` ((image, label) pairs) and keep per-class sums.
 
-    Mixed precision on CUDA; outputs are summed in float64 on the CPU, one batch at a time.
+    bf16 autocast on CUDA (the project's one precision policy); outputs are summed in float64 on the
+    CPU, one batch at a time.
     """
     import time
 
@@ -149,20 +151,19 @@ def class_mean_outputs(
     from tqdm.auto import tqdm
 
     dev = torch.device(device)
-    amp = dev.type == "cuda"
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        pin_memory=amp,
+        pin_memory=dev.type == "cuda",
         drop_last=False,
     )
     averager = ClassAverager(averaging)
     start = time.perf_counter()
     with torch.inference_mode(), tqdm(total=len(dataset), desc="classify", unit="img", disable=not progress) as bar:
         for images, labels in loader:
-            with torch.autocast(dev.type, dtype=torch.float16, enabled=amp):
+            with autocast(dev):
                 logits = model(images.to(dev, non_blocking=True))
             averager.update(logits.float().cpu().numpy(), labels.numpy())
             bar.update(len(labels))

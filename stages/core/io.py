@@ -18,6 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stages.core.errors import MissingInputError
+
 METADATA_KEY = b"langdml"
 
 
@@ -49,24 +51,33 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
         tmp.write_text(text)
 
 
-def embedding_type(dim: int) -> pa.DataType:
-    """Arrow type of a column of ``dim``-d float32 vectors."""
-    return pa.list_(pa.float32(), dim)
+def embedding_type(dim: int, slots: int | None = None) -> pa.DataType:
+    """Arrow type of a column of ``dim``-d float32 vectors, or of sets of ``slots`` such vectors."""
+    vector = pa.list_(pa.float32(), dim)
+    return vector if slots is None else pa.list_(vector, slots)
 
 
-def embedding_array(matrix: np.ndarray) -> pa.FixedSizeListArray:
-    """An N x D float32 matrix as an Arrow fixed-size-list column (zero copy)."""
-    m = np.ascontiguousarray(matrix, dtype=np.float32)
-    if m.ndim != 2:
-        raise ValueError(f"expected an N x D matrix, got shape {m.shape}")
-    return pa.FixedSizeListArray.from_arrays(pa.array(m.reshape(-1)), m.shape[1])
+def embedding_array(array: np.ndarray) -> pa.FixedSizeListArray:
+    """An N x D matrix (one vector per row) or N x K x D array (a set of K vectors per row) as an
+    Arrow fixed-size-list column, nested once per dimension after the first, so a set is never
+    flattened into one long vector."""
+    a = np.ascontiguousarray(array, dtype=np.float32)
+    if a.ndim not in (2, 3):
+        raise ValueError(f"expected an N x D or N x K x D array, got shape {a.shape}")
+    column: pa.Array = pa.array(a.reshape(-1))
+    for size in reversed(a.shape[1:]):
+        column = pa.FixedSizeListArray.from_arrays(column, size)
+    return column
 
 
 def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """The inverse of :func:`embedding_array`: an N x D float32 numpy matrix."""
+    """The inverse of :func:`embedding_array`: an N x D or N x K x D float32 array."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    dim = arr.type.list_size
-    return arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+    shape = []
+    while pa.types.is_fixed_size_list(arr.type):
+        shape.append(arr.type.list_size)
+        arr = arr.flatten()
+    return arr.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, *shape)
 
 
 def write_parquet(
@@ -89,7 +100,7 @@ def read_parquet(path: str | os.PathLike[str], stage: str | None = None) -> tupl
     p = Path(path)
     if not p.is_file():
         hint = f" (run `langdml {stage}` or `dvc repro {stage.replace('-', '_')}`)" if stage else ""
-        raise FileNotFoundError(f"{p} does not exist{hint}")
+        raise MissingInputError(f"{p} does not exist{hint}")
     table = pq.read_table(p)
     raw = (table.schema.metadata or {}).get(METADATA_KEY, b"{}")
     return table, json.loads(raw)

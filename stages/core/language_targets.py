@@ -17,8 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stages.core.artifacts import read_class_embeddings, read_pseudolabels
 from stages.core.errors import LangdmlError
-from stages.core.io import embedding_matrix, read_parquet
+from stages.core.io import embedding_matrix
 from stages.core.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def _embeddings(table, path: Path, stage: str) -> np.ndarray:
 def elg_embeddings(src: LanguageSources) -> torch.Tensor:
     """C x D prompt embeddings of the training classes, in dense-label order."""
     path, stage = src.class_embeddings, "embed-text"
-    table, _ = read_parquet(path, stage=stage)
+    table, _ = read_class_embeddings(path)
     ids = table.column("class_id").to_numpy()
     rows = _rows(ids, src, path, stage)
     _check_names(ids, table.column("class_name").to_pylist(), src, path, stage)
@@ -126,7 +127,7 @@ def elg_embeddings(src: LanguageSources) -> torch.Tensor:
 def plg_embeddings(src: LanguageSources) -> torch.Tensor:
     """k x C x D pseudo-label embeddings (rank j of every training class in slice j)."""
     path, stage = src.pseudolabels, "pseudo-labels"
-    table, meta = read_parquet(path, stage=stage)
+    table, meta = read_pseudolabels(path)
     ids = table.column("class_id").to_numpy()
     ranks = table.column("rank").to_numpy().astype(np.int64)
     matrix = _embeddings(table, path, stage)

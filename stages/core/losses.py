@@ -7,7 +7,8 @@ and the row-wise KL is summed, scaled by ``T^2 / B``.
 
 Base losses come from pytorch-metric-learning; each registered factory returns a
 :class:`DMLLoss` (loss + miner) that also says which of its parameters need their own
-optimiser group (margin's beta, proxy-anchor's proxies).
+optimiser group (margin's beta, proxy-anchor's proxies). A factory takes an optional PML
+``distance``, so a set similarity plugs in under every loss and miner unchanged.
 """
 
 from __future__ import annotations
@@ -22,15 +23,7 @@ from torch import nn
 
 from stages.core.errors import LangdmlError
 from stages.core.registry import Registry
-
-Similarity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-SIMILARITIES: Registry[Similarity] = Registry("similarity")
-
-
-@SIMILARITIES.register("cosine")
-def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of L2-normalised rows: a plain inner product."""
-    return a @ b.T
+from stages.core.similarity import SIMILARITIES
 
 
 def language_matching(
@@ -93,25 +86,51 @@ DMLFactory = Callable[..., DMLLoss]
 DML_LOSSES: Registry[DMLFactory] = Registry("DML loss")
 
 
-def build_dml_loss(name: str, num_classes: int, embed_dim: int, kwargs: dict[str, Any] | None = None) -> DMLLoss:
-    """Look ``name`` up and pass ``params.losses[name]``; a wrong keyword is a one-line error."""
+# Arguments every factory receives from the code, not from ``losses.<name>`` in params.yaml.
+_INJECTED = ("num_classes", "embed_dim", "distance")
+
+
+def check_loss_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+    """``losses.<name>`` names a registered loss and holds only keywords its factory takes."""
     factory = DML_LOSSES.get(name)
+    signature = inspect.signature(factory)
+    allowed = [p for p in signature.parameters if p not in _INJECTED]
+    unknown = [k for k in kwargs if k not in allowed]
+    if unknown:
+        raise LangdmlError(f"losses.{name}.{unknown[0]}: unknown keyword; allowed keys: {', '.join(allowed)}")
+
+
+def build_dml_loss(
+    name: str, num_classes: int, embed_dim: int, kwargs: dict[str, Any] | None = None, *, distance: Any = None
+) -> DMLLoss:
+    """Look ``name`` up and pass ``params.losses[name]``; ``distance`` (a PML distance) replaces the
+    loss's and miner's default when given."""
     kwargs = dict(kwargs or {})
-    try:
-        inspect.signature(factory).bind(num_classes, embed_dim, **kwargs)
-    except TypeError as err:
-        allowed = [p for p in inspect.signature(factory).parameters if p not in ("num_classes", "embed_dim")]
-        raise LangdmlError(f"losses.{name}: {err}; allowed keys: {', '.join(allowed)}") from None
-    return factory(num_classes, embed_dim, **kwargs)
+    check_loss_kwargs(name, kwargs)
+    return DML_LOSSES.get(name)(num_classes, embed_dim, distance=distance, **kwargs)
+
+
+def _with(distance: Any) -> dict[str, Any]:
+    """The PML keyword that swaps the distance, or nothing (each loss keeps its own default)."""
+    return {} if distance is None else {"distance": distance}
 
 
 @DML_LOSSES.register("multisimilarity")
 def _multisimilarity(
-    num_classes: int, embed_dim: int, alpha: float = 2.0, beta: float = 40.0, base: float = 0.5, epsilon: float = 0.1
+    num_classes: int,
+    embed_dim: int,
+    alpha: float = 2.0,
+    beta: float = 40.0,
+    base: float = 0.5,
+    epsilon: float = 0.1,
+    distance: Any = None,
 ) -> DMLLoss:
     from pytorch_metric_learning import losses, miners
 
-    return DMLLoss(losses.MultiSimilarityLoss(alpha, beta, base), miners.MultiSimilarityMiner(epsilon))
+    return DMLLoss(
+        losses.MultiSimilarityLoss(alpha, beta, base, **_with(distance)),
+        miners.MultiSimilarityMiner(epsilon, **_with(distance)),
+    )
 
 
 @DML_LOSSES.register("margin")
@@ -124,35 +143,46 @@ def _margin(
     beta_lr: float = 5e-4,
     cutoff: float = 0.5,
     nonzero_loss_cutoff: float = 1.4,
+    distance: Any = None,
 ) -> DMLLoss:
     """Per-class learnable beta (as in Roth et al.'s margin loss), trained with ``beta_lr``."""
     from pytorch_metric_learning import losses, miners
 
-    loss = losses.MarginLoss(margin=margin, nu=nu, beta=beta, learn_beta=True, num_classes=num_classes)
-    return DMLLoss(loss, miners.DistanceWeightedMiner(cutoff, nonzero_loss_cutoff), lr=beta_lr)
+    loss = losses.MarginLoss(
+        margin=margin, nu=nu, beta=beta, learn_beta=True, num_classes=num_classes, **_with(distance)
+    )
+    return DMLLoss(loss, miners.DistanceWeightedMiner(cutoff, nonzero_loss_cutoff, **_with(distance)), lr=beta_lr)
 
 
 @DML_LOSSES.register("triplet")
-def _triplet(num_classes: int, embed_dim: int, margin: float = 0.2) -> DMLLoss:
+def _triplet(num_classes: int, embed_dim: int, margin: float = 0.2, distance: Any = None) -> DMLLoss:
     from pytorch_metric_learning import losses, miners
 
     return DMLLoss(
-        losses.TripletMarginLoss(margin=margin), miners.TripletMarginMiner(margin, type_of_triplets="semihard")
+        losses.TripletMarginLoss(margin=margin, **_with(distance)),
+        miners.TripletMarginMiner(margin, type_of_triplets="semihard", **_with(distance)),
     )
 
 
 @DML_LOSSES.register("contrastive")
-def _contrastive(num_classes: int, embed_dim: int, pos_margin: float = 0.0, neg_margin: float = 1.0) -> DMLLoss:
+def _contrastive(
+    num_classes: int, embed_dim: int, pos_margin: float = 0.0, neg_margin: float = 1.0, distance: Any = None
+) -> DMLLoss:
     from pytorch_metric_learning import losses
 
-    return DMLLoss(losses.ContrastiveLoss(pos_margin=pos_margin, neg_margin=neg_margin))
+    return DMLLoss(losses.ContrastiveLoss(pos_margin=pos_margin, neg_margin=neg_margin, **_with(distance)))
 
 
 @DML_LOSSES.register("proxy_anchor")
 def _proxy_anchor(
-    num_classes: int, embed_dim: int, margin: float = 0.1, alpha: float = 32.0, lr: float | None = None
+    num_classes: int,
+    embed_dim: int,
+    margin: float = 0.1,
+    alpha: float = 32.0,
+    lr: float | None = None,
+    distance: Any = None,
 ) -> DMLLoss:
     """Proxies get their own lr (Kim et al. use 100x the backbone's); None falls back to train.head_lr."""
     from pytorch_metric_learning import losses
 
-    return DMLLoss(losses.ProxyAnchorLoss(num_classes, embed_dim, margin=margin, alpha=alpha), lr=lr)
+    return DMLLoss(losses.ProxyAnchorLoss(num_classes, embed_dim, margin=margin, alpha=alpha, **_with(distance)), lr=lr)

@@ -1,9 +1,11 @@
 """Retrieval metrics of an embedding space: Recall@k, MAP@R, R-precision and NMI.
 
-Definitions follow "A Metric Learning Reality Check" (Musgrave et al., 2020): every test image
-queries all the others (itself excluded by index, so exact duplicates still count as neighbours),
-and R is the number of other images of the query's class. Neighbours come from an exact faiss
-inner-product index, searched in query chunks so a 60k x 512 test set never needs an N x N
+Definitions follow "A Metric Learning Reality Check" (Musgrave et al., 2020) and the shape of
+pytorch-metric-learning's ``AccuracyCalculator.get_accuracy``: queries search a gallery, and with no
+gallery every query searches all the other queries (itself excluded by index, so exact duplicates
+still count as neighbours); R is the number of gallery images of the query's class. Neighbours
+come from a searcher found by the similarity's name (an exact faiss inner-product index for
+``cosine``) or passed in, searched in query chunks so a 60k x 512 test set never needs an N x N
 matrix; each chunk is reduced to per-query numbers before the next one is searched.
 """
 
@@ -17,6 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from stages.core.errors import LangdmlError
+from stages.core.registry import Registry
 from stages.core.vectors import l2_normalize
 
 log = logging.getLogger(__name__)
@@ -27,23 +30,32 @@ NEIGHBOUR_BUDGET = 2**21
 # faiss-gpu cannot select more than this many neighbours per query; larger searches run on the CPU.
 GPU_MAX_K = 2048
 KMEANS_ITERATIONS = 20
+# k-means restarts for NMI (faiss ``nredo``): the run with the best objective is kept. One run lands far
+# from the optimum on small or many-class sets; the cost grows linearly (minutes for SOP on a CPU).
+KMEANS_RESTARTS = 5
 
+# search(queries, k) -> (scores, ids), each len(queries) x k, best first
 Searcher = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+# factory(database, largest k that will be asked) -> searcher over that database
+SearcherFactory = Callable[[np.ndarray, int], Searcher]
+SEARCHERS: Registry[SearcherFactory] = Registry("retrieval similarity")
 
 
-def _validate(embeddings: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _validate(embeddings: np.ndarray, labels: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(embeddings)
     y = np.asarray(labels)
-    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
-        raise LangdmlError(f"embeddings must be a non-empty N x D matrix, got shape {x.shape}")
+    if x.ndim not in (2, 3) or 0 in x.shape:
+        raise LangdmlError(f"{what} embeddings must be a non-empty N x D (or N x K x D) array, got shape {x.shape}")
     if y.ndim != 1 or len(y) != len(x):
-        raise LangdmlError(f"labels must be one per embedding: {len(x)} embeddings but labels of shape {y.shape}")
+        raise LangdmlError(
+            f"{what} labels must be one per embedding: {len(x)} embeddings but labels of shape {y.shape}"
+        )
     if not np.issubdtype(x.dtype, np.number):
-        raise LangdmlError(f"embeddings must be numeric, got dtype {x.dtype}")
-    bad = ~np.isfinite(x).all(axis=1)
+        raise LangdmlError(f"{what} embeddings must be numeric, got dtype {x.dtype}")
+    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
     if bad.any():
         raise LangdmlError(
-            f"{int(bad.sum())} of {len(x)} embeddings contain NaN or inf (first at row "
+            f"{int(bad.sum())} of {len(x)} {what} embeddings contain NaN or inf (first at row "
             f"{int(np.argmax(bad))}); the model diverged or its input is broken"
         )
     return x, y
@@ -67,6 +79,7 @@ def _faiss_gpu_count() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
 
 
+@SEARCHERS.register("cosine")
 def flat_ip_searcher(database: np.ndarray, max_k: int) -> Searcher:
     """Exact inner-product search over ``database``; on a GPU when faiss-gpu sees one and ``max_k`` allows."""
     faiss = _faiss()
@@ -153,13 +166,17 @@ def normalized_mutual_info(labels: np.ndarray, clusters: np.ndarray) -> float:
     return max(mi, 0.0) / max(denom, np.finfo(np.float64).eps)
 
 
-def kmeans_assign(x: np.ndarray, n_clusters: int, seed: int = 0) -> np.ndarray:
-    """Seeded faiss k-means on all points (no subsampling, as in the paper's code): each row's cluster."""
+def kmeans_assign(x: np.ndarray, n_clusters: int, seed: int = 0, restarts: int = KMEANS_RESTARTS) -> np.ndarray:
+    """Seeded faiss k-means on all points (no subsampling, as in the paper's code): each row's cluster.
+
+    ``restarts`` runs from different seeded initialisations, keeping the lowest objective (``nredo``).
+    """
     faiss = _faiss()
     kmeans = faiss.Kmeans(
         x.shape[1],
         n_clusters,
         niter=KMEANS_ITERATIONS,
+        nredo=restarts,
         seed=seed,
         verbose=False,
         min_points_per_centroid=1,
@@ -185,38 +202,67 @@ def _chunk_scores(same: np.ndarray, r: np.ndarray, ks: Sequence[int]) -> tuple[n
 
 
 def retrieval_metrics(
-    embeddings: np.ndarray,
-    labels: np.ndarray,
-    ks: Sequence[int] = (1, 2, 4, 8),
+    query: np.ndarray,
+    gallery: np.ndarray | None = None,
     *,
+    query_labels: np.ndarray,
+    gallery_labels: np.ndarray | None = None,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    similarity: str = "cosine",
+    searcher: SearcherFactory | None = None,
     seed: int = 0,
     chunk_size: int | None = None,
     nmi: bool = True,
+    nmi_restarts: int = KMEANS_RESTARTS,
 ) -> dict[str, float]:
-    """Recall@k, MAP@R, R-precision and NMI of ``embeddings`` (N x D) under cosine similarity.
+    """Recall@k, MAP@R, R-precision and NMI of ``query`` embeddings (N x D) searching ``gallery``.
 
-    Queries whose class has no other image cannot be scored; they stay in the database as
-    distractors and are counted in ``n_skipped_queries`` (``n_queries`` counts the scored ones).
-    ``chunk_size`` (queries per faiss search) defaults to what fits :data:`NEIGHBOUR_BUDGET`.
+    ``gallery=None``: leave-one-out within the query set (the DML protocol). Queries whose class has
+    no gallery image cannot be scored; they are counted in ``n_skipped_queries`` (``n_queries``
+    counts the scored ones). ``similarity`` names the searcher (``cosine``: exact faiss inner
+    product on L2-normalised rows); ``searcher`` replaces it. N x K x D sets need a set similarity.
+    NMI clusters the query embeddings into one cluster per query class. ``chunk_size`` (queries
+    per search) defaults to what fits :data:`NEIGHBOUR_BUDGET`.
     """
-    x, y = _validate(embeddings, labels)
+    xq, yq = _validate(query, query_labels, "query")
+    leave_one_out = gallery is None
+    if leave_one_out:
+        if gallery_labels is not None:
+            raise LangdmlError("gallery_labels were given without a gallery")
+        xg, yg = xq, yq
+    else:
+        if gallery_labels is None:
+            raise LangdmlError("a gallery needs gallery_labels")
+        xg, yg = _validate(gallery, gallery_labels, "gallery")
+        if xg.shape[1:] != xq.shape[1:]:
+            raise LangdmlError(f"query and gallery embeddings differ in shape: {xq.shape[1:]} vs {xg.shape[1:]}")
+    make_searcher = searcher or SEARCHERS.get(similarity)
+    if xq.ndim == 3 and searcher is None and similarity == "cosine":
+        raise LangdmlError(
+            f"embeddings are sets (N x K x D = {' x '.join(map(str, xq.shape))}); cosine compares single "
+            "vectors: pass a set similarity (none is registered yet) instead of flattening the set"
+        )
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise LangdmlError(f"ks must be positive integers, got {list(ks)}")
-    classes, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
-    if len(classes) < 2:
+    classes, inverse = np.unique(yq, return_inverse=True)
+    if leave_one_out and len(classes) < 2:
         raise LangdmlError(f"retrieval needs at least 2 classes in the test split, got {len(classes)}")
-    r = counts[inverse] - 1
+    g_classes, g_counts = np.unique(yg, return_counts=True)
+    r = _gallery_counts(yq, g_classes, g_counts) - (1 if leave_one_out else 0)
     scored = r > 0
     if not scored.any():
-        raise LangdmlError(f"every one of the {len(classes)} test classes has a single image: nothing to retrieve")
+        raise LangdmlError(
+            f"none of the {len(xq)} queries has an image of its class in the gallery: nothing to retrieve"
+        )
 
-    x = l2_normalize(x)
-    n = len(x)
-    k_max = min(n - 1, max(ks[-1], int(r.max())))
+    xq = l2_normalize(xq) if xq.ndim == 2 else xq
+    xg = xq if leave_one_out else (l2_normalize(xg) if xg.ndim == 2 else xg)
+    n, n_gallery = len(xq), len(xg) - (1 if leave_one_out else 0)
+    k_max = min(n_gallery, max(ks[-1], int(r.max())))
     chunk = min(n, chunk_size or max(1, NEIGHBOUR_BUDGET // (k_max + 1)))
-    search = flat_ip_searcher(x, k_max + 1)
-    log.info("k-NN of %d x %d embeddings: %d neighbours, %d queries per chunk", n, x.shape[1], k_max, chunk)
+    search = make_searcher(xg, k_max + 1)
+    log.info("k-NN of %d queries in %d gallery items: %d neighbours, %d queries per chunk", n, len(xg), k_max, chunk)
 
     # Per-query values, summed once at the end: the result does not depend on the chunking.
     hits_all = np.zeros((n, len(ks)), dtype=bool)
@@ -229,9 +275,12 @@ def retrieval_metrics(
         if not keep.any():
             continue
         q_ids = np.arange(start, stop)[keep]
-        k = min(n - 1, max(ks[-1], int(r[q_ids].max())))
-        _, ids = search_excluding_self(search, x[q_ids], q_ids, k)
-        hits_all[q_ids], map_all[q_ids], rp_all[q_ids] = _chunk_scores(y[ids] == y[q_ids, None], r[q_ids], ks)
+        k = min(n_gallery, max(ks[-1], int(r[q_ids].max())))
+        if leave_one_out:
+            _, ids = search_excluding_self(search, xq[q_ids], q_ids, k)
+        else:
+            _, ids = search(np.ascontiguousarray(xq[q_ids], dtype=np.float32), k)
+        hits_all[q_ids], map_all[q_ids], rp_all[q_ids] = _chunk_scores(yg[ids] == yq[q_ids, None], r[q_ids], ks)
 
     n_scored = int(scored.sum())
     hits_sum = hits_all.sum(axis=0)
@@ -239,10 +288,18 @@ def retrieval_metrics(
     out["map@r"] = float(map_all.sum()) / n_scored
     out["r_precision"] = float(rp_all.sum()) / n_scored
     if nmi:
-        out["nmi"] = normalized_mutual_info(inverse, kmeans_assign(x, len(classes), seed=seed))
+        if xq.ndim != 2:
+            raise LangdmlError("NMI of set embeddings needs a set reduction; pass nmi=False")
+        out["nmi"] = normalized_mutual_info(inverse, kmeans_assign(xq, len(classes), seed=seed, restarts=nmi_restarts))
     out["n_queries"] = n_scored
     out["n_classes"] = len(classes)
     out["n_skipped_queries"] = n - n_scored
     if n_scored < n:
-        log.info("%d queries skipped: their class has no other test image", n - n_scored)
+        log.info("%d queries skipped: their class has no other gallery image", n - n_scored)
     return out
+
+
+def _gallery_counts(query_labels: np.ndarray, gallery_classes: np.ndarray, gallery_counts: np.ndarray) -> np.ndarray:
+    """Number of gallery items with each query's label (0 where the gallery lacks the class)."""
+    pos = np.minimum(np.searchsorted(gallery_classes, query_labels), len(gallery_classes) - 1)
+    return np.where(gallery_classes[pos] == query_labels, gallery_counts[pos], 0).astype(np.int64)

@@ -1,29 +1,49 @@
 """A tiny name -> factory registry, the way timm's ``create_model`` finds models.
 
-Every pluggable family (dataset adapters, text encoders, backbones, ImageNet classifiers,
-DML losses, similarities) is one ``Registry``; code looks things up by name instead of
-branching on strings, and an unknown name fails with the list of known ones.
+Every pluggable family (dataset adapters, text encoders, backbones, ImageNet classifiers, DML losses,
+similarities, language guidances, optimisers, schedulers) is one ``Registry``; code looks things up by
+name instead of branching on strings, and an unknown name fails with the list of known ones. A
+registry may name the modules that fill it, imported on first lookup, so importing a registry never
+imports every implementation (and a stage's import closure stays what it uses).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import importlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Generic, TypeVar
+
+from stages.core.errors import LangdmlError
 
 T = TypeVar("T")
 
 
-class RegistryError(KeyError):
+class RegistryError(LangdmlError, KeyError):
     """An unknown name; ``str()`` is a one-line message listing the known names."""
 
     def __str__(self) -> str:
         return str(self.args[0])
 
 
+def parse_spec(spec: str, *, kind: str = "spec", require_arg: bool = False) -> tuple[str, str]:
+    """``"family:argument"`` -> ``(family, argument)``; a bare ``"family"`` has an empty argument.
+
+    The one parser for every registry-backed param (``timm:resnet50``, ``open_clip:ViT-B-32/openai``);
+    a family that needs an argument says so itself when it gets an empty one.
+    """
+    family, _, arg = str(spec).partition(":")
+    if not family or (require_arg and not arg):
+        example = "family:argument" if require_arg else "name or family:argument"
+        raise LangdmlError(f"{kind} {spec!r} must look like '{example}'")
+    return family, arg
+
+
 class Registry(Generic[T]):
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, modules: Sequence[str] = ()) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._modules = tuple(modules)
+        self._loaded = not self._modules
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator: ``@REG.register("name")`` adds a factory under ``name``."""
@@ -36,16 +56,25 @@ class Registry(Generic[T]):
 
         return add
 
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            for module in self._modules:
+                importlib.import_module(module)
+
     def get(self, name: str) -> T:
+        self._load()
         try:
             return self._items[name]
         except KeyError:
             raise RegistryError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}") from None
 
     def names(self) -> list[str]:
+        self._load()
         return sorted(self._items)
 
     def __contains__(self, name: object) -> bool:
+        self._load()
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:

@@ -46,3 +46,15 @@ def seed_everything(seed: int, deterministic: bool = False) -> torch.Generator:
     gen = torch.Generator()
     gen.manual_seed(seed)
     return gen
+
+
+def autocast(device: torch.device | str, enabled: bool = True) -> torch.autocast:
+    """The one mixed-precision policy: bfloat16 autocast on CUDA, full precision elsewhere.
+
+    bfloat16 has float32's exponent range, so no logit overflows to inf (float16 tops out at 65504,
+    which would silently drop a class from a top-k); every forward pass of the project uses this.
+    """
+    import torch
+
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled and device_type == "cuda")

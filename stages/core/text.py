@@ -19,7 +19,7 @@ import numpy as np
 
 from stages.core.errors import LangdmlError
 from stages.core.hub import load_cached_or_online, load_local
-from stages.core.registry import Registry
+from stages.core.registry import Registry, parse_spec
 from stages.core.vectors import l2_normalize
 
 if TYPE_CHECKING:
@@ -89,12 +89,13 @@ def create_text_encoder(spec: str, *, pooling: str = "mean", device: str | torch
 
     from stages.core.runtime import resolve_device
 
-    family, sep, rest = spec.partition(":")
-    if not sep or not family or not rest:
+    try:
+        family, rest = parse_spec(spec, kind="text encoder", require_arg=True)
+    except LangdmlError:
         raise LangdmlError(
             f"text encoder {spec!r} must look like '<family>:<model>' with family one of "
             f"{', '.join(TEXT_ENCODERS.names())} (e.g. sentence-transformers:all-MiniLM-L6-v2)"
-        )
+        ) from None
     factory = TEXT_ENCODERS.get(family)
     if pooling not in POOLINGS:
         raise LangdmlError(f"text pooling {pooling!r} is unknown; use one of {', '.join(POOLINGS)}")

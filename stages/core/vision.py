@@ -17,14 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stages.core.config import ModelParams
 from stages.core.errors import LangdmlError
+from stages.core.hub import load_cached_or_online
 from stages.core.io import atomic_path, write_json
-from stages.core.registry import Registry
-from stages.params import ModelParams
+from stages.core.registry import Registry, parse_spec
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 CONFIG_FORMAT = 1
+OFFLINE_HINT = "without hub access use backbone: efficientnet-lite0 (offline weights) or model.pretrained: false"
 
 
 @dataclass
@@ -43,7 +45,7 @@ BACKBONES: Registry[BackboneFactory] = Registry("backbone")
 
 def create_backbone(spec: str, pretrained: bool) -> Backbone:
     """``spec`` is a registered name, or ``family:<arg>`` (e.g. ``timm:resnet50``)."""
-    family, _, arg = spec.partition(":")
+    family, arg = parse_spec(spec, kind="backbone")
     return BACKBONES.get(family)(arg, pretrained)
 
 
@@ -88,14 +90,12 @@ def _timm(name: str, pretrained: bool) -> Backbone:
         raise LangdmlError("backbone 'timm' needs a model name, e.g. timm:resnet50")
     if not timm.is_model(name):
         raise LangdmlError(f"timm has no model {name!r} (see timm.list_models()); or use efficientnet-lite0")
-    try:
-        net = timm.create_model(name, pretrained=pretrained, num_classes=0, global_pool="")
-    except (OSError, RuntimeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise LangdmlError(
-            f"cannot get pretrained weights for timm:{name} ({first[:160]}); "
-            "without hub access use backbone: efficientnet-lite0 (offline weights) or pretrained: false"
-        ) from None
+
+    def create() -> nn.Module:
+        return timm.create_model(name, pretrained=pretrained, num_classes=0, global_pool="")
+
+    # Pretrained weights: the local cache first, the hub only if it answers (one line when offline).
+    net = load_cached_or_online(f"backbone timm:{name}", create, OFFLINE_HINT) if pretrained else create()
     cfg = timm.data.resolve_data_config({}, model=net)
     return Backbone(_TimmFeatures(net), int(net.num_features), tuple(cfg["mean"]), tuple(cfg["std"]))
 

@@ -20,32 +20,12 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
+from stages.core.artifacts import CLASSES_SCHEMA, MANIFEST_SCHEMA, first_per_class
+from stages.core.config import DatasetParams
 from stages.core.errors import LangdmlError
-from stages.core.io import read_parquet
 from stages.core.registry import Registry
-from stages.params import DatasetParams
 
 log = logging.getLogger(__name__)
-
-MANIFEST_SCHEMA = pa.schema(
-    [
-        pa.field("path", pa.string(), nullable=True),
-        pa.field("image_bytes", pa.binary(), nullable=True),
-        pa.field("label", pa.int64(), nullable=False),
-        pa.field("class_name", pa.string(), nullable=False),
-        pa.field("super_class", pa.string(), nullable=True),
-    ]
-)
-
-CLASSES_SCHEMA = pa.schema(
-    [
-        pa.field("class_id", pa.int64(), nullable=False),
-        pa.field("class_name", pa.string(), nullable=False),
-        pa.field("split", pa.string(), nullable=False),
-        pa.field("n_images", pa.int64(), nullable=False),
-        pa.field("super_class", pa.string(), nullable=True),
-    ]
-)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 SPLITS = ("train", "test")
@@ -96,7 +76,14 @@ class Manifests:
 
 
 Adapter = Callable[[DatasetParams], Manifests]
-DATASETS: Registry[Adapter] = Registry("dataset")
+ADAPTER_MODULES = (
+    "stages.core.datasets.cars196",
+    "stages.core.datasets.cub200",
+    "stages.core.datasets.fashion_mnist",
+    "stages.core.datasets.folder",
+    "stages.core.datasets.sop",
+)
+DATASETS: Registry[Adapter] = Registry("dataset", modules=ADAPTER_MODULES)
 
 
 def require_root(params: DatasetParams) -> Path:
@@ -117,19 +104,6 @@ def require_files(root: Path, dataset: str, names: Sequence[str], hint: str = ""
             f"{dataset}: {', '.join(missing)} not found in {root}; expected the official layout with "
             f"{', '.join(names)}{extra}"
         )
-
-
-def first_per_class(labels: Sequence[int], cap: int | None) -> list[int]:
-    """Indices of the first ``cap`` items of each label, in order: deterministic, independent of the seed."""
-    if cap is None:
-        return list(range(len(labels)))
-    seen: Counter[int] = Counter()
-    keep = []
-    for i, y in enumerate(labels):
-        if seen[y] < cap:
-            seen[y] += 1
-            keep.append(i)
-    return keep
 
 
 def _show(names: Iterable[object], limit: int = 12) -> str:
@@ -300,13 +274,3 @@ def _manifest_table(images: Images, info: dict[int, ClassInfo]) -> pa.Table:
 def build_manifests(params: DatasetParams) -> Manifests:
     """Run the adapter named by ``dataset.name`` (unknown name: one line listing the known ones)."""
     return DATASETS.get(params.name)(params)
-
-
-def load_manifest(path: str | Path) -> tuple[pa.Table, Path]:
-    """A manifest table and the dataset root its ``path`` column is relative to."""
-    table, meta = read_parquet(path, stage="prepare")
-    missing = [n for n in MANIFEST_SCHEMA.names if n not in table.column_names]
-    if missing or "root" not in meta:
-        what = f"column(s) {', '.join(missing)}" if missing else "'root' metadata"
-        raise LangdmlError(f"{path}: not a langdml manifest (no {what}); re-run `langdml prepare`")
-    return table, Path(meta["root"])

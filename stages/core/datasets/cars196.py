@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.core.config import DatasetParams
 from stages.core.datasets.base import (
     DATASETS,
     ClassInfo,
@@ -22,7 +23,6 @@ from stages.core.datasets.base import (
 )
 from stages.core.datasets.folder import scan_class_folders
 from stages.core.errors import LangdmlError
-from stages.params import DatasetParams
 
 log = logging.getLogger(__name__)
 

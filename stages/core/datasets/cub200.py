@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import polars as pl
+
+from stages.core.config import DatasetParams
 from stages.core.datasets.base import (
     DATASETS,
     ClassInfo,
@@ -16,7 +19,6 @@ from stages.core.datasets.base import (
     require_root,
 )
 from stages.core.errors import LangdmlError
-from stages.params import DatasetParams
 
 log = logging.getLogger(__name__)
 
@@ -52,20 +54,29 @@ def cub200(params: DatasetParams) -> Manifests:
     labels = read_id_table(root / "image_class_labels.txt", "cub200")
     folders = read_id_table(root / "classes.txt", "cub200")
     classes = [ClassInfo(cid, class_name(folder)) for cid, folder in sorted(folders.items())]
-    unlabeled = sorted(set(paths) - set(labels))
-    if unlabeled:
-        raise LangdmlError(f"cub200: image id {unlabeled[0]} of images.txt has no line in image_class_labels.txt")
     if not all(v.isdigit() for v in labels.values()):
         raise LangdmlError("cub200: image_class_labels.txt must hold '<image id> <class id>' lines")
+    # images.txt order is kept (maintain_order): it decides which images a max_per_class cap keeps.
+    images = pl.DataFrame(
+        {"image_id": list(paths), "path": list(paths.values())}, schema_overrides={"image_id": pl.Int64}
+    )
+    image_labels = pl.DataFrame(
+        {"image_id": list(labels), "label": [int(v) for v in labels.values()]},
+        schema={"image_id": pl.Int64, "label": pl.Int64},
+    )
+    table = images.join(image_labels, on="image_id", how="left", maintain_order="left")
+    unlabeled = table.filter(pl.col("label").is_null())
+    if unlabeled.height:
+        first = unlabeled["image_id"].min()
+        raise LangdmlError(f"cub200: image id {first} of images.txt has no line in image_class_labels.txt")
     if len(folders) != 200:
         log.warning("cub200: %d classes instead of 200; the split still follows the official ids", len(folders))
     train_ids = choose_train_classes(
         "cub200", classes, params.train_classes, default={c.id for c in classes if c.id <= N_TRAIN_CLASSES}
     )
-    rows = {"train": Images([], paths=[]), "test": Images([], paths=[])}
-    for image_id, rel in paths.items():
-        y = int(labels[image_id])
-        split = rows["train" if y in train_ids else "test"]
-        split.labels.append(y)
-        split.paths.append(f"images/{rel}")  # type: ignore[union-attr]
+    table = table.with_columns(pl.col("label").is_in(sorted(train_ids)).alias("train"))
+    rows = {
+        split: Images(part["label"].to_list(), paths=[f"images/{p}" for p in part["path"]])
+        for split, part in (("train", table.filter(pl.col("train"))), ("test", table.filter(~pl.col("train"))))
+    }
     return assemble("cub200", root, classes, rows, params)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.core.artifacts import first_per_class
+from stages.core.config import DatasetParams
 from stages.core.datasets.base import (
     DATASETS,
     ClassInfo,
@@ -27,11 +29,9 @@ from stages.core.datasets.base import (
     Manifests,
     assemble,
     choose_train_classes,
-    first_per_class,
 )
 from stages.core.errors import LangdmlError
 from stages.core.io import atomic_path
-from stages.params import DatasetParams
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stages.core.config import DatasetParams
 from stages.core.datasets.base import (
     DATASETS,
     IMAGE_SUFFIXES,
@@ -18,7 +19,6 @@ from stages.core.datasets.base import (
     require_root,
 )
 from stages.core.errors import LangdmlError
-from stages.params import DatasetParams
 
 
 def scan_class_folders(root: Path, dataset: str) -> list[tuple[str, list[str]]]:

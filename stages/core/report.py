@@ -1,4 +1,7 @@
-"""Static evaluation pictures (matplotlib, Agg): arrays and labels in, a PNG file out.
+"""Evaluation pictures (matplotlib, Agg): the retrieval gallery and the class-similarity heat maps.
+
+``gallery_figure`` and ``similarity_figure`` compose them from embeddings, a manifest and the
+language cache; ``plot_gallery`` and ``plot_similarity`` draw arrays and labels into a PNG.
 
 Figures have a fixed size and are saved without ``bbox_inches="tight"``, so a picture's pixel
 size depends only on its layout (what the tests check), and are written atomically.
@@ -10,7 +13,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,6 +28,9 @@ CORRECT_COLOUR = "#1a9641"
 WRONG_COLOUR = "#d7191c"
 SIMILARITY_FIGSIZE = (14.0, 6.5)
 MAX_TICK_LABELS = 40  # more classes than this: axes show indices only, names would overlap
+GALLERY_NEIGHBOURS = 5
+THUMBNAIL = 96  # pixels; gallery images are shown small
+MAX_SIMILARITY_CLASSES = 100  # beyond this a class x class picture is unreadable: the first ones by id
 
 
 @dataclass(frozen=True)
@@ -142,3 +148,71 @@ def plot_similarity(
             ax.set_xticks(range(n), [_short(c, 14) for c in class_names], rotation=90, fontsize=7)
             ax.set_yticks(range(n), [_short(c, 14) for c in class_names], fontsize=7)
     return _save(fig, path)
+
+
+def _thumbnail(image: Any) -> np.ndarray:
+    image = image.copy()
+    image.thumbnail((THUMBNAIL, THUMBNAIL))
+    return np.asarray(image)
+
+
+def gallery_figure(
+    emb: np.ndarray,
+    labels: np.ndarray,
+    names: Sequence[str],
+    images: Any,
+    path: str | os.PathLike[str],
+    *,
+    n_queries: int,
+    seed: int,
+    neighbours: Any = None,
+) -> Path:
+    """``n_queries`` seeded test queries with their nearest neighbours; ``images[i]`` is ``(PIL image, label)``.
+
+    ``neighbours(emb, query_ids, k)`` finds them (default: exact cosine search, N x D embeddings).
+    """
+    from stages.core.metrics import nearest_neighbours
+
+    find = neighbours or nearest_neighbours
+    queries = pick_gallery_queries(labels, n_queries, seed)
+    found = find(emb, queries, GALLERY_NEIGHBOURS)
+    rows = [
+        GalleryRow(
+            query=_thumbnail(images[q][0]),
+            query_name=str(names[q]),
+            neighbours=[_thumbnail(images[j][0]) for j in nb],
+            neighbour_names=[str(names[j]) for j in nb],
+            correct=list(labels[nb] == labels[q]),
+        )
+        for q, nb in zip(queries, found, strict=True)
+    ]
+    return plot_gallery(rows, path)
+
+
+def similarity_figure(
+    emb: np.ndarray,
+    labels: np.ndarray,
+    language: tuple[np.ndarray, np.ndarray, list[str]],
+    path: str | os.PathLike[str],
+) -> str | None:
+    """Language vs learned image similarity of the test classes (at most :data:`MAX_SIMILARITY_CLASSES`).
+
+    ``language`` is (class ids, C x D class embeddings, class names) of the ELG cache. Returns why
+    the picture was not drawn (and removes an older one), or None when it was.
+    """
+    from stages.core.metrics import class_centroids, cosine_similarity_matrix
+
+    classes = np.unique(labels)
+    if len(classes) > MAX_SIMILARITY_CLASSES:
+        classes = classes[:MAX_SIMILARITY_CLASSES]
+    ids, vectors, class_names = language
+    pos = {int(c): i for i, c in enumerate(np.asarray(ids).tolist())}
+    missing = [int(c) for c in classes if int(c) not in pos]
+    if missing:
+        Path(path).unlink(missing_ok=True)  # never leave a picture of an older model beside new metrics
+        return f"{len(missing)} test classes (e.g. {missing[0]}) have no language embedding"
+    rows = [pos[int(c)] for c in classes]
+    lang_sim = cosine_similarity_matrix(vectors[rows])
+    image_sim = cosine_similarity_matrix(class_centroids(emb, labels, classes))
+    plot_similarity(lang_sim, image_sim, [str(class_names[r]) for r in rows], path)
+    return None

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.core.plots import (
+from stages.core.report import (
     CORRECT_COLOUR,
     WRONG_COLOUR,
     GalleryRow,

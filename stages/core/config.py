@@ -1,7 +1,9 @@
-"""``params.yaml`` validated into typed objects.
+"""``params.yaml`` validated into typed objects: the library's configuration types.
 
-Each stage calls :func:`load_params` first, so a typo or an out-of-range value fails at once,
-in one line that names the key and what is allowed, instead of deep inside torch an hour in.
+Each stage calls :func:`load_params` first, so a typo, an unknown registry name or an out-of-range
+value fails at once, in one line that names the key and what is allowed, instead of deep inside torch
+an hour in. Library functions take the small section they need (``ModelParams``, ``TrainConfig``),
+never the whole file.
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stages.core.errors import LangdmlError
+from stages.core.registry import parse_spec
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -20,11 +23,45 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _lookup(path: str) -> Any:
+    """The object ``module:NAME``, imported on use: validating a name loads its registry, but the
+    config module itself imports no implementation (so a stage's import closure stays its own)."""
+    import importlib
+
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def registered(registry_path: str, *, require_arg: bool = False) -> Any:
+    """A ``str`` param whose family (``family:argument``) must be a name of the registry at ``module:NAME``."""
+
+    def check(spec: str) -> str:
+        registry = _lookup(registry_path)
+        try:
+            family, _ = parse_spec(spec, kind=registry.kind, require_arg=require_arg)
+            registry.get(family)
+        except LangdmlError as err:
+            raise ValueError(str(err)) from None
+        return spec
+
+    return Annotated[str, AfterValidator(check)]
+
+
+DatasetName = registered("stages.core.datasets.base:DATASETS")
+TextEncoderSpec = registered("stages.core.text:TEXT_ENCODERS", require_arg=True)
+ClassifierSpec = registered("stages.core.imagenet:IMAGENET_CLASSIFIERS")
+BackboneSpec = registered("stages.core.vision:BACKBONES")
+GuidanceName = registered("stages.core.language_targets:GUIDANCES")
+LossName = registered("stages.core.losses:DML_LOSSES")
+OptimizerName = registered("stages.core.optim:OPTIMIZERS")
+SchedulerName = registered("stages.core.optim:SCHEDULERS")
 
 
 class DatasetParams(_Section):
-    name: str = "fashion-mnist"
+    name: DatasetName = "fashion-mnist"
     root: str = "data/raw/fashion-mnist"
     max_per_class: PositiveInt | None = 200
     train_classes: list[str | int] | None = None
@@ -39,7 +76,7 @@ def _check_template(t: str) -> str:
 
 
 class TextParams(_Section):
-    encoder: str = "sentence-transformers:all-MiniLM-L6-v2"
+    encoder: TextEncoderSpec = "sentence-transformers:all-MiniLM-L6-v2"
     templates: Annotated[list[str], Field(min_length=1)] = ["a photo of a {}"]
     pooling: Literal["pooler", "cls", "mean"] = "mean"
     batch_size: PositiveInt = 64
@@ -52,7 +89,7 @@ class TextParams(_Section):
 
 
 class PseudoLabelParams(_Section):
-    classifier: str = "efficientnet-lite0"
+    classifier: ClassifierSpec = "efficientnet-lite0"
     k: Annotated[int, Field(ge=1, le=1000)] = 5
     averaging: Literal["probs", "logits"] = "probs"
     template: str = "a photo of a {}"
@@ -69,7 +106,7 @@ class PseudoLabelParams(_Section):
 
 
 class ModelParams(_Section):
-    backbone: str = "efficientnet-lite0"
+    backbone: BackboneSpec = "efficientnet-lite0"
     pretrained: bool = True
     pooling: Literal["avg", "avg+max"] = "avg"
     embed_dim: PositiveInt = 512
@@ -78,22 +115,26 @@ class ModelParams(_Section):
 
 
 class LanguageParams(_Section):
-    guidance: Literal["none", "elg", "plg", "both", "shuffled", "uniform"] = "elg"
+    guidance: GuidanceName = "elg"
     gamma: float = 1.0
     temperature: PositiveFloat = 1.0
     direction: Literal["backward", "forward"] = "backward"
+
+    def matching_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``language_matching`` that params.yaml sets."""
+        return self.model_dump(include={"gamma", "temperature", "direction"})
 
 
 class TrainParams(_Section):
     epochs: PositiveInt = 5
     batch_size: PositiveInt = 40
     samples_per_class: PositiveInt = 8
-    loss: str = "multisimilarity"
-    optimizer: Literal["adam", "adamw"] = "adamw"
+    loss: LossName = "multisimilarity"
+    optimizer: OptimizerName = "adamw"
     lr: PositiveFloat = 1e-4
     head_lr: PositiveFloat | None = None
     weight_decay: Annotated[float, Field(ge=0)] = 4e-4
-    scheduler: Literal["none", "multistep", "cosine"] = "none"
+    scheduler: SchedulerName = "none"
     milestones: list[PositiveInt] = []
     lr_decay: Annotated[float, Field(gt=0, le=1)] = 0.3
     num_workers: NonNegInt = 2
@@ -119,19 +160,65 @@ class EvaluateParams(_Section):
     gallery_queries: PositiveInt = 12
     device: Literal["auto", "cpu", "cuda"] = "auto"
     nmi: bool = True
+    nmi_restarts: PositiveInt = 5
+
+
+Seed = Annotated[int, Field(ge=0, lt=2**32)]  # the range every RNG we seed (NumPy's legacy one too) accepts
+Omega = Annotated[float, Field(ge=0)]
+
+
+def _check_losses(v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each ``losses.<name>`` section names a registered loss and only keywords its factory takes."""
+    check_loss_kwargs = _lookup("stages.core.losses:check_loss_kwargs")
+    for name, kwargs in v.items():
+        try:
+            check_loss_kwargs(name, kwargs or {})
+        except LangdmlError as err:
+            raise ValueError(str(err)) from None
+    return v
+
+
+LossSections = Annotated[dict[str, dict[str, Any]], AfterValidator(_check_losses)]
+
+
+class TrainConfig(_Section):
+    """Exactly the params that dvc.yaml lists for ``train``: what training reads, and what its
+    checkpoint fingerprint is made from."""
+
+    seed: Seed = 0
+    omega: Omega = 1.0
+    model: ModelParams = ModelParams()
+    language: LanguageParams = LanguageParams()
+    train: TrainParams = TrainParams()
+    losses: LossSections = {}
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        """``losses.<train.loss>``: the keyword arguments of the chosen base loss."""
+        return dict(self.losses.get(self.train.loss) or {})
 
 
 class Params(_Section):
-    seed: int = 0
-    omega: Annotated[float, Field(ge=0)] = 1.0
+    seed: Seed = 0
+    omega: Omega = 1.0
     dataset: DatasetParams = DatasetParams()
     text: TextParams = TextParams()
     pseudo_labels: PseudoLabelParams = PseudoLabelParams()
     model: ModelParams = ModelParams()
     language: LanguageParams = LanguageParams()
     train: TrainParams = TrainParams()
-    losses: dict[str, dict[str, Any]] = {}
+    losses: LossSections = {}
     evaluate: EvaluateParams = EvaluateParams()
+
+    @property
+    def training(self) -> TrainConfig:
+        return TrainConfig(
+            seed=self.seed,
+            omega=self.omega,
+            model=self.model,
+            language=self.language,
+            train=self.train,
+            losses=self.losses,
+        )
 
 
 def _format_error(source: str, err: ValidationError) -> str:
@@ -145,7 +232,7 @@ def _format_error(source: str, err: ValidationError) -> str:
         msg = f"unknown key; allowed here: {allowed}"
     else:
         msg = first["msg"].removeprefix("Value error, ")
-        if "input" in first and not isinstance(first["input"], dict):
+        if "input" in first and not isinstance(first["input"], dict) and repr(first["input"]) not in msg:
             msg += f" (got {first['input']!r})"
     more = len(err.errors()) - 1
     tail = f" [+{more} more error{'s' if more > 1 else ''}]" if more else ""

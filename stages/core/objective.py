@@ -1,0 +1,79 @@
+"""The training objective: the model call and every loss term, returned by name.
+
+``Objective`` owns the image encoder, the base DML loss (with its learnable parameters), the
+language targets and the weight of each term; ``forward(images, labels)`` returns the unweighted
+terms as a dict (``{"dml": ..., "language": ...}``), and ``weights`` says how the loop sums them,
+as pytorch-metric-learning's ``MultipleLosses`` and open_clip's loss dict do. A new term (slot
+diversity, MMD, a second tower's i2t/t2i) is one more entry here; the step function, the meter,
+the logs and the non-finite stop iterate over whatever names come back. Being one ``nn.Module``
+holding every trained parameter, it is also what a DDP wrapper wraps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from stages.core.language_targets import LanguageTarget
+from stages.core.losses import DMLLoss, language_matching
+from stages.core.vision import EmbeddingModel
+
+
+class Objective(nn.Module):
+    def __init__(
+        self,
+        model: EmbeddingModel,
+        dml: DMLLoss,
+        targets: list[LanguageTarget],
+        *,
+        omega: float,
+        language_kwargs: dict[str, Any],
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.dml = dml
+        self.targets = targets
+        self.language_kwargs = dict(language_kwargs)
+        self.weights: dict[str, float] = {"dml": 1.0, "language": float(omega)}
+        self._encode: Callable[[torch.Tensor], torch.Tensor] = model
+
+    def compile_model(self) -> None:
+        """``torch.compile`` the encoder's forward; state dicts keep the plain module's keys."""
+        object.__setattr__(self, "_encode", torch.compile(self.model))
+
+    def param_groups(self, lr: float, head_lr: float) -> list[dict[str, Any]]:
+        """Backbone (lr), head (head_lr), the loss's own parameters (their lr, else head_lr)."""
+        groups: list[dict[str, Any]] = [
+            {"params": list(self.model.backbone.parameters()), "lr": lr, "name": "backbone"},
+            {"params": list(self.model.head.parameters()), "lr": head_lr, "name": "head"},
+        ]
+        groups += [{"lr": head_lr, **g} for g in self.dml.param_groups()]
+        return groups
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Unweighted loss terms; the losses run in float32 even when the encoder ran under autocast."""
+        emb = self._encode(images)
+        with torch.autocast(images.device.type, enabled=False):
+            emb = emb.float()
+            return {"dml": self.dml(emb, labels), "language": self._language(emb, labels)}
+
+    def _language(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean matching loss over the targets (``both`` has two); zero without guidance."""
+        if not self.targets:
+            return torch.zeros((), device=emb.device)
+        losses = [language_matching(emb, labels, t(labels), **self.language_kwargs) for t in self.targets]
+        return torch.stack(losses).mean()
+
+
+def weighted_total(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """sum_name weight[name] * term[name], in the order the objective returned the terms."""
+    if not terms:
+        raise ValueError("the objective returned no loss terms")
+    parts = [weights[name] * value for name, value in terms.items()]
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
