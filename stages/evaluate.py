@@ -1,15 +1,19 @@
 """Stage ``evaluate``: embed the test split with the trained model; metrics, embeddings and pictures.
 
 Outputs (data/eval/): ``metrics.json`` (flat, with the control's numbers under ``pretrained/``),
-``test_embeddings.parquet``, ``recall_at_k.csv`` (a DVC plot), ``gallery.png`` and
-``similarity.png``. Everything is written only after the metrics are computed, the metrics file
-last, so a failure never leaves a metrics file for a model that was not evaluated.
+``test_embeddings.parquet`` (N x D, or N x K x D for a set head), ``recall_at_k.csv`` (a DVC plot),
+``gallery.png``, ``similarity.png`` and ``slots.png`` (each slot's attention over a few test images; for
+the linear head, the feature-norm map). Set embeddings are ranked by the model's own similarity
+(smooth-Chamfer, exact through the certified shortlist). Everything is written only after the metrics
+are computed, the metrics file last, so a failure never leaves a metrics file for a model that was not
+evaluated.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,8 @@ from stages.core.errors import LangdmlError
 from stages.core.io import write_json, write_text
 
 log = logging.getLogger(__name__)
+
+SLOT_IMAGES = 6  # test images shown in slots.png (the first gallery queries)
 
 
 def read_pretrained_metrics(path: Path) -> dict[str, Any]:
@@ -39,12 +45,14 @@ def recall_csv(metrics: dict[str, Any], ks: list[int]) -> str:
 
 
 def run(params: Params) -> None:
+    import torch
+
     from stages.core import report, vision
     from stages.core.artifacts import load_manifest, read_class_embeddings, write_test_embeddings
     from stages.core.datasets.torch_dataset import ImageDataset
     from stages.core.embedding import embed_dataset
     from stages.core.io import embedding_matrix
-    from stages.core.metrics import format_metrics, retrieval_metrics
+    from stages.core.metrics import format_metrics, nearest_neighbours, retrieval_metrics
     from stages.core.runtime import resolve_device
 
     ev = params.evaluate
@@ -56,23 +64,32 @@ def run(params: Params) -> None:
     log.info("embedding %d test images with the trained model", len(dataset))
     emb = embed_dataset(model, dataset, batch_size=ev.batch_size, num_workers=ev.num_workers, device=device)
     labels = dataset.labels
+    search = {"similarity": model.similarity, "similarity_options": model.similarity_options}
     metrics = retrieval_metrics(
-        emb, query_labels=labels, ks=ev.ks, seed=params.seed, nmi=ev.nmi, nmi_restarts=ev.nmi_restarts
+        emb, query_labels=labels, ks=ev.ks, seed=params.seed, nmi=ev.nmi, nmi_restarts=ev.nmi_restarts, **search
     )
 
     meta = {"model": model_params.model_dump(), "normalized": True, "manifest": str(paths.TEST_MANIFEST)}
     write_test_embeddings(paths.TEST_EMBEDDINGS, labels, table.column("class_name"), emb, meta)
     write_text(paths.RECALL_CSV, recall_csv(metrics, ev.ks))
     names = table.column("class_name").to_pylist()
-    report.gallery_figure(
+    images = ImageDataset(table, root, None)
+    queries = report.gallery_figure(
         emb,
         labels,
         names,
-        ImageDataset(table, root, None),
+        images,
         paths.GALLERY,
         n_queries=ev.gallery_queries,
         seed=params.seed,
+        neighbours=partial(nearest_neighbours, **search),
     )
+    shown = queries[:SLOT_IMAGES]
+    with torch.inference_mode():
+        maps, titles = model.spatial_maps(torch.stack([dataset[i][0] for i in shown]).to(device))
+    crop = vision.eval_geometry(model_params.image_size)  # the maps cover what the model saw
+    thumbs = [report.thumbnail(crop(images[i][0])) for i in shown]
+    report.plot_slots(thumbs, maps.cpu().numpy(), titles, [names[i] for i in shown], paths.SLOTS)
     if paths.CLASS_EMBEDDINGS.is_file():
         lang, _ = read_class_embeddings(paths.CLASS_EMBEDDINGS)
         language = (

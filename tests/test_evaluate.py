@@ -21,7 +21,7 @@ from stages.core.embedding import embed_dataset
 from stages.core.errors import LangdmlError
 from stages.core.io import embedding_array, embedding_matrix, embedding_type, read_parquet, write_parquet
 from stages.core.metrics import retrieval_metrics
-from stages.core.report import GALLERY_NEIGHBOURS, gallery_size, similarity_size
+from stages.core.report import GALLERY_NEIGHBOURS, gallery_size, similarity_size, slot_size
 
 torch.set_num_threads(1)
 
@@ -227,6 +227,28 @@ def test_stages_end_to_end(workdir: Path) -> None:
         assert im.size == gallery_size(3, GALLERY_NEIGHBOURS)
     with Image.open(paths.SIMILARITY) as im:
         assert im.size == similarity_size()
+
+
+def test_evaluate_a_set_model(workdir: Path) -> None:
+    """A DivE model: set embeddings in the Parquet, smooth-Chamfer retrieval, the slot picture."""
+    params = _params()
+    params = params.model_copy(
+        update={"model": params.model.model_copy(update={"head": "dive", "slots": 3, "slot_depth": 1, "slot_heads": 2})}
+    )
+    _write_class_embeddings()
+    _save_model(params)
+    evaluate_pretrained.run(params)
+    evaluate.run(params)
+    metrics = json.loads(paths.METRICS.read_text())
+    table, meta = read_parquet(paths.TEST_EMBEDDINGS)
+    emb = embedding_matrix(table.column("embedding"))
+    assert emb.shape == (14, 3, 8) and (meta["slots"], meta["dim"]) == (3, 8)
+    again = retrieval_metrics(
+        emb, query_labels=table.column("label").to_numpy(), ks=(1, 2), similarity="smooth_chamfer", nmi=False
+    )
+    assert {k: metrics[k] for k in again} == pytest.approx(again)
+    with Image.open(paths.SLOTS) as im:
+        assert im.size == slot_size(3, 3)
 
 
 def test_evaluate_without_language_cache_skips_similarity(workdir: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -13,7 +13,7 @@ from stages.core.config import load_params
 from stages.core.errors import LangdmlError
 from stages.core.losses import DML_LOSSES, build_dml_loss, language_matching
 from stages.core.registry import RegistryError
-from stages.core.similarity import SIMILARITIES
+from stages.core.similarity import make_similarity
 
 torch.set_num_threads(1)
 
@@ -140,9 +140,9 @@ def test_bad_direction_and_similarity_registry() -> None:
     with pytest.raises(ValueError, match="direction"):
         language_matching(HAND_EMB, HAND_LABELS, HAND_LANG, direction="sideways")
     a, b = torch.randn(3, 4), torch.randn(5, 4)
-    torch.testing.assert_close(SIMILARITIES.get("cosine")(a, b), a @ b.T)
-    with pytest.raises(RegistryError, match="cosine"):
-        language_matching(HAND_EMB, HAND_LABELS, HAND_LANG, similarity="nope")
+    torch.testing.assert_close(make_similarity("cosine")(a, b), a @ b.T)
+    with pytest.raises(RegistryError, match="cosine, smooth_chamfer"):
+        make_similarity("nope")
 
 
 DEFAULT_LOSS_KWARGS = load_params(Path(__file__).resolve().parents[1] / "params.yaml").losses

@@ -274,7 +274,7 @@ def test_gallery_arguments_must_come_together() -> None:
 
 def test_set_embeddings_are_not_flattened_into_cosine() -> None:
     sets = np.random.default_rng(0).standard_normal((20, 4, 8)).astype(np.float32)
-    with pytest.raises(LangdmlError, match=r"sets .*20 x 4 x 8.*set similarity") as err:
+    with pytest.raises(LangdmlError, match=r"sets .*20 x 4 x 8.*smooth_chamfer") as err:
         retrieval_metrics(sets, query_labels=np.repeat(np.arange(5), 4))
     assert "\n" not in str(err.value)
 

@@ -358,3 +358,17 @@ def test_step_meter_and_logs_follow_whatever_terms_the_objective_returns(tmp_pat
     meter.add(step(x, y), 1)
     with pytest.raises(LangdmlError, match="non-finite extra loss at epoch 1/1, step 2"):
         meter.check(0, 1)
+
+
+def test_dive_head_trains_with_a_diversity_term_and_exports_a_set_model(tmp_path: Path) -> None:
+    dive = {"head": "dive", "slots": 2, "slot_depth": 1, "slot_heads": 2}
+    result, paths = run_fit(tmp_path, model=dive, language={"similarity": "smooth_chamfer"})
+    first = result.history[0]
+    assert {"loss/dml", "loss/language", "loss/diversity", "loss/total"} <= set(first)
+    assert 0 < first["loss/diversity"] <= 1
+    model, mp = load_model(paths.model_dir)
+    assert mp.head == "dive" and model.slots == 2 and model.similarity == "smooth_chamfer"
+    with torch.no_grad():
+        emb = model(torch.randn(3, 3, 32, 32))
+    assert emb.shape == (3, 2, 16)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3, 2))

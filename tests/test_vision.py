@@ -13,6 +13,7 @@ from stages.core import vision
 from stages.core.config import ModelParams
 from stages.core.efficientnet_lite import LITE0_FEATURES, LITE0_MEAN
 from stages.core.errors import LangdmlError
+from stages.core.heads import LinearHead
 from stages.core.registry import RegistryError
 from stages.core.vision import (
     BACKBONES,
@@ -89,7 +90,8 @@ def test_embedding_model_outputs_unit_vectors_and_pooled_features(pooling: str) 
     assert emb.shape == (3, 16) and emb.dtype == torch.float32
     torch.testing.assert_close(emb.norm(dim=1), torch.ones(3))
     torch.testing.assert_close(pooled, global_pool(fmap, pooling))
-    torch.testing.assert_close(emb, torch.nn.functional.normalize(model.head(pooled), dim=1))
+    linear = torch.nn.functional.linear(pooled, model.head.weight, model.head.bias)
+    torch.testing.assert_close(emb, torch.nn.functional.normalize(linear, dim=1))
 
 
 def test_freeze_bn_keeps_running_statistics() -> None:
@@ -112,7 +114,7 @@ def test_freeze_bn_keeps_running_statistics() -> None:
 def test_bad_pooling_is_an_error() -> None:
     bb = create_backbone("timm:test_resnet", pretrained=False)
     with pytest.raises(LangdmlError, match="pooling"):
-        EmbeddingModel(bb, "median", 8)
+        EmbeddingModel(bb, LinearHead(bb.channels, 8, "avg"), "median", 8)
 
 
 def test_transforms_shapes_and_normalisation() -> None:
@@ -131,7 +133,7 @@ def test_transforms_shapes_and_normalisation() -> None:
 def test_save_and_load_round_trip_needs_no_pretrained_download(tmp_path, monkeypatch) -> None:
     params = TINY.model_copy(update={"pretrained": True, "pooling": "avg+max"})
     torch.manual_seed(0)
-    model = vision.EmbeddingModel(create_backbone("timm:test_resnet", False), "avg+max", 16).eval()
+    model = vision.build_model(params.model_copy(update={"pretrained": False})).eval()
     save_model(model, params, tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["model"]["backbone"] == "timm:test_resnet" and cfg["embed_dim"] == 16

@@ -54,8 +54,10 @@ DatasetName = registered("stages.core.datasets.base:DATASETS")
 TextEncoderSpec = registered("stages.core.text:TEXT_ENCODERS", require_arg=True)
 ClassifierSpec = registered("stages.core.imagenet:IMAGENET_CLASSIFIERS")
 BackboneSpec = registered("stages.core.vision:BACKBONES")
+HeadName = registered("stages.core.heads:HEADS")
 GuidanceName = registered("stages.core.language_targets:GUIDANCES")
 LossName = registered("stages.core.losses:DML_LOSSES")
+SimilarityName = registered("stages.core.similarity:SIMILARITIES")
 OptimizerName = registered("stages.core.optim:OPTIMIZERS")
 SchedulerName = registered("stages.core.optim:SCHEDULERS")
 
@@ -112,6 +114,17 @@ class ModelParams(_Section):
     embed_dim: PositiveInt = 512
     freeze_bn: bool = False
     image_size: PositiveInt = 64
+    head: HeadName = "linear"  # linear: one vector per image; dive: a set of `slots` vectors (DivE)
+    slots: PositiveInt = 4
+    slot_depth: PositiveInt = 4  # applications of the weight-tied slot block
+    slot_heads: PositiveInt = 4  # attention heads; embed_dim must be a multiple
+    alpha: PositiveFloat = 16.0  # smooth-Chamfer temperature (set similarity of losses and retrieval)
+
+    @model_validator(mode="after")
+    def _slot_heads(self) -> ModelParams:
+        if self.embed_dim % self.slot_heads:
+            raise ValueError(f"embed_dim ({self.embed_dim}) must be a multiple of slot_heads ({self.slot_heads})")
+        return self
 
 
 class LanguageParams(_Section):
@@ -119,6 +132,8 @@ class LanguageParams(_Section):
     gamma: float = 1.0
     temperature: PositiveFloat = 1.0
     direction: Literal["backward", "forward"] = "backward"
+    similarity: SimilarityName = "cosine"  # S_img; for sets: cosine of the slot means, or centred smooth-Chamfer
+    plg_similarity: Literal["rankwise", "smooth_chamfer"] = "rankwise"  # PLG: rank-wise mean, or names as a set
 
     def matching_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of ``language_matching`` that params.yaml sets."""
@@ -143,6 +158,7 @@ class TrainParams(_Section):
     amp: bool = True
     compile: bool = False
     deterministic: bool = False
+    diversity: Annotated[float, Field(ge=0)] = 0.01  # weight of DivE's slot-diversity term (set heads only)
 
     @model_validator(mode="after")
     def _batch(self) -> TrainParams:

@@ -21,24 +21,31 @@ from stages.core.artifacts import read_class_embeddings, read_pseudolabels
 from stages.core.errors import LangdmlError
 from stages.core.io import embedding_matrix
 from stages.core.registry import Registry
+from stages.core.similarity import Similarity
 
 log = logging.getLogger(__name__)
 
 
 class EmbeddingTarget:
-    """Cosine similarities of class embeddings ``C x D`` or rank-wise means over ``k x C x D``."""
+    """Cosine similarities of class embeddings ``C x D``, or over ``k x C x D`` (PLG) either the rank-wise
+    mean (the paper: the j-th name of one class meets only the j-th name of another) or, with
+    ``set_similarity``, a set similarity of the k names of each class (every name meets every name)."""
 
-    def __init__(self, embeddings: torch.Tensor) -> None:
+    def __init__(self, embeddings: torch.Tensor, set_similarity: Similarity | None = None) -> None:
         e = embeddings if embeddings.ndim == 3 else embeddings.unsqueeze(0)
         self.embeddings = F.normalize(e.float(), dim=-1)
+        self.set_similarity = set_similarity
 
     def to(self, device: torch.device | str) -> EmbeddingTarget:
         self.embeddings = self.embeddings.to(device)
         return self
 
     def __call__(self, labels: torch.Tensor) -> torch.Tensor:
-        """B x B similarity for dense labels: mean over ranks j of cos(e_j[a], e_j[b])."""
-        e = self.embeddings[:, labels]
+        """B x B similarity for dense labels."""
+        e = self.embeddings[:, labels]  # k x B x D
+        if self.set_similarity is not None:
+            sets = e.transpose(0, 1)  # B x k x D
+            return self.set_similarity(sets, sets)
         return torch.bmm(e, e.transpose(1, 2)).mean(dim=0)
 
 
@@ -68,6 +75,7 @@ class LanguageSources:
     pseudolabels: Path
     seed: int
     class_names: dict[int, str] | None = None
+    plg_set_similarity: Similarity | None = None  # PLG's k names as a set (None: the rank-wise mean)
 
 
 GuidanceBuilder = Callable[[LanguageSources], list[LanguageTarget]]
@@ -181,12 +189,12 @@ def _elg(src: LanguageSources) -> list[LanguageTarget]:
 
 @_guidance("plg", "pseudolabels")
 def _plg(src: LanguageSources) -> list[LanguageTarget]:
-    return [EmbeddingTarget(plg_embeddings(src))]
+    return [EmbeddingTarget(plg_embeddings(src), src.plg_set_similarity)]
 
 
 @_guidance("both", "class_embeddings", "pseudolabels")
 def _both(src: LanguageSources) -> list[LanguageTarget]:
-    return [EmbeddingTarget(elg_embeddings(src)), EmbeddingTarget(plg_embeddings(src))]
+    return [EmbeddingTarget(elg_embeddings(src)), EmbeddingTarget(plg_embeddings(src), src.plg_set_similarity)]
 
 
 @_guidance("shuffled", "class_embeddings")

@@ -14,6 +14,7 @@ optimiser group (margin's beta, proxy-anchor's proxies). A factory takes an opti
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +24,7 @@ from torch import nn
 
 from stages.core.errors import LangdmlError
 from stages.core.registry import Registry
-from stages.core.similarity import SIMILARITIES
+from stages.core.similarity import Similarity, cosine, smooth_chamfer
 
 
 def language_matching(
@@ -34,16 +35,18 @@ def language_matching(
     gamma: float = 1.0,
     temperature: float = 1.0,
     direction: str = "backward",
-    similarity: str = "cosine",
+    similarity: Similarity = cosine,
 ) -> torch.Tensor:
     """T^2/B * sum_i KL(P_i || Q_i) (``backward``) or KL(Q_i || P_i) (``forward``).
 
     P = softmax(S_img masked / T), Q = softmax((lang_sim + gamma) masked / T); same-class entries,
     the diagonal included, are set to 1 + gamma on both sides. At least float32, even under autocast.
+    ``similarity(img_emb, img_emb)`` gives S_img (for sets, a centred smooth-Chamfer keeps the same-class
+    fill value 1 + gamma above every other entry).
     """
     if direction not in ("backward", "forward"):
         raise ValueError(f"direction must be 'backward' or 'forward', got {direction!r}")
-    sim_fn = SIMILARITIES.get(similarity)
+    sim_fn = similarity
     dtype = torch.promote_types(img_emb.dtype, torch.float32)  # bf16/fp16 -> float32; float64 stays
     with torch.autocast(device_type=img_emb.device.type, enabled=False):
         emb = img_emb.to(dtype)
@@ -58,8 +61,75 @@ def language_matching(
         return kl * (temperature**2) / emb.shape[0]
 
 
+def slot_diversity(residual: torch.Tensor) -> torch.Tensor:
+    """DivE's slot-diversity regulariser: per sample, the mean over slot pairs k < l of
+    exp(-2 ||z_k - z_l||^2) with z the L2-normalised slot residuals (B x K x D); averaged over the batch.
+    Near 1 when the slots coincide, near exp(-4) when they are opposite; 0 for a single slot."""
+    k = residual.shape[1]
+    if k < 2:
+        return residual.new_zeros(())
+    z = F.normalize(residual, dim=-1)
+    sq = (2 - 2 * z @ z.transpose(1, 2)).clamp_min(0)  # ||z_k - z_l||^2 of unit vectors
+    upper = torch.triu(torch.ones(k, k, dtype=torch.bool, device=z.device), diagonal=1)
+    return torch.exp(-2 * sq)[:, upper].mean()
+
+
+class _SetDistanceMixin:
+    """Rows are flattened sets (B x K*D); each is reshaped to K unit slots before smooth-Chamfer."""
+
+    slots: int
+    alpha: float
+
+    def _sets(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x.reshape(x.shape[0], self.slots, -1), dim=-1)
+
+    def _similarity(self, query_emb: torch.Tensor, ref_emb: torch.Tensor, centered: bool) -> torch.Tensor:
+        return smooth_chamfer(self._sets(query_emb), self._sets(ref_emb), alpha=self.alpha, centered=centered)
+
+    def _paired(self, query_emb: torch.Tensor, ref_emb: torch.Tensor, centered: bool) -> torch.Tensor:
+        """smooth-Chamfer of row i with row i (what PML's ``pairwise_distance`` asks)."""
+        s = self.alpha * torch.einsum("nkd,nld->nkl", self._sets(query_emb), self._sets(ref_emb))
+        sc = (torch.logsumexp(s, dim=2).mean(dim=1) + torch.logsumexp(s, dim=1).mean(dim=1)) / (2 * self.alpha)
+        return sc - (2 * math.log(self.slots)) / (2 * self.alpha) if centered else sc
+
+
+def set_distance(like: Any, slots: int, alpha: float) -> Any:
+    """A pytorch-metric-learning distance over flattened sets in the form of ``like`` (the loss's own
+    default): a similarity (smooth-Chamfer) where the loss compares by similarity, an L2-like distance
+    sqrt(2 - 2 SC_centred) where it compares by distance (margin loss and its distance-weighted miner)."""
+    from pytorch_metric_learning.distances import BaseDistance, LpDistance
+
+    class SmoothChamferSimilarity(_SetDistanceMixin, BaseDistance):
+        def __init__(self) -> None:
+            super().__init__(normalize_embeddings=False, is_inverted=True)
+            self.slots, self.alpha = slots, alpha
+
+        def compute_mat(self, query_emb: torch.Tensor, ref_emb: torch.Tensor) -> torch.Tensor:
+            return self._similarity(query_emb, ref_emb, centered=False)
+
+        def pairwise_distance(self, query_emb: torch.Tensor, ref_emb: torch.Tensor) -> torch.Tensor:
+            return self._paired(query_emb, ref_emb, centered=False)
+
+    class SmoothChamferL2(_SetDistanceMixin, LpDistance):
+        def __init__(self) -> None:
+            super().__init__(normalize_embeddings=True, p=2, power=1)  # what the miner asserts
+            self.slots, self.alpha = slots, alpha
+
+        def compute_mat(self, query_emb: torch.Tensor, ref_emb: torch.Tensor) -> torch.Tensor:
+            return (2 - 2 * self._similarity(query_emb, ref_emb, centered=True)).clamp_min(1e-12).sqrt()
+
+        def pairwise_distance(self, query_emb: torch.Tensor, ref_emb: torch.Tensor) -> torch.Tensor:
+            return (2 - 2 * self._paired(query_emb, ref_emb, centered=True)).clamp_min(1e-12).sqrt()
+
+    return SmoothChamferSimilarity() if like.is_inverted else SmoothChamferL2()
+
+
 class DMLLoss(nn.Module):
-    """A PML loss with its optional miner; labels must be dense 0..C-1 (proxies index by them)."""
+    """A PML loss with its optional miner; labels must be dense 0..C-1 (proxies index by them).
+
+    Set embeddings (B x K x D) are handed to PML as B x K*D rows, which only a set distance (one made by
+    :func:`set_distance`, reshaping each row back to K slots) may compare: anything else is an error.
+    """
 
     def __init__(self, loss: nn.Module, miner: nn.Module | None = None, lr: float | None = None) -> None:
         super().__init__()
@@ -68,6 +138,10 @@ class DMLLoss(nn.Module):
         self.lr = lr
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if embeddings.ndim == 3:
+            if not isinstance(self.loss.distance, _SetDistanceMixin):
+                raise ValueError("set embeddings (B x K x D) need a set distance (losses.set_distance)")
+            embeddings = embeddings.flatten(1)
         pairs = self.miner(embeddings, labels) if self.miner is not None else None
         return self.loss(embeddings, labels, pairs)
 
@@ -101,13 +175,26 @@ def check_loss_kwargs(name: str, kwargs: dict[str, Any]) -> None:
 
 
 def build_dml_loss(
-    name: str, num_classes: int, embed_dim: int, kwargs: dict[str, Any] | None = None, *, distance: Any = None
+    name: str,
+    num_classes: int,
+    embed_dim: int,
+    kwargs: dict[str, Any] | None = None,
+    *,
+    distance: Any = None,
+    slots: int | None = None,
+    alpha: float = 16.0,
 ) -> DMLLoss:
     """Look ``name`` up and pass ``params.losses[name]``; ``distance`` (a PML distance) replaces the
-    loss's and miner's default when given."""
+    loss's and miner's default when given. ``slots``: the embeddings are sets of that many
+    ``embed_dim``-d slots, compared by smooth-Chamfer (temperature ``alpha``) in the loss's own form."""
     kwargs = dict(kwargs or {})
     check_loss_kwargs(name, kwargs)
-    return DML_LOSSES.get(name)(num_classes, embed_dim, distance=distance, **kwargs)
+    factory = DML_LOSSES.get(name)
+    if slots is None:
+        return factory(num_classes, embed_dim, distance=distance, **kwargs)
+    with torch.random.fork_rng(devices=[]):  # a throwaway build: it must not move the RNG (proxies' init)
+        like = factory(num_classes, embed_dim, **kwargs).loss.distance
+    return factory(num_classes, slots * embed_dim, distance=set_distance(like, slots, alpha), **kwargs)
 
 
 def _with(distance: Any) -> dict[str, Any]:

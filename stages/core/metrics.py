@@ -38,7 +38,7 @@ KMEANS_RESTARTS = 5
 Searcher = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 # factory(database, largest k that will be asked) -> searcher over that database
 SearcherFactory = Callable[[np.ndarray, int], Searcher]
-SEARCHERS: Registry[SearcherFactory] = Registry("retrieval similarity")
+SEARCHERS: Registry[SearcherFactory] = Registry("retrieval similarity", modules=("stages.core.set_search",))
 
 
 def _validate(embeddings: np.ndarray, labels: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -112,12 +112,19 @@ def search_excluding_self(
     return scores[keep].reshape(len(ids), k), ids[keep].reshape(len(ids), k)
 
 
-def nearest_neighbours(embeddings: np.ndarray, query_ids: Sequence[int] | np.ndarray, k: int) -> np.ndarray:
-    """Indices (len(query_ids) x k) of each query's k nearest other rows, by cosine similarity."""
+def nearest_neighbours(
+    embeddings: np.ndarray,
+    query_ids: Sequence[int] | np.ndarray,
+    k: int,
+    similarity: str = "cosine",
+    similarity_options: dict[str, Any] | None = None,
+) -> np.ndarray:
+    """Indices (len(query_ids) x k) of each query's k nearest other rows under ``similarity``."""
     x = l2_normalize(embeddings)
     k = min(k, len(x) - 1)
     qids = np.asarray(query_ids, dtype=np.int64)
-    _, ids = search_excluding_self(flat_ip_searcher(x, k + 1), x[qids], qids, k)
+    search = SEARCHERS.get(similarity)(x, k + 1, **(similarity_options or {}))
+    _, ids = search_excluding_self(search, x[qids], qids, k)
     return ids
 
 
@@ -209,6 +216,7 @@ def retrieval_metrics(
     gallery_labels: np.ndarray | None = None,
     ks: Sequence[int] = (1, 2, 4, 8),
     similarity: str = "cosine",
+    similarity_options: dict[str, Any] | None = None,
     searcher: SearcherFactory | None = None,
     seed: int = 0,
     chunk_size: int | None = None,
@@ -220,9 +228,11 @@ def retrieval_metrics(
     ``gallery=None``: leave-one-out within the query set (the DML protocol). Queries whose class has
     no gallery image cannot be scored; they are counted in ``n_skipped_queries`` (``n_queries``
     counts the scored ones). ``similarity`` names the searcher (``cosine``: exact faiss inner
-    product on L2-normalised rows); ``searcher`` replaces it. N x K x D sets need a set similarity.
-    NMI clusters the query embeddings into one cluster per query class. ``chunk_size`` (queries
-    per search) defaults to what fits :data:`NEIGHBOUR_BUDGET`.
+    product on L2-normalised rows; ``smooth_chamfer``: exact certified set search, options such as
+    ``alpha`` in ``similarity_options``); ``searcher`` replaces it. N x K x D sets need a set
+    similarity. NMI clusters the query embeddings into one cluster per query class (a set by the
+    normalised mean of its slots). ``chunk_size`` (queries per search) defaults to what fits
+    :data:`NEIGHBOUR_BUDGET`.
     """
     xq, yq = _validate(query, query_labels, "query")
     leave_one_out = gallery is None
@@ -240,7 +250,7 @@ def retrieval_metrics(
     if xq.ndim == 3 and searcher is None and similarity == "cosine":
         raise LangdmlError(
             f"embeddings are sets (N x K x D = {' x '.join(map(str, xq.shape))}); cosine compares single "
-            "vectors: pass a set similarity (none is registered yet) instead of flattening the set"
+            "vectors: use similarity='smooth_chamfer' instead of flattening the set"
         )
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
@@ -256,12 +266,12 @@ def retrieval_metrics(
             f"none of the {len(xq)} queries has an image of its class in the gallery: nothing to retrieve"
         )
 
-    xq = l2_normalize(xq) if xq.ndim == 2 else xq
-    xg = xq if leave_one_out else (l2_normalize(xg) if xg.ndim == 2 else xg)
+    xq = l2_normalize(xq)
+    xg = xq if leave_one_out else l2_normalize(xg)
     n, n_gallery = len(xq), len(xg) - (1 if leave_one_out else 0)
     k_max = min(n_gallery, max(ks[-1], int(r.max())))
     chunk = min(n, chunk_size or max(1, NEIGHBOUR_BUDGET // (k_max + 1)))
-    search = make_searcher(xg, k_max + 1)
+    search = make_searcher(xg, k_max + 1, **(similarity_options or {}))
     log.info("k-NN of %d queries in %d gallery items: %d neighbours, %d queries per chunk", n, len(xg), k_max, chunk)
 
     # Per-query values, summed once at the end: the result does not depend on the chunking.
@@ -288,9 +298,10 @@ def retrieval_metrics(
     out["map@r"] = float(map_all.sum()) / n_scored
     out["r_precision"] = float(rp_all.sum()) / n_scored
     if nmi:
-        if xq.ndim != 2:
-            raise LangdmlError("NMI of set embeddings needs a set reduction; pass nmi=False")
-        out["nmi"] = normalized_mutual_info(inverse, kmeans_assign(xq, len(classes), seed=seed, restarts=nmi_restarts))
+        flat = xq if xq.ndim == 2 else l2_normalize(xq.mean(axis=1))
+        out["nmi"] = normalized_mutual_info(
+            inverse, kmeans_assign(flat, len(classes), seed=seed, restarts=nmi_restarts)
+        )
     out["n_queries"] = n_scored
     out["n_classes"] = len(classes)
     out["n_skipped_queries"] = n - n_scored

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from stages.core.language_targets import LanguageTarget
-from stages.core.losses import DMLLoss, language_matching
+from stages.core.losses import DMLLoss, language_matching, slot_diversity
+from stages.core.similarity import Similarity, cosine
 from stages.core.vision import EmbeddingModel
 
 
@@ -31,18 +32,23 @@ class Objective(nn.Module):
         *,
         omega: float,
         language_kwargs: dict[str, Any],
+        image_similarity: Similarity = cosine,
+        diversity: float = 0.0,
     ) -> None:
+        """``image_similarity`` is S_img of the language term; ``diversity`` weighs DivE's slot-diversity
+        term, which exists only for a head that exposes slot residuals (a set head)."""
         super().__init__()
         self.model = model
         self.dml = dml
         self.targets = targets
         self.language_kwargs = dict(language_kwargs)
-        self.weights: dict[str, float] = {"dml": 1.0, "language": float(omega)}
-        self._encode: Callable[[torch.Tensor], torch.Tensor] = model
+        self.image_similarity = image_similarity
+        self.weights: dict[str, float] = {"dml": 1.0, "language": float(omega), "diversity": float(diversity)}
+        self._encode: Callable[[torch.Tensor], dict[str, Any]] = model.encode
 
     def compile_model(self) -> None:
         """``torch.compile`` the encoder's forward; state dicts keep the plain module's keys."""
-        object.__setattr__(self, "_encode", torch.compile(self.model))
+        object.__setattr__(self, "_encode", torch.compile(self.model.encode))
 
     def param_groups(self, lr: float, head_lr: float) -> list[dict[str, Any]]:
         """Backbone (lr), head (head_lr), the loss's own parameters (their lr, else head_lr)."""
@@ -55,16 +61,22 @@ class Objective(nn.Module):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Unweighted loss terms; the losses run in float32 even when the encoder ran under autocast."""
-        emb = self._encode(images)
+        out = self._encode(images)
         with torch.autocast(images.device.type, enabled=False):
-            emb = emb.float()
-            return {"dml": self.dml(emb, labels), "language": self._language(emb, labels)}
+            emb = out["embeddings"].float()
+            terms = {"dml": self.dml(emb, labels), "language": self._language(emb, labels)}
+            if "residual" in out:
+                terms["diversity"] = slot_diversity(out["residual"].float())
+            return terms
 
     def _language(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean matching loss over the targets (``both`` has two); zero without guidance."""
         if not self.targets:
             return torch.zeros((), device=emb.device)
-        losses = [language_matching(emb, labels, t(labels), **self.language_kwargs) for t in self.targets]
+        losses = [
+            language_matching(emb, labels, t(labels), similarity=self.image_similarity, **self.language_kwargs)
+            for t in self.targets
+        ]
         return torch.stack(losses).mean()
 
 

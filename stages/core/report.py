@@ -150,7 +150,7 @@ def plot_similarity(
     return _save(fig, path)
 
 
-def _thumbnail(image: Any) -> np.ndarray:
+def thumbnail(image: Any) -> np.ndarray:
     image = image.copy()
     image.thumbnail((THUMBNAIL, THUMBNAIL))
     return np.asarray(image)
@@ -166,10 +166,12 @@ def gallery_figure(
     n_queries: int,
     seed: int,
     neighbours: Any = None,
-) -> Path:
+) -> np.ndarray:
     """``n_queries`` seeded test queries with their nearest neighbours; ``images[i]`` is ``(PIL image, label)``.
+    Returns the query rows shown.
 
-    ``neighbours(emb, query_ids, k)`` finds them (default: exact cosine search, N x D embeddings).
+    ``neighbours(emb, query_ids, k)`` finds them (default: exact cosine search, N x D embeddings; pass
+    a set search for N x K x D).
     """
     from stages.core.metrics import nearest_neighbours
 
@@ -178,15 +180,16 @@ def gallery_figure(
     found = find(emb, queries, GALLERY_NEIGHBOURS)
     rows = [
         GalleryRow(
-            query=_thumbnail(images[q][0]),
+            query=thumbnail(images[q][0]),
             query_name=str(names[q]),
-            neighbours=[_thumbnail(images[j][0]) for j in nb],
+            neighbours=[thumbnail(images[j][0]) for j in nb],
             neighbour_names=[str(names[j]) for j in nb],
             correct=list(labels[nb] == labels[q]),
         )
         for q, nb in zip(queries, found, strict=True)
     ]
-    return plot_gallery(rows, path)
+    plot_gallery(rows, path)
+    return queries
 
 
 def similarity_figure(
@@ -201,7 +204,9 @@ def similarity_figure(
     the picture was not drawn (and removes an older one), or None when it was.
     """
     from stages.core.metrics import class_centroids, cosine_similarity_matrix
+    from stages.core.vectors import l2_normalize
 
+    emb = emb if emb.ndim == 2 else l2_normalize(emb.mean(axis=1))  # a set: its normalised slot mean
     classes = np.unique(labels)
     if len(classes) > MAX_SIMILARITY_CLASSES:
         classes = classes[:MAX_SIMILARITY_CLASSES]
@@ -216,3 +221,45 @@ def similarity_figure(
     image_sim = cosine_similarity_matrix(class_centroids(emb, labels, classes))
     plot_similarity(lang_sim, image_sim, [str(class_names[r]) for r in rows], path)
     return None
+
+
+SLOT_CELL = 1.6  # inches per picture in slots.png
+
+
+def slot_size(n_rows: int, n_maps: int) -> tuple[int, int]:
+    """Pixel (width, height) of a slot picture with ``n_rows`` images and ``n_maps`` maps per image."""
+    return round((n_maps + 1) * SLOT_CELL * DPI), round(n_rows * (SLOT_CELL + 0.3) * DPI)
+
+
+def plot_slots(
+    images: Sequence[np.ndarray],
+    maps: np.ndarray,
+    titles: Sequence[str],
+    names: Sequence[str],
+    path: str | os.PathLike[str],
+) -> Path:
+    """Each image (H x W x 3 uint8) beside its maps (n x M x h x w, e.g. one attention map per slot),
+    each map upsampled onto the image as a heat map; ``titles`` names the M columns."""
+    from PIL import Image
+
+    if len(images) == 0 or maps.shape[0] != len(images) or maps.shape[1] != len(titles):
+        raise ValueError(f"need one M x h x w stack per image and M titles, got {maps.shape} for {len(images)}")
+    n, m = maps.shape[:2]
+    fig = _figure((SLOT_CELL * (m + 1), (SLOT_CELL + 0.3) * n))
+    axes = fig.subplots(n, m + 1, squeeze=False)
+    for r, (img, name) in enumerate(zip(images, names, strict=True)):
+        h, w = img.shape[:2]
+        axes[r, 0].imshow(img)
+        axes[r, 0].set_xlabel(_short(name), fontsize=8)
+        for c in range(m):
+            a = maps[r, c].astype(np.float32)
+            a = (a - a.min()) / max(float(a.max() - a.min()), 1e-12)
+            heat = np.asarray(Image.fromarray((255 * a).astype(np.uint8)).resize((w, h), Image.BILINEAR))
+            axes[r, c + 1].imshow(img)
+            axes[r, c + 1].imshow(heat, cmap="jet", alpha=0.5, vmin=0, vmax=255)
+            if r == 0:
+                axes[r, c + 1].set_title(titles[c], fontsize=9)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    return _save(fig, path)

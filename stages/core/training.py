@@ -30,6 +30,7 @@ from stages.core.objective import Objective, weighted_total
 from stages.core.optim import build_optimizer, build_scheduler
 from stages.core.runtime import autocast, resolve_device, seed_everything
 from stages.core.sampling import ClassBalancedBatchSampler, SeededSamples
+from stages.core.similarity import make_similarity
 from stages.core.vision import build_model, save_model, train_transform
 
 log = logging.getLogger(__name__)
@@ -101,16 +102,31 @@ def fit(
     sampler = ClassBalancedBatchSampler(
         labels, tp.samples_per_class, tp.batch_size, max(1, len(labels) // tp.batch_size), config.seed
     )
-    sources = LanguageSources(class_ids, paths.class_embeddings, paths.pseudolabels, config.seed, class_names)
-    guidance = config.language.guidance
+    lp = config.language
+    plg_sets = make_similarity("smooth_chamfer", alpha=mp.alpha, centered=True)
+    sources = LanguageSources(
+        class_ids,
+        paths.class_embeddings,
+        paths.pseudolabels,
+        config.seed,
+        class_names,
+        plg_set_similarity=plg_sets if lp.plg_similarity == "smooth_chamfer" else None,
+    )
+    guidance = lp.guidance
     targets = build_language_targets(guidance, config.omega, sources, device)
     fp_config = ckpt.fingerprint_config(
         config, device.type, [*input_files, *cache_files(guidance, config.omega, sources)]
     )
     fp = ckpt.fingerprint(fp_config)
-    dml = build_dml_loss(tp.loss, len(class_ids), mp.embed_dim, config.loss_kwargs())
+    dml = build_dml_loss(tp.loss, len(class_ids), mp.embed_dim, config.loss_kwargs(), slots=model.slots, alpha=mp.alpha)
     objective = Objective(
-        model, dml, targets, omega=config.omega, language_kwargs=config.language.matching_kwargs()
+        model,
+        dml,
+        targets,
+        omega=config.omega,
+        language_kwargs=lp.matching_kwargs(),
+        image_similarity=make_similarity(lp.similarity, alpha=mp.alpha, centered=True),
+        diversity=tp.diversity,
     ).to(device)
     if cuda:
         model.to(memory_format=torch.channels_last)

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from stages.core.config import ModelParams
 from stages.core.errors import LangdmlError
+from stages.core.heads import HEADS, global_pool
 from stages.core.hub import load_cached_or_online
 from stages.core.io import atomic_path, write_json
 from stages.core.registry import Registry, parse_spec
@@ -100,25 +100,21 @@ def _timm(name: str, pretrained: bool) -> Backbone:
     return Backbone(_TimmFeatures(net), int(net.num_features), tuple(cfg["mean"]), tuple(cfg["std"]))
 
 
-def global_pool(fmap: torch.Tensor, pooling: str) -> torch.Tensor:
-    """``avg`` or ``avg+max`` (the sum, as in the paper's code) over the spatial dims: B x C."""
-    avg = fmap.mean(dim=(2, 3))
-    if pooling == "avg":
-        return avg
-    if pooling == "avg+max":
-        return avg + fmap.amax(dim=(2, 3))
-    raise LangdmlError(f"model.pooling must be avg or avg+max, got {pooling!r}")
-
-
 class EmbeddingModel(nn.Module):
-    """Backbone -> pooling -> linear -> L2 normalisation; ``pooled`` is the head-less control."""
+    """Backbone -> a registered head -> L2-normalised embeddings (B x D, or B x K x D for a set head);
+    ``pooled`` is the head-less control."""
 
-    def __init__(self, backbone: Backbone, pooling: str, embed_dim: int, freeze_bn: bool = False) -> None:
+    def __init__(
+        self, backbone: Backbone, head: nn.Module, pooling: str, embed_dim: int, freeze_bn: bool = False
+    ) -> None:
         super().__init__()
         if pooling not in ("avg", "avg+max"):
             raise LangdmlError(f"model.pooling must be avg or avg+max, got {pooling!r}")
         self.backbone = backbone.module
-        self.head = nn.Linear(backbone.channels, embed_dim)
+        self.head = head
+        self.similarity: str = head.similarity
+        self.similarity_options: dict[str, Any] = dict(head.similarity_options)
+        self.slots: int | None = head.slots
         self.pooling = pooling
         self.freeze_bn = freeze_bn
         self.channels = backbone.channels
@@ -138,14 +134,23 @@ class EmbeddingModel(nn.Module):
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         return global_pool(self.backbone(x), self.pooling)
 
+    def encode(self, x: torch.Tensor) -> dict[str, Any]:
+        """The head's dict: ``embeddings`` and what the head exposes (slot residuals, attention maps)."""
+        return self.head(self.backbone(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32: under bf16 autocast the head output is bf16, the losses want float32.
-        return F.normalize(self.head(self.pooled(x)).float(), dim=-1)
+        return self.encode(x)["embeddings"]
+
+    def spatial_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+        """The head's maps over the feature grid (B x M x h x w) and their titles: a set head's slot
+        attention, the linear head's feature norm."""
+        return self.head.maps(self.backbone(x))
 
 
 def build_model(model_params: ModelParams) -> EmbeddingModel:
     backbone = create_backbone(model_params.backbone, model_params.pretrained)
-    return EmbeddingModel(backbone, model_params.pooling, model_params.embed_dim, model_params.freeze_bn)
+    head = HEADS.get(model_params.head)(backbone.channels, model_params)
+    return EmbeddingModel(backbone, head, model_params.pooling, model_params.embed_dim, model_params.freeze_bn)
 
 
 def save_model(model: EmbeddingModel, model_params: ModelParams, directory: str | Path) -> None:
@@ -195,14 +200,14 @@ def train_transform(image_size: int, mean: Sequence[float], std: Sequence[float]
     return T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
 
 
+def eval_geometry(image_size: int) -> Callable[[Any], Any]:
+    """The evaluation resize and centre crop (PIL in, PIL out): what the model sees of an image."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size)])
+
+
 def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable[[Any], torch.Tensor]:
     from torchvision import transforms as T
 
-    return T.Compose(
-        [
-            T.Resize(round(image_size * 256 / 224)),
-            T.CenterCrop(image_size),
-            T.ToTensor(),
-            T.Normalize(mean, std),
-        ]
-    )
+    return T.Compose([*eval_geometry(image_size).transforms, T.ToTensor(), T.Normalize(mean, std)])
