@@ -284,7 +284,7 @@ def test_a_searcher_can_be_passed_in() -> None:
     calls: list[tuple[int, int]] = []
 
     def brute(database: np.ndarray, max_k: int):
-        def search(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        def search(queries: np.ndarray, k: int, depth: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
             calls.append((len(queries), k))
             sim = queries @ database.T
             ids = np.argsort(-sim, axis=1, kind="stable")[:, :k]

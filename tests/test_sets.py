@@ -245,7 +245,7 @@ def test_set_retrieval_equals_brute_force(shortlist: int, alpha: float) -> None:
 
 def test_set_search_certifies_most_queries_at_the_first_shortlist_and_returns_exact_scores() -> None:
     x, _ = _clustered_sets(300, 4, 16, 20, seed=16, noise=0.8)
-    search = SmoothChamferSearch(x, alpha=16.0, shortlist=64)
+    search = SmoothChamferSearch(x, alpha=16.0, shortlist=64, exhaustive_fraction=1.0)
     scores, ids = search(x[:50], 10)
     brute = smooth_chamfer(torch.from_numpy(x[:50]).double(), torch.from_numpy(x).double()).numpy()
     for i in range(50):
@@ -253,3 +253,8 @@ def test_set_search_certifies_most_queries_at_the_first_shortlist_and_returns_ex
         np.testing.assert_array_equal(ids[i], order)
         np.testing.assert_allclose(scores[i], brute[i, order], atol=1e-12)
     assert search.stats["queries"] == 50 and search.stats["certified_first"] >= 40
+    fallback = SmoothChamferSearch(x, alpha=16.0, shortlist=64, exhaustive_fraction=0.0)
+    again, again_ids = fallback(x[:50], 10)
+    np.testing.assert_array_equal(again_ids, ids)
+    np.testing.assert_allclose(again, scores, atol=1e-12)
+    assert fallback.stats["brute_force"] == 50

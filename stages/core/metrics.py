@@ -34,8 +34,10 @@ KMEANS_ITERATIONS = 20
 # from the optimum on small or many-class sets; the cost grows linearly (minutes for SOP on a CPU).
 KMEANS_RESTARTS = 5
 
-# search(queries, k) -> (scores, ids), each len(queries) x k, best first
-Searcher = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+# search(queries, k, depth=None) -> (scores, ids), each len(queries) x k, best first. ``depth`` (one int
+# per query, <= k) says how many leading results must be exact: a metric needs only max(R, largest k) of
+# each query's ranking, which lets a certified search stop early. Exact searchers ignore it.
+Searcher = Callable[..., tuple[np.ndarray, np.ndarray]]
 # factory(database, largest k that will be asked) -> searcher over that database
 SearcherFactory = Callable[[np.ndarray, int], Searcher]
 SEARCHERS: Registry[SearcherFactory] = Registry("retrieval similarity", modules=("stages.core.set_search",))
@@ -87,26 +89,26 @@ def flat_ip_searcher(database: np.ndarray, max_k: int) -> Searcher:
     index.add(database)
     if _faiss_gpu_count() > 0 and max_k <= GPU_MAX_K:
         res = faiss.StandardGpuResources()
-        gpu_index = faiss.index_cpu_to_gpu(res, 0, index)
+        index = faiss.index_cpu_to_gpu(res, 0, index)
+        index.resources = res  # the resources must outlive the GPU index
 
-        def search_gpu(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-            _ = res  # the resources must outlive the GPU index
-            return gpu_index.search(queries, k)
+    def search(queries: np.ndarray, k: int, depth: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        return index.search(queries, k)  # exact at every depth
 
-        return search_gpu
-    return index.search
+    return search
 
 
 def search_excluding_self(
-    search: Searcher, queries: np.ndarray, query_ids: np.ndarray, k: int
+    search: Searcher, queries: np.ndarray, query_ids: np.ndarray, k: int, depth: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` nearest database rows of each query, without the query's own row.
 
-    Searches ``k + 1`` and drops the entry whose id is the query's id; a query that is not among its
-    own ``k + 1`` results (many exact duplicates ahead of it) drops its last entry instead.
-    Needs ``k + 1 <= len(database)``.
+    Searches ``k + 1`` (``depth + 1`` exact) and drops the entry whose id is the query's id; a query that
+    is not among its own ``k + 1`` results (many exact duplicates ahead of it) drops its last entry
+    instead. Needs ``k + 1 <= len(database)``.
     """
-    scores, ids = search(np.ascontiguousarray(queries, dtype=np.float32), k + 1)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    scores, ids = search(queries, k + 1, None if depth is None else np.minimum(depth + 1, k + 1))
     keep = ids != query_ids[:, None]
     keep[:, -1] &= ~keep.all(axis=1)
     return scores[keep].reshape(len(ids), k), ids[keep].reshape(len(ids), k)
@@ -286,10 +288,11 @@ def retrieval_metrics(
             continue
         q_ids = np.arange(start, stop)[keep]
         k = min(n_gallery, max(ks[-1], int(r[q_ids].max())))
+        depth = np.minimum(np.maximum(r[q_ids], ks[-1]), k)  # what this query's metrics read: R or the largest k
         if leave_one_out:
-            _, ids = search_excluding_self(search, xq[q_ids], q_ids, k)
+            _, ids = search_excluding_self(search, xq[q_ids], q_ids, k, depth)
         else:
-            _, ids = search(np.ascontiguousarray(xq[q_ids], dtype=np.float32), k)
+            _, ids = search(np.ascontiguousarray(xq[q_ids], dtype=np.float32), k, depth)
         hits_all[q_ids], map_all[q_ids], rp_all[q_ids] = _chunk_scores(yg[ids] == yq[q_ids, None], r[q_ids], ks)
 
     n_scored = int(scored.sum())

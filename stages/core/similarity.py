@@ -69,16 +69,21 @@ def smooth_chamfer(
         if k1 == k2 == 1:
             return xs[:, 0] @ ys[:, 0].T
         rows = max(1, budget // max(1, b2 * k1 * k2))
-        parts = []
-        for start in range(0, b1, rows):
-            s = alpha * torch.einsum("ikd,jld->ijkl", xs[start : start + rows], ys)  # chunk x B2 x K1 x K2
-            forward = torch.logsumexp(s, dim=3).mean(dim=2)  # each x slot to its soft-nearest y slot
-            backward = torch.logsumexp(s, dim=2).mean(dim=2)  # each y slot to its soft-nearest x slot
-            parts.append((forward + backward) / (2 * alpha))
-        out = torch.cat(parts)
-        if centered:
-            out = out - (math.log(k1) + math.log(k2)) / (2 * alpha)
-        return out
+        parts = [
+            chamfer_from_slot_similarities(torch.einsum("ikd,jld->ijkl", xs[start : start + rows], ys), alpha, centered)
+            for start in range(0, b1, rows)
+        ]
+        return torch.cat(parts)
+
+
+def chamfer_from_slot_similarities(s: torch.Tensor, alpha: float, centered: bool = False) -> torch.Tensor:
+    """smooth-Chamfer from slot similarities ``s`` (... x K1 x K2) -> (...)."""
+    k1, k2 = s.shape[-2:]
+    a = alpha * s
+    forward = torch.logsumexp(a, dim=-1).mean(dim=-1)  # each x slot to its soft-nearest y slot
+    backward = torch.logsumexp(a, dim=-2).mean(dim=-1)  # each y slot to its soft-nearest x slot
+    out = (forward + backward) / (2 * alpha)
+    return out - (math.log(k1) + math.log(k2)) / (2 * alpha) if centered else out
 
 
 def smooth_chamfer_upper_bound(tau: torch.Tensor, k2: int, *, alpha: float, centered: bool = False) -> torch.Tensor:
