@@ -8,6 +8,7 @@ and the repository's own data/ is left alone; the same grid through DVC is
 over seeds and, per configuration, the paired same-seed difference to the baseline (polars).
 
     python benchmarks/seed_table.py --seeds 0 1 2 --omegas 1 5
+    python benchmarks/seed_table.py --grid dive --omegas 1        # linear vs DivE head, the DivE rows
 """
 
 from __future__ import annotations
@@ -32,13 +33,37 @@ BASELINE = "baseline (omega=0)"
 
 
 def grid(omegas: list[float], control_omega: float) -> list[tuple[str, dict[str, object]]]:
-    """(row name, parameter overrides) for every configuration of the table."""
+    """(row name, parameter overrides) for every configuration of the language table."""
     rows: list[tuple[str, dict[str, object]]] = [(BASELINE, {"omega": 0.0, "language.guidance": "none"})]
     for guidance in ("elg", "plg"):
         rows += [(f"{guidance.upper()} omega={w:g}", {"omega": w, "language.guidance": guidance}) for w in omegas]
     for control in ("shuffled", "uniform"):
         rows.append((f"{control} omega={control_omega:g}", {"omega": control_omega, "language.guidance": control}))
     return rows
+
+
+def dive_grid(omegas: list[float], control_omega: float) -> list[tuple[str, dict[str, object]]]:
+    """Linear vs DivE head, each without and with ELG; DivE + ELG with cosine vs smooth-Chamfer S_img;
+    PLG rank-wise vs as sets; the shuffled control of the guided DivE row (first omega)."""
+    w = omegas[0]
+    dive = {"model.head": "dive"}
+    sc = {**dive, "language.similarity": "smooth_chamfer"}
+    return [
+        (BASELINE, {"omega": 0.0, "language.guidance": "none"}),
+        (f"linear, ELG omega={w:g}", {"omega": w, "language.guidance": "elg"}),
+        ("DivE, omega=0", {**dive, "omega": 0.0, "language.guidance": "none"}),
+        (f"DivE, ELG omega={w:g}, S_img cosine", {**dive, "omega": w, "language.guidance": "elg"}),
+        (f"DivE, ELG omega={w:g}, S_img smooth-Chamfer", {**sc, "omega": w, "language.guidance": "elg"}),
+        (f"DivE, PLG rankwise omega={w:g}", {**sc, "omega": w, "language.guidance": "plg"}),
+        (
+            f"DivE, PLG as sets omega={w:g}",
+            {**sc, "omega": w, "language.guidance": "plg", "language.plg_similarity": "smooth_chamfer"},
+        ),
+        (f"DivE, shuffled omega={control_omega:g}", {**sc, "omega": control_omega, "language.guidance": "shuffled"}),
+    ]
+
+
+GRIDS = {"language": grid, "dive": dive_grid}
 
 
 def with_overrides(params: dict, overrides: dict[str, object]) -> dict:
@@ -94,6 +119,7 @@ def main() -> None:
     ap.add_argument("--omegas", type=float, nargs="+", default=[1.0, 5.0])
     ap.add_argument("--control-omega", type=float, default=None, help="omega of the controls (default: largest)")
     ap.add_argument("--out", type=Path, default=None, help="also write the raw results as JSON here")
+    ap.add_argument("--grid", choices=sorted(GRIDS), default="language", help="which table")
     args = ap.parse_args()
     for name in NEEDED:
         if not (REPO / "data" / name).exists():
@@ -106,11 +132,11 @@ def main() -> None:
     rows: list[dict[str, object]] = []
     scratch = Path(tempfile.mkdtemp(prefix="langdml-seeds-"))
     try:
-        for name, overrides in grid(args.omegas, control_omega):
+        for name, overrides in GRIDS[args.grid](args.omegas, control_omega):
             for seed in args.seeds:
                 t0 = time.perf_counter()
                 params = with_overrides(base, {**overrides, "seed": seed})
-                slug = f"{name.split()[0]}-{overrides['omega']}-s{seed}"
+                slug = f"{len(results)}-{overrides['omega']}-s{seed}"
                 metrics = run_one(params, scratch / slug)
                 results.setdefault(name, []).append(metrics)
                 rows.append({"config": name, "seed": seed, **{k: metrics[k] for k in KEYS}})

@@ -1,0 +1,101 @@
+"""Training-step time of the set head: linear head vs DivE K=1 vs DivE K=4, same backbone and batch.
+
+Each variant runs the training loop's own ``TrainStep`` (its ``Objective``: the base loss over a
+smooth-Chamfer distance for sets, ELG language matching, the diversity term for K > 1) on one fixed
+batch, interleaved after a warm-up so that drift in machine load hits all equally. Prints median step
+times, images/s and the ratio to the linear head.
+
+    .venv/bin/python benchmarks/set_step_time.py                 # params.yaml's backbone, batch, image size
+    .venv/bin/python benchmarks/set_step_time.py --steps 30 --language-similarity smooth_chamfer
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from stages.core.config import Params, load_params
+from stages.core.language_targets import EmbeddingTarget
+from stages.core.losses import build_dml_loss
+from stages.core.objective import Objective
+from stages.core.optim import build_optimizer
+from stages.core.runtime import resolve_device, seed_everything
+from stages.core.similarity import make_similarity
+from stages.core.training import TrainStep
+from stages.core.vision import build_model
+
+
+def parse() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml", help="parameter file (defaults if missing)")
+    ap.add_argument("--steps", type=int, default=15, help="timed steps per variant")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
+    ap.add_argument("--language-similarity", default="cosine", choices=["cosine", "smooth_chamfer"])
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse()
+    params = load_params(args.params) if Path(args.params).is_file() else Params()
+    tp, mp = params.train, params.model
+    device = resolve_device(tp.device)
+    cuda = device.type == "cuda"
+    gen = seed_everything(params.seed)
+    per_batch = tp.batch_size // tp.samples_per_class
+    x = torch.randn(tp.batch_size, 3, mp.image_size, mp.image_size, generator=gen)
+    y = torch.arange(per_batch).repeat_interleave(tp.samples_per_class)
+    elg = [EmbeddingTarget(torch.randn(per_batch, 384, generator=gen)).to(device)]
+    variants: dict[str, TrainStep] = {}
+    for name, head, slots in (("linear", "linear", 1), ("dive K=1", "dive", 1), ("dive K=4", "dive", 4)):
+        vp = mp.model_copy(update={"head": head, "slots": slots})
+        model = build_model(vp).to(device).train()
+        dml = build_dml_loss(tp.loss, per_batch, vp.embed_dim, params.training.loss_kwargs(), slots=model.slots)
+        objective = Objective(
+            model,
+            dml.to(device),
+            elg,
+            omega=params.omega,
+            language_kwargs=params.language.matching_kwargs(),
+            image_similarity=make_similarity(args.language_similarity, alpha=vp.alpha, centered=True),
+            diversity=tp.diversity,
+        )
+        head_lr = tp.head_lr if tp.head_lr is not None else tp.lr
+        optimizer = build_optimizer(tp, objective.param_groups(tp.lr, head_lr))
+        variants[name] = TrainStep(objective, optimizer, device, amp=cuda and tp.amp)
+
+    def timed(step: TrainStep) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        terms = step(x, y)
+        if cuda:
+            torch.cuda.synchronize()
+        assert all(torch.isfinite(v) for v in terms.values()), "non-finite loss in the benchmark"
+        return time.perf_counter() - t0
+
+    names = list(variants)
+    for _ in range(args.warmup):
+        for name in names:
+            timed(variants[name])
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(args.steps):
+        for name in names if i % 2 == 0 else reversed(names):
+            times[name].append(timed(variants[name]))
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    label = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(
+        f"{mp.backbone} @ {mp.image_size}px, batch {tp.batch_size}, loss {tp.loss}, ELG (S_img "
+        f"{args.language_similarity}), {args.steps} interleaved steps after {args.warmup} warm-up, {label}"
+    )
+    print(f"{'head':<12} {'median step (ms)':>17} {'images/s':>10} {'vs linear':>10}")
+    for name in names:
+        m = medians[name]
+        print(f"{name:<12} {m * 1e3:>17.1f} {tp.batch_size / m:>10.1f} {m / medians['linear']:>10.2f}")
+
+
+if __name__ == "__main__":
+    main()
