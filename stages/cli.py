@@ -32,12 +32,23 @@ def _run_stage(module: str, params_path: Path) -> None:
     """Load params, run ``stages.<module>.run``; user errors become one line on stderr and exit 1."""
     _setup_logging()
     from stages.core.config import load_params
+    from stages.lock import exit_with_parent, stage_lock
 
+    command = module.replace("_", "-")
+    exit_with_parent()
     try:
         params = load_params(params_path)
-        importlib.import_module(f"stages.{module}").run(params)
+        with stage_lock(command):
+            importlib.import_module(f"stages.{module}").run(params)
     except LangdmlError as err:
-        _fail(module.replace("_", "-"), err)
+        _fail(command, err)
+    except KeyboardInterrupt:
+        typer.echo(
+            f"langdml {command}: interrupted; finished outputs are kept and nothing half-written is left "
+            "(train: the last finished epoch is checkpointed and a rerun resumes from it)",
+            err=True,
+        )
+        sys.exit(130)
 
 
 def _setup_logging() -> None:

@@ -31,6 +31,7 @@ def run(params: Params) -> None:
         "templates": templates,
         "normalized": True,
         "pooling": cfg.pooling,
+        "params": params.class_embeddings_params(),
     }
     write_class_embeddings(paths.CLASS_EMBEDDINGS, ids, raw_names, prompts, matrix, metadata)
     log.info(

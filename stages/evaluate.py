@@ -44,15 +44,35 @@ def recall_csv(metrics: dict[str, Any], ks: list[int]) -> str:
     return "k,recall\n" + "".join(f"{k},{metrics[f'recall@{k}']:.6f}\n" for k in sorted(set(ks)))
 
 
+def similarity_picture(params: Params, emb: Any, labels: Any) -> str | None:
+    """similarity.png from the ELG cache; why it was skipped (absent or stale cache), or None."""
+    from stages.core import report
+    from stages.core.artifacts import check_provenance, read_class_embeddings
+    from stages.core.io import embedding_matrix
+
+    if not paths.CLASS_EMBEDDINGS.is_file():
+        paths.SIMILARITY.unlink(missing_ok=True)  # never leave a picture of an older model beside new metrics
+        return f"{paths.CLASS_EMBEDDINGS} is absent (run `langdml embed-text`)"
+    lang, meta = read_class_embeddings(paths.CLASS_EMBEDDINGS)
+    try:
+        check_provenance(paths.CLASS_EMBEDDINGS, meta, params.class_embeddings_params(), "embed-text")
+    except LangdmlError as err:
+        paths.SIMILARITY.unlink(missing_ok=True)
+        return str(err)
+    ids, vectors = lang.column("class_id").to_numpy(), embedding_matrix(lang.column("embedding"))
+    return report.similarity_figure(
+        emb, labels, (ids, vectors, lang.column("class_name").to_pylist()), paths.SIMILARITY
+    )
+
+
 def run(params: Params) -> None:
     import torch
 
     from stages.core import report, vision
-    from stages.core.artifacts import load_manifest, read_class_embeddings, write_test_embeddings
+    from stages.core.artifacts import load_manifest, write_test_embeddings
     from stages.core.datasets.torch_dataset import ImageDataset
     from stages.core.embedding import embed_dataset
-    from stages.core.io import embedding_matrix
-    from stages.core.metrics import format_metrics, nearest_neighbours, retrieval_metrics
+    from stages.core.metrics import check_ks, format_metrics, nearest_neighbours, retrieval_metrics
     from stages.core.runtime import resolve_device
 
     ev = params.evaluate
@@ -60,6 +80,7 @@ def run(params: Params) -> None:
     device = resolve_device(ev.device)
     model, model_params = vision.load_model(paths.MODEL, device)
     table, root = load_manifest(paths.TEST_MANIFEST)
+    check_ks(ev.ks, table.num_rows - 1)  # before embedding, not after
     dataset = ImageDataset(table, root, vision.eval_transform(model_params.image_size, model.mean, model.std))
     log.info("embedding %d test images with the trained model", len(dataset))
     emb = embed_dataset(model, dataset, batch_size=ev.batch_size, num_workers=ev.num_workers, device=device)
@@ -90,17 +111,7 @@ def run(params: Params) -> None:
     crop = vision.eval_geometry(model_params.image_size)  # the maps cover what the model saw
     thumbs = [report.thumbnail(crop(images[i][0])) for i in shown]
     report.plot_slots(thumbs, maps.cpu().numpy(), titles, [names[i] for i in shown], paths.SLOTS)
-    if paths.CLASS_EMBEDDINGS.is_file():
-        lang, _ = read_class_embeddings(paths.CLASS_EMBEDDINGS)
-        language = (
-            lang.column("class_id").to_numpy(),
-            embedding_matrix(lang.column("embedding")),
-            lang.column("class_name").to_pylist(),
-        )
-        skipped = report.similarity_figure(emb, labels, language, paths.SIMILARITY)
-    else:
-        paths.SIMILARITY.unlink(missing_ok=True)
-        skipped = f"{paths.CLASS_EMBEDDINGS} is absent (run `langdml embed-text`)"
+    skipped = similarity_picture(params, emb, labels)
     if skipped:
         log.info("similarity.png skipped: %s", skipped)
     write_json(paths.METRICS, {**metrics, **control})

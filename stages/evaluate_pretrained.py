@@ -21,12 +21,13 @@ def run(params: Params) -> None:
     from stages.core.artifacts import load_manifest
     from stages.core.datasets.torch_dataset import ImageDataset
     from stages.core.embedding import embed_dataset
-    from stages.core.metrics import format_metrics, retrieval_metrics
+    from stages.core.metrics import check_ks, format_metrics, retrieval_metrics
     from stages.core.runtime import resolve_device, seed_everything
 
     seed_everything(params.seed)
     ev = params.evaluate
     table, root = load_manifest(paths.TEST_MANIFEST)
+    check_ks(ev.ks, table.num_rows - 1)  # before embedding, not after
     device = resolve_device(ev.device)
     model = vision.build_model(params.model)
     dataset = ImageDataset(table, root, vision.eval_transform(params.model.image_size, model.mean, model.std))

@@ -147,6 +147,7 @@ def run(params: Params) -> None:
         "n_images": int(table.num_rows),
         "image_size": image_size,
         "max_per_class": cfg.max_per_class,
+        "params": params.pseudolabels_params(),
     }
     header = [
         f"classifier `{cfg.classifier}` at {height}x{width} px, averaging `{cfg.averaging}`, k = {cfg.k}, "

@@ -27,4 +27,8 @@ def run(params: Params) -> None:
         ),
         input_files=[paths.TRAIN_MANIFEST],
         class_names=manifest_class_names(table),
+        cache_params={
+            "class_embeddings": params.class_embeddings_params(),
+            "pseudolabels": params.pseudolabels_params(),
+        },
     )

@@ -66,7 +66,8 @@ def write_class_embeddings(path: Path, class_ids=CLASS_IDS, dim: int = 8, seed: 
             ("embedding", embedding_type(dim)),
         ]
     )
-    write_parquet(path, table, schema, {"encoder": "test", "dim": dim, "normalized": True})
+    made_with = parse_params({}).class_embeddings_params()  # the default text params, as embed-text records them
+    write_parquet(path, table, schema, {"encoder": "test", "dim": dim, "normalized": True, "params": made_with})
     return emb
 
 
@@ -93,7 +94,7 @@ def write_pseudolabels(path: Path, class_ids=CLASS_IDS, k: int = 3, dim: int = 8
             ("embedding", embedding_type(dim)),
         ]
     )
-    write_parquet(path, table, schema, {"k": k, "dim": dim})
+    write_parquet(path, table, schema, {"k": k, "dim": dim, "params": parse_params({}).pseudolabels_params()})
     return emb.transpose(1, 0, 2)
 
 

@@ -155,7 +155,10 @@ def _write_class_embeddings(dim: int = 6) -> None:
             "embedding": embedding_array(vecs),
         }
     )
-    write_parquet(paths.CLASS_EMBEDDINGS, table, schema, {"encoder": "toy", "dim": dim, "normalized": True})
+    made_with = _params().class_embeddings_params()
+    write_parquet(
+        paths.CLASS_EMBEDDINGS, table, schema, {"encoder": "toy", "dim": dim, "normalized": True, "params": made_with}
+    )
 
 
 def _params() -> Params:

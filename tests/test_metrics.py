@@ -87,9 +87,9 @@ def test_self_is_excluded_by_index_even_among_duplicates() -> None:
         assert set(row) == {0, 1, 2} - {q}
 
 
-def test_k_larger_than_the_set_is_clipped() -> None:
-    m = retrieval_metrics(_on_circle(TOY_ANGLES), query_labels=np.array(TOY_LABELS), ks=(1, 100))
-    assert m["recall@100"] == 1.0
+def test_k_larger_than_the_gallery_is_an_error_not_a_recall_of_one() -> None:
+    with pytest.raises(LangdmlError, match=r"evaluate\.ks has 100, but each query has only 5 other images"):
+        retrieval_metrics(_on_circle(TOY_ANGLES), query_labels=np.array(TOY_LABELS), ks=(1, 100))
 
 
 def _brute_force_per_query(x: np.ndarray, y: np.ndarray, ks: tuple[int, ...] = ()) -> dict[str, np.ndarray]:

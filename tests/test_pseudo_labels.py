@@ -274,6 +274,7 @@ def test_pseudo_labels_stage_exact(stub_stage: Letters, averaging: str, top: flo
         "n_images": 7,
         "image_size": 4,  # what the classifier's transform gave, here the stub's native 4 px
         "max_per_class": 50,
+        "params": parse_params({"pseudo_labels": cfg}).pseudolabels_params(),  # what stale checks compare
     }
     assert table.column("class_id").to_pylist() == [0] * 5 + [2] * 5 + [4] * 5
     assert table.column("rank").to_pylist() == list(range(5)) * 3

@@ -258,3 +258,14 @@ def test_set_search_certifies_most_queries_at_the_first_shortlist_and_returns_ex
     np.testing.assert_array_equal(again_ids, ids)
     np.testing.assert_allclose(again, scores, atol=1e-12)
     assert fallback.stats["brute_force"] == 50
+
+
+def test_dive_slots_start_distinct() -> None:
+    """Unit-variance queries (as the official code): queries scaled to norm ~1 are swamped by the first
+    attention update, and the slots start nearly identical (cosine 0.98) and stay so after training."""
+    torch.manual_seed(0)
+    out = DivEHead(320, 512)(torch.randn(8, 320, 2, 2))
+    z = F.normalize(out["residual"], dim=-1)
+    off_diagonal = (z @ z.transpose(1, 2))[:, ~torch.eye(4, dtype=torch.bool)]
+    assert off_diagonal.mean() < 0.3
+    assert slot_diversity(out["residual"]) < 0.2

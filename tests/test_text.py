@@ -381,6 +381,11 @@ def test_embed_text_stage_end_to_end(minilm: TextEncoder, tmp_path: Path, monkey
         "templates": ["a photo of a {}", "a picture of a {}"],
         "normalized": True,
         "pooling": "mean",
+        "params": {
+            "text.encoder": "sentence-transformers:all-MiniLM-L6-v2",
+            "text.templates": ["a photo of a {}", "a picture of a {}"],
+            "text.pooling": "mean",
+        },
     }
     assert table.column("class_id").to_pylist() == [0, 2, 4]
     assert table.column("class_name").to_pylist() == ["T-shirt/top", "ankle_boot", "Sparrow"]

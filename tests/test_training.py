@@ -115,7 +115,7 @@ def test_smoke_two_epochs_loss_falls_outputs_written_and_model_round_trips(tmp_p
     for part in ("dml", "language", "total"):
         rows = (paths.log_dir / "plots" / "metrics" / "loss" / f"{part}.tsv").read_text().splitlines()
         assert rows[0] == f"step\t{part}" and len(rows) == 3
-    assert (paths.log_dir / "plots" / "metrics" / "images_per_s.tsv").is_file()
+    assert not (paths.log_dir / "plots" / "metrics" / "images_per_s.tsv").exists()  # timings are not metrics
     assert not (paths.log_dir / "dvc.yaml").exists()
 
 
@@ -355,7 +355,9 @@ def test_step_meter_and_logs_follow_whatever_terms_the_objective_returns(tmp_pat
     meter.add(out, 0)
     assert set(meter.epoch_means()) == {"dml", "language", "extra", "total"}
     obj.extra_value = float("inf")
-    meter.add(step(x, y), 1)
+    with pytest.raises(training.NonFiniteLoss) as bad:  # before the weights are touched
+        step(x, y)
+    meter.add({**bad.value.terms, "total": torch.tensor(float("nan"))}, 1)
     with pytest.raises(LangdmlError, match="non-finite extra loss at epoch 1/1, step 2"):
         meter.check(0, 1)
 
@@ -372,3 +374,23 @@ def test_dive_head_trains_with_a_diversity_term_and_exports_a_set_model(tmp_path
         emb = model(torch.randn(3, 3, 32, 32))
     assert emb.shape == (3, 2, 16)
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3, 2))
+
+
+def test_train_refuses_a_stale_language_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """text.encoder changed but embed-text not re-run: one line naming the key and the stage, no training."""
+    from typer.testing import CliRunner
+
+    from stages import paths
+    from stages.cli import app
+
+    test_train_stage_on_a_manifest(tmp_path, monkeypatch)
+    raw = yaml.safe_load(Path("params.yaml").read_text())
+    raw["text"] = {"encoder": "glove:6B-50d"}
+    Path("params.yaml").write_text(yaml.safe_dump(raw))
+    before = paths.MODEL_WEIGHTS.read_bytes()
+    result = CliRunner().invoke(app, ["train"])
+    assert result.exit_code == 1
+    line = result.stderr.strip()
+    assert "\n" not in line and "text.encoder = 'sentence-transformers:all-MiniLM-L6-v2'" in line
+    assert "'glove:6B-50d'" in line and "re-run `langdml embed-text`" in line
+    assert paths.MODEL_WEIGHTS.read_bytes() == before

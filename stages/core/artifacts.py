@@ -129,6 +129,20 @@ def read_classes(path: PathLike) -> tuple[list[int], list[str]]:
     return [int(i) for i in ids], table.column("class_name").to_pylist()
 
 
+def check_provenance(path: PathLike, meta: dict[str, Any], expected: dict[str, Any], stage: str) -> None:
+    """A cache is stale when the params it was made with (its ``params`` metadata) differ from ``expected``:
+    one line naming the first differing key and the stage that rebuilds it."""
+    made = meta.get("params")
+    rebuild = f"re-run `langdml {stage}` (or `dvc repro {stage.replace('-', '_')}`)"
+    if not isinstance(made, dict):
+        raise LangdmlError(f"{path} does not record the params it was made with (an older cache); {rebuild}")
+    for key, want in expected.items():
+        if made.get(key) != want:
+            raise LangdmlError(
+                f"{path} is stale: it was made with {key} = {made.get(key)!r} but params.yaml has {want!r}; {rebuild}"
+            )
+
+
 def write_class_embeddings(
     path: PathLike,
     ids: list[int],

@@ -113,7 +113,7 @@ class ModelParams(_Section):
     pooling: Literal["avg", "avg+max"] = "avg"
     embed_dim: PositiveInt = 512
     freeze_bn: bool = False
-    image_size: PositiveInt = 64
+    image_size: Annotated[int, Field(ge=32)] = 64  # the backbones downsample by 32
     head: HeadName = "linear"  # linear: one vector per image; dive: a set of `slots` vectors (DivE)
     slots: PositiveInt = 4
     slot_depth: PositiveInt = 4  # applications of the weight-tied slot block
@@ -225,6 +225,21 @@ class Params(_Section):
     losses: LossSections = {}
     evaluate: EvaluateParams = EvaluateParams()
 
+    def class_embeddings_params(self) -> dict[str, Any]:
+        """The params that decide the ELG cache: stored in it, checked by every stage that reads it."""
+        t = self.text
+        return {"text.encoder": t.encoder, "text.templates": list(t.templates), "text.pooling": t.pooling}
+
+    def pseudolabels_params(self) -> dict[str, Any]:
+        """The params that decide the PLG cache: stored in it, checked by every stage that reads it."""
+        p, t = self.pseudo_labels, self.text
+        keys = ("classifier", "k", "averaging", "template", "image_size", "max_per_class")
+        return {
+            **{f"pseudo_labels.{k}": getattr(p, k) for k in keys},
+            "text.encoder": t.encoder,
+            "text.pooling": t.pooling,
+        }
+
     @property
     def training(self) -> TrainConfig:
         return TrainConfig(
@@ -273,5 +288,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     try:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as err:
-        raise LangdmlError(f"{p}: not valid YAML: {str(err).splitlines()[0]}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise LangdmlError(f"{p}: not valid YAML{where}: {problem}") from None
     return parse_params(raw, str(p))

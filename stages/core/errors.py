@@ -25,3 +25,9 @@ def one_line(err: BaseException) -> str:
     if "\n" in text:
         text = text.splitlines()[-1].split(": ", 1)[-1]
     return text
+
+
+def first_line(err: BaseException) -> str:
+    """``Type: first line of the message`` (at most 200 characters): what a library error says, briefly."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")[:200]

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 from urllib.parse import urlparse
 
-from stages.core.errors import LangdmlError
+from stages.core.errors import LangdmlError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +86,6 @@ def hub_reachable(endpoint: str | None = None, timeout: float = PROBE_TIMEOUT_S)
     finally:
         pool.shutdown(wait=False)
     return True
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def load_cached_or_online(what: str, load: Callable[[], T], hint: str) -> T:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.core.errors import MissingInputError
+from stages.core.errors import LangdmlError, MissingInputError, first_line
 
 METADATA_KEY = b"langdml"
 
@@ -33,12 +34,34 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp_path = Path(tmp)
     umask = os.umask(0)
     os.umask(umask)
-    tmp_path.chmod(0o666 & ~umask)
     try:
         yield tmp_path
+        # The usual mode of a new file, set after the write: some writers (safetensors) recreate the file
+        # with their own mode, and mkstemp's is 0600.
+        tmp_path.chmod(0o666 & ~umask)
         os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(directory: str | os.PathLike[str]) -> int:
+    """Delete the temporary files :func:`atomic_path` leaves when a process is killed mid-write."""
+    removed = 0
+    for tmp in Path(directory).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def replace_directory(new: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
+    """Put the finished directory ``new`` where ``final`` was: the old one is kept until the swap is done."""
+    new, final = Path(new), Path(final)
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
@@ -98,9 +121,12 @@ def write_parquet(
 def read_parquet(path: str | os.PathLike[str], stage: str | None = None) -> tuple[pa.Table, dict[str, Any]]:
     """Read a table and its langdml metadata; a missing file names the stage that makes it."""
     p = Path(path)
+    hint = f" (run `langdml {stage}` or `dvc repro {stage.replace('-', '_')}`)" if stage else ""
     if not p.is_file():
-        hint = f" (run `langdml {stage}` or `dvc repro {stage.replace('-', '_')}`)" if stage else ""
         raise MissingInputError(f"{p} does not exist{hint}")
-    table = pq.read_table(p)
+    try:
+        table = pq.read_table(p)
+    except (pa.ArrowException, OSError) as err:  # truncated, random bytes, not Parquet
+        raise LangdmlError(f"{p} is unreadable ({first_line(err)}); rebuild it{hint or ''}") from None
     raw = (table.schema.metadata or {}).get(METADATA_KEY, b"{}")
     return table, json.loads(raw)

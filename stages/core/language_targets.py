@@ -12,12 +12,13 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stages.core.artifacts import read_class_embeddings, read_pseudolabels
+from stages.core.artifacts import check_provenance, read_class_embeddings, read_pseudolabels
 from stages.core.errors import LangdmlError
 from stages.core.io import embedding_matrix
 from stages.core.registry import Registry
@@ -76,6 +77,9 @@ class LanguageSources:
     seed: int
     class_names: dict[int, str] | None = None
     plg_set_similarity: Similarity | None = None  # PLG's k names as a set (None: the rank-wise mean)
+    # The params each cache must have been made with (checked against its metadata); None: not checked.
+    class_embeddings_params: dict[str, Any] | None = None
+    pseudolabels_params: dict[str, Any] | None = None
 
 
 GuidanceBuilder = Callable[[LanguageSources], list[LanguageTarget]]
@@ -125,7 +129,9 @@ def _embeddings(table, path: Path, stage: str) -> np.ndarray:
 def elg_embeddings(src: LanguageSources) -> torch.Tensor:
     """C x D prompt embeddings of the training classes, in dense-label order."""
     path, stage = src.class_embeddings, "embed-text"
-    table, _ = read_class_embeddings(path)
+    table, meta = read_class_embeddings(path)
+    if src.class_embeddings_params is not None:
+        check_provenance(path, meta, src.class_embeddings_params, stage)
     ids = table.column("class_id").to_numpy()
     rows = _rows(ids, src, path, stage)
     _check_names(ids, table.column("class_name").to_pylist(), src, path, stage)
@@ -136,6 +142,8 @@ def plg_embeddings(src: LanguageSources) -> torch.Tensor:
     """k x C x D pseudo-label embeddings (rank j of every training class in slice j)."""
     path, stage = src.pseudolabels, "pseudo-labels"
     table, meta = read_pseudolabels(path)
+    if src.pseudolabels_params is not None:
+        check_provenance(path, meta, src.pseudolabels_params, stage)
     ids = table.column("class_id").to_numpy()
     ranks = table.column("rank").to_numpy().astype(np.int64)
     matrix = _embeddings(table, path, stage)

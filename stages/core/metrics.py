@@ -254,9 +254,6 @@ def retrieval_metrics(
             f"embeddings are sets (N x K x D = {' x '.join(map(str, xq.shape))}); cosine compares single "
             "vectors: use similarity='smooth_chamfer' instead of flattening the set"
         )
-    ks = sorted({int(k) for k in ks})
-    if not ks or ks[0] < 1:
-        raise LangdmlError(f"ks must be positive integers, got {list(ks)}")
     classes, inverse = np.unique(yq, return_inverse=True)
     if leave_one_out and len(classes) < 2:
         raise LangdmlError(f"retrieval needs at least 2 classes in the test split, got {len(classes)}")
@@ -267,6 +264,7 @@ def retrieval_metrics(
         raise LangdmlError(
             f"none of the {len(xq)} queries has an image of its class in the gallery: nothing to retrieve"
         )
+    ks = check_ks(ks, len(xg) - (1 if leave_one_out else 0))
 
     xq = l2_normalize(xq)
     xg = xq if leave_one_out else l2_normalize(xg)
@@ -310,6 +308,19 @@ def retrieval_metrics(
     out["n_skipped_queries"] = n - n_scored
     if n_scored < n:
         log.info("%d queries skipped: their class has no other gallery image", n - n_scored)
+    return out
+
+
+def check_ks(ks: Sequence[int], n_gallery: int) -> list[int]:
+    """Sorted distinct ks; each must be in 1..n_gallery (recall@k beyond the gallery is 1 by definition)."""
+    out = sorted({int(k) for k in ks})
+    if not out or out[0] < 1:
+        raise LangdmlError(f"evaluate.ks must be positive integers, got {list(ks)}")
+    if out[-1] > n_gallery:
+        raise LangdmlError(
+            f"evaluate.ks has {out[-1]}, but each query has only {n_gallery} other images to rank; "
+            f"use ks up to {n_gallery}"
+        )
     return out
 
 

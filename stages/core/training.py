@@ -11,6 +11,7 @@ loop only sums them, and everything it logs or checks iterates over their names.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from stages.core import checkpoint as ckpt
 from stages.core.config import TrainConfig
 from stages.core.errors import LangdmlError
+from stages.core.io import remove_stale_temporaries, replace_directory
 from stages.core.language_targets import LanguageSources, build_language_targets, cache_files
 from stages.core.losses import build_dml_loss
 from stages.core.objective import Objective, weighted_total
@@ -54,6 +56,14 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+class NonFiniteLoss(Exception):
+    """Raised by a step before it touches the weights; carries the terms so the message names the bad one."""
+
+    def __init__(self, terms: dict[str, torch.Tensor]) -> None:
+        super().__init__("non-finite loss")
+        self.terms = terms
+
+
 @dataclass
 class TrainStep:
     """One optimisation step: move the batch, run the objective under autocast, sum the weighted
@@ -72,6 +82,8 @@ class TrainStep:
         with autocast(self.device, enabled=self.amp):
             terms = self.objective(x, y)
         total = weighted_total(terms, self.objective.weights)
+        if not bool(torch.isfinite(total)):  # one scalar read per step: a non-finite loss never updates
+            raise NonFiniteLoss({k: v.detach() for k, v in terms.items()})
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
@@ -85,9 +97,11 @@ def fit(
     *,
     input_files: Sequence[Path] = (),
     class_names: dict[int, str] | None = None,
+    cache_params: dict[str, dict[str, Any]] | None = None,
 ) -> TrainResult:
     """Train (or resume, or just re-export) and write the model; ``make_dataset(transform)`` must
-    return a Dataset of ``(image tensor, original class id)`` with a ``labels`` array."""
+    return a Dataset of ``(image tensor, original class id)`` with a ``labels`` array. ``cache_params``
+    (``class_embeddings`` / ``pseudolabels`` -> params) are checked against the caches' metadata."""
     tp, mp = config.train, config.model
     # --- setup: everything below is built in a fixed order, so the seeded RNG draws are too.
     device = resolve_device(tp.device)
@@ -111,6 +125,8 @@ def fit(
         config.seed,
         class_names,
         plg_set_similarity=plg_sets if lp.plg_similarity == "smooth_chamfer" else None,
+        class_embeddings_params=(cache_params or {}).get("class_embeddings"),
+        pseudolabels_params=(cache_params or {}).get("pseudolabels"),
     )
     guidance = lp.guidance
     targets = build_language_targets(guidance, config.omega, sources, device)
@@ -134,7 +150,10 @@ def fit(
     optimizer = build_optimizer(tp, objective.param_groups(tp.lr, head_lr))
     scheduler = build_scheduler(tp, optimizer)
 
-    # --- resume
+    # --- resume (temporaries of a kill during a checkpoint or model write are stale)
+    for folder in (paths.checkpoint.parent, paths.model_dir):
+        if folder.is_dir() and remove_stale_temporaries(folder):
+            log.info("removed stale temporary files in %s", folder)
     start, history = _resume(paths.checkpoint, fp, fp_config, tp.epochs, objective, optimizer, scheduler)
 
     # --- epochs
@@ -219,10 +238,19 @@ def _weights_finite(module: torch.nn.Module) -> bool:
 
 class _Live:
     """dvclive per-epoch metrics, restarted and replayed from the checkpoint's history on every run,
-    so the TSVs always hold exactly one row per finished epoch."""
+    so the TSVs always hold exactly one row per finished epoch. They are written into a hidden sibling
+    folder and swapped in by :meth:`end`, so a failed or interrupted run leaves the previous logs whole.
+    Timings (``images_per_s``) stay out: they differ between identical runs, and DVC would then report
+    the metrics (and dvc.lock) changed although the model is the same."""
+
+    NOT_LOGGED = frozenset({"epoch", "images_per_s"})
 
     def __init__(self, log_dir: Path, history: list[dict[str, float]]) -> None:
         from dvclive import Live
+
+        self.final = log_dir
+        self.partial = log_dir.with_name(f".{log_dir.name}.partial")
+        shutil.rmtree(self.partial, ignore_errors=True)
 
         class FilesOnlyLive(Live):
             """Plain TSV/JSON files that dvc.yaml declares as plots. dvclive's repo probing is skipped:
@@ -232,18 +260,19 @@ class _Live:
             def _init_dvc(self) -> None:
                 return None
 
-        self.live = FilesOnlyLive(dir=str(log_dir), dvcyaml=None, save_dvc_exp=False, resume=False)
+        self.live = FilesOnlyLive(dir=str(self.partial), dvcyaml=None, save_dvc_exp=False, resume=False)
         for row in history:
             self.log(row)
 
     def log(self, row: dict[str, float]) -> None:
         for name, value in row.items():
-            if name != "epoch":
+            if name not in self.NOT_LOGGED:
                 self.live.log_metric(name, value)
         self.live.next_step()
 
     def end(self) -> None:
         self.live.end()
+        replace_directory(self.partial, self.final)
 
 
 class EpochMeter:
@@ -302,7 +331,13 @@ def _train_epoch(
     t0 = time.perf_counter()
     bar = _progress(loader, f"epoch {epoch + 1}/{epochs}")
     for step, (x, y) in enumerate(bar):
-        meter.add(step_fn(x, y), step)
+        try:
+            terms = step_fn(x, y)
+        except NonFiniteLoss as bad:
+            meter.add({**bad.terms, TOTAL: torch.full((), float("nan"), device=step_fn.device)}, step)
+            meter.check(epoch, epochs)
+            raise
+        meter.add(terms, step)
         if (step + 1) % log_every == 0:
             meter.check(epoch, epochs)
             means = meter.interval_means()

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from stages.core.config import ModelParams
-from stages.core.errors import LangdmlError
+from stages.core.errors import LangdmlError, first_line
 from stages.core.heads import HEADS, global_pool
 from stages.core.hub import load_cached_or_online
 from stages.core.io import atomic_path, write_json
@@ -182,7 +182,10 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
     for p in (cfg_path, weights):
         if not p.is_file():
             raise LangdmlError(f"{p} does not exist (run `langdml train` first)")
-    cfg: dict[str, Any] = json.loads(cfg_path.read_text())
+    try:
+        cfg: dict[str, Any] = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as err:
+        raise LangdmlError(f"{cfg_path} is unreadable ({err}); re-run `langdml train`") from None
     if cfg.get("format") != CONFIG_FORMAT:
         raise LangdmlError(f"{cfg_path}: unsupported model format {cfg.get('format')!r}; re-run `langdml train`")
     model_params = ModelParams(**cfg["model"])
@@ -191,6 +194,8 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
         st_load(model, str(weights), strict=True)
     except RuntimeError as err:
         raise LangdmlError(f"{weights} does not match {cfg_path}: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # safetensors' own errors (truncated file, bad header) have no common base
+        raise LangdmlError(f"{weights} is unreadable ({first_line(err)}); re-run `langdml train`") from None
     return model.to(device).eval(), model_params
 
 

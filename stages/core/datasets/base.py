@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from stages.core.artifacts import CLASSES_SCHEMA, MANIFEST_SCHEMA, first_per_class
 from stages.core.config import DatasetParams
 from stages.core.errors import LangdmlError
+from stages.core.prompts import clean_class_name
 from stages.core.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,11 @@ def _check_images(root: Path, paths: Sequence[str]) -> list[str | None]:
         return list(tqdm(pool.map(check, paths, chunksize=64), total=len(paths), desc="verify images", leave=False))
 
 
+def inside(root: Path, path: Path) -> bool:
+    """Whether ``path`` (symlinks resolved, ``..`` applied) lies under ``root`` (itself resolved)."""
+    return path.resolve().is_relative_to(root.resolve())
+
+
 def _check_paths(dataset: str, root: Path, split: str, images: Images) -> None:
     if images.paths is None:
         return
@@ -165,6 +171,12 @@ def _check_paths(dataset: str, root: Path, split: str, images: Images) -> None:
         raise LangdmlError(
             f"{dataset}: duplicate entries: {len(dupes)} image(s) listed more than once in the "
             f"{split} split, e.g. {dupes[0]!r}"
+        )
+    outside = [p for p in images.paths if not inside(root, root / p)]
+    if outside:
+        raise LangdmlError(
+            f"{dataset}: {len(outside)} image path(s) of the {split} split lead outside dataset.root {root}, "
+            f"e.g. {outside[0]!r}; every image must lie under the dataset's folder"
         )
     missing = [p for p in images.paths if not (root / p).is_file()]
     if missing:
@@ -182,7 +194,17 @@ def assemble(
     params: DatasetParams,
 ) -> Manifests:
     """Cap, validate, drop unreadable images and build the three tables (see the module docstring)."""
+    for split in SPLITS:  # paths first: a path outside the root also garbles names derived from it
+        _check_paths(dataset, root, split, splits[split])
     info = {c.id: c for c in classes}
+    for c in classes:  # the text encoders need a name: fail here, not one stage later
+        try:
+            clean_class_name(c.name)
+        except LangdmlError:
+            raise LangdmlError(
+                f"{dataset}: class {c.id} is named {c.name!r}, which is empty once underscores and spaces are "
+                "removed; rename it"
+            ) from None
     if len(info) != len(classes):
         dupe = next(i for i, n in Counter(c.id for c in classes).items() if n > 1)
         raise LangdmlError(f"{dataset}: class id {dupe} is defined twice")
@@ -213,7 +235,6 @@ def assemble(
     kept: dict[str, Images] = {}
     for split in SPLITS:
         images = splits[split]
-        _check_paths(dataset, root, split, images)
         images = images.take(first_per_class(images.labels, params.max_per_class))
         if images.paths is not None and params.verify_images and images.paths:
             errors = _check_images(root, images.paths)

@@ -5,6 +5,7 @@ Classes sorted by name get ids 0..C-1; the first ``round(train_fraction * C)`` t
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from stages.core.config import DatasetParams
@@ -16,27 +17,49 @@ from stages.core.datasets.base import (
     Manifests,
     assemble,
     choose_train_classes,
+    inside,
     require_root,
 )
 from stages.core.errors import LangdmlError
 
+log = logging.getLogger(__name__)
+
 
 def scan_class_folders(root: Path, dataset: str) -> list[tuple[str, list[str]]]:
-    """(class name, sorted image paths relative to root) per non-hidden sub-folder, sorted by name."""
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """(class name, sorted image paths relative to root) per non-hidden sub-folder, sorted by name.
+
+    Symlinks that lead outside ``root`` (a linked class folder, a linked file) and dangling ones are
+    skipped and counted in one log line: only what lies under the dataset's folder (what DVC tracks)
+    enters a manifest.
+    """
+    entries = [p for p in root.iterdir() if not p.name.startswith(".")]
+    skipped = [p for p in entries if p.is_symlink() and (not p.exists() or not inside(root, p))]
+    folders = sorted(p for p in entries if p not in skipped and p.is_dir())
     if not folders:
         raise LangdmlError(f"{dataset}: {root} has no class folders; expected root/<class name>/<image files>")
     result = []
     for folder in folders:
-        files = sorted(
-            p.relative_to(root).as_posix()
-            for p in folder.rglob("*")
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")
-        )
+        files = []
+        for p in folder.rglob("*"):
+            if p.suffix.lower() not in IMAGE_SUFFIXES or p.name.startswith("."):
+                continue
+            if p.is_symlink() and (not p.exists() or not inside(root, p)):
+                skipped.append(p)
+            elif p.is_file():
+                files.append(p.relative_to(root).as_posix())
+        files.sort()
         if not files:
             suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
             raise LangdmlError(f"{dataset}: class folder {folder.name!r} has no image files ({suffixes})")
         result.append((folder.name, files))
+    if skipped:
+        log.warning(
+            "%s: skipped %d symlink(s) that dangle or lead outside %s, e.g. %s",
+            dataset,
+            len(skipped),
+            root,
+            skipped[0].relative_to(root),
+        )
     return result
 
 
