@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -32,14 +33,22 @@ def _run_stage(module: str, params_path: Path) -> None:
     """Load params, run ``stages.<module>.run``; user errors become one line on stderr and exit 1."""
     _setup_logging()
     from stages.core.config import load_params
+    from stages.core.distributed import launched_by_torchrun
     from stages.lock import exit_with_parent, stage_lock
 
     command = module.replace("_", "-")
     exit_with_parent()
     try:
         params = load_params(params_path)
+        stage = importlib.import_module(f"stages.{module}")
+        if launched_by_torchrun():  # one of the worker processes: the launcher holds the lock
+            stage.run(params)
+            return
         with stage_lock(command):
-            importlib.import_module(f"stages.{module}").run(params)
+            nproc = stage.processes(params) if hasattr(stage, "processes") else 1
+            if nproc > 1:
+                sys.exit(_torchrun(command, params_path, nproc))
+            stage.run(params)
     except LangdmlError as err:
         _fail(command, err)
     except KeyboardInterrupt:
@@ -51,8 +60,21 @@ def _run_stage(module: str, params_path: Path) -> None:
         sys.exit(130)
 
 
+def _torchrun(command: str, params_path: Path, nproc: int) -> int:
+    """Run this command again as ``nproc`` DDP workers on this machine (torchrun, standalone rendezvous);
+    their exit status. Many nodes: run ``torchrun --nnodes ... -m stages.cli <command>`` on each."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    cmd += ["-m", "stages.cli", command, "--params", str(params_path)]
+    log.info("launching %d processes: %s", nproc, " ".join(cmd))
+    return subprocess.run(cmd, check=False).returncode
+
+
 def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # DDP workers other than rank 0 only report problems.
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
 def _fail(command: str, err: BaseException) -> None:

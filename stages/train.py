@@ -13,6 +13,11 @@ from stages.core.datasets.torch_dataset import ImageDataset
 from stages.core.training import TrainPaths, fit
 
 
+def processes(params: Params) -> int:
+    """How many DDP processes this stage wants; above 1 the CLI relaunches it under torchrun."""
+    return params.train.nproc
+
+
 def run(params: Params) -> None:
     table, root = load_manifest(paths.TRAIN_MANIFEST)
     fit(

@@ -24,8 +24,9 @@ from stages.core.io import atomic_path
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 2
-# Train params that never change the weights: excluded from the fingerprint.
-NEUTRAL_TRAIN_KEYS = frozenset({"num_workers", "log_every", "device"})
+# Train params that never change the weights: excluded from the fingerprint (the global batch, not the
+# process count, decides a run, so a checkpoint of one process count resumes under another).
+NEUTRAL_TRAIN_KEYS = frozenset({"num_workers", "log_every", "device", "nproc"})
 
 
 def file_digest(path: Path) -> str:
@@ -104,7 +105,8 @@ def load_checkpoint(path: Path, expected: str, config: dict[str, Any]) -> dict[s
     return state
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """``state`` plus the RNG states, written atomically (a kill never leaves half a checkpoint)."""
+def save_checkpoint(path: Path, state: dict[str, Any], rng_states: list[dict[str, Any]] | None = None) -> None:
+    """``state`` plus the RNG states (one per rank; this process's alone by default), written atomically
+    (a kill never leaves half a checkpoint)."""
     with atomic_path(path) as tmp:
-        torch.save({**state, "rng": rng_state()}, tmp)
+        torch.save({**state, "rng": rng_states or [rng_state()]}, tmp)

@@ -159,6 +159,7 @@ class TrainParams(_Section):
     compile: bool = False
     deterministic: bool = False
     diversity: Annotated[float, Field(ge=0)] = 0.01  # weight of DivE's slot-diversity term (set heads only)
+    nproc: PositiveInt = 1  # processes (DDP via torchrun); batch_size is the global batch
 
     @model_validator(mode="after")
     def _batch(self) -> TrainParams:
@@ -166,6 +167,8 @@ class TrainParams(_Section):
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be a multiple of samples_per_class ({self.samples_per_class})"
             )
+        if self.batch_size % self.nproc:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of nproc ({self.nproc})")
         return self
 
 

@@ -136,14 +136,27 @@ class DMLLoss(nn.Module):
         self.loss = loss
         self.miner = miner
         self.lr = lr
+        object.__setattr__(self, "_loss_fn", loss)
+        object.__setattr__(self, "_miner_fn", miner)
+
+    def distribute(self) -> None:
+        """Loss and miner over the global batch (pytorch-metric-learning's wrappers gather the other ranks'
+        embeddings; the loss comes back multiplied by the world size, for DDP's gradient averaging)."""
+        from pytorch_metric_learning.utils.distributed import DistributedLossWrapper, DistributedMinerWrapper
+
+        # Not registered as submodules: the state dict keeps the plain loss's keys, so a checkpoint resumes
+        # under any process count.
+        object.__setattr__(self, "_loss_fn", DistributedLossWrapper(self.loss))
+        if self.miner is not None:
+            object.__setattr__(self, "_miner_fn", DistributedMinerWrapper(self.miner))
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if embeddings.ndim == 3:
             if not isinstance(self.loss.distance, _SetDistanceMixin):
                 raise ValueError("set embeddings (B x K x D) need a set distance (losses.set_distance)")
             embeddings = embeddings.flatten(1)
-        pairs = self.miner(embeddings, labels) if self.miner is not None else None
-        return self.loss(embeddings, labels, pairs)
+        pairs = self._miner_fn(embeddings, labels) if self._miner_fn is not None else None
+        return self._loss_fn(embeddings, labels, pairs)
 
     def param_groups(self) -> list[dict[str, Any]]:
         """The loss's own learnable parameters as one optimiser group with its own lr (no weight decay)."""

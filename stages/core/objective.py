@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from stages.core.distributed import gather_all
 from stages.core.language_targets import LanguageTarget
 from stages.core.losses import DMLLoss, language_matching, slot_diversity
 from stages.core.similarity import Similarity, cosine
@@ -44,7 +45,17 @@ class Objective(nn.Module):
         self.language_kwargs = dict(language_kwargs)
         self.image_similarity = image_similarity
         self.weights: dict[str, float] = {"dml": 1.0, "language": float(omega), "diversity": float(diversity)}
+        # Backward-only factors per term: under DDP the global-batch terms are scaled by the world size
+        # (see stages/core/distributed.py); the reported values stay unscaled.
+        self.gradient_scales: dict[str, float] = {}
+        self.world = 1
         self._encode: Callable[[torch.Tensor], dict[str, Any]] = model.encode
+
+    def distribute(self, world: int) -> None:
+        """Global-batch base loss and language term across ``world`` processes (call before DDP wraps it)."""
+        self.world = world
+        self.dml.distribute()
+        self.gradient_scales = {"dml": float(world), "language": float(world)}
 
     def compile_model(self) -> None:
         """``torch.compile`` the encoder's forward; state dicts keep the plain module's keys."""
@@ -64,7 +75,7 @@ class Objective(nn.Module):
         out = self._encode(images)
         with torch.autocast(images.device.type, enabled=False):
             emb = out["embeddings"].float()
-            terms = {"dml": self.dml(emb, labels), "language": self._language(emb, labels)}
+            terms = {"dml": self.dml(emb, labels) / self.world, "language": self._language(emb, labels)}
             if "residual" in out:
                 terms["diversity"] = slot_diversity(out["residual"].float())
             return terms
@@ -73,6 +84,8 @@ class Objective(nn.Module):
         """Mean matching loss over the targets (``both`` has two); zero without guidance."""
         if not self.targets:
             return torch.zeros((), device=emb.device)
+        if self.world > 1:
+            emb, labels = gather_all(emb, labels)
         losses = [
             language_matching(emb, labels, t(labels), similarity=self.image_similarity, **self.language_kwargs)
             for t in self.targets
@@ -80,11 +93,14 @@ class Objective(nn.Module):
         return torch.stack(losses).mean()
 
 
-def weighted_total(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
-    """sum_name weight[name] * term[name], in the order the objective returned the terms."""
+def weighted_total(
+    terms: dict[str, torch.Tensor], weights: dict[str, float], scales: dict[str, float] | None = None
+) -> torch.Tensor:
+    """sum_name weight[name] * scale[name] * term[name] (scale 1 unless given), in the objective's order."""
     if not terms:
         raise ValueError("the objective returned no loss terms")
-    parts = [weights[name] * value for name, value in terms.items()]
+    scales = scales or {}
+    parts = [weights[name] * scales.get(name, 1.0) * value for name, value in terms.items()]
     total = parts[0]
     for part in parts[1:]:
         total = total + part

@@ -20,10 +20,17 @@ class ClassBalancedBatchSampler(Sampler[list[tuple[int, int]]]):
     """Batches of ``batch_size / m`` distinct classes times ``m`` images (as PML's MPerClassSampler).
 
     Each item is ``(index, augmentation seed)``; everything is drawn from a generator seeded by
-    (seed, epoch), so an epoch is reproducible from two integers, whatever happened before it.
+    (seed, epoch), so an epoch is reproducible from two integers, whatever happened before it. With
+    ``world`` processes every rank draws the same global batch and yields its contiguous share
+    (``batch_size / world`` items), so the global batches do not depend on the process count.
     """
 
-    def __init__(self, labels: np.ndarray, m: int, batch_size: int, num_batches: int, seed: int) -> None:
+    def __init__(
+        self, labels: np.ndarray, m: int, batch_size: int, num_batches: int, seed: int, rank: int = 0, world: int = 1
+    ) -> None:
+        if batch_size % world:
+            raise LangdmlError(f"train.batch_size ({batch_size}) must be a multiple of train.nproc ({world})")
+        self.share = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
         classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
         self.by_class = np.split(np.argsort(inverse, kind="stable"), np.cumsum(counts)[:-1])
         self.m = m
@@ -51,7 +58,7 @@ class ClassBalancedBatchSampler(Sampler[list[tuple[int, int]]]):
                 [rng.choice(self.by_class[c], self.m, replace=len(self.by_class[c]) < self.m) for c in chosen]
             )
             seeds = rng.integers(0, 2**63 - 1, size=len(idx))
-            yield list(zip(idx.tolist(), seeds.tolist(), strict=True))
+            yield list(zip(idx.tolist(), seeds.tolist(), strict=True))[self.share]
 
 
 class SeededSamples(Dataset):

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from stages.core import checkpoint as ckpt
+from stages.core import distributed
 from stages.core.config import TrainConfig
 from stages.core.errors import LangdmlError
 from stages.core.io import remove_stale_temporaries, replace_directory
@@ -74,18 +75,19 @@ class TrainStep:
     optimizer: torch.optim.Optimizer
     device: torch.device
     amp: bool = False  # bf16 autocast for the forward pass (CUDA)
+    forward: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] | None = None  # e.g. DDP(objective)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         cuda = self.device.type == "cuda"
         x = x.to(self.device, non_blocking=True, memory_format=torch.channels_last if cuda else torch.preserve_format)
         y = y.to(self.device, non_blocking=True)
         with autocast(self.device, enabled=self.amp):
-            terms = self.objective(x, y)
+            terms = (self.forward or self.objective)(x, y)
         total = weighted_total(terms, self.objective.weights)
         if not bool(torch.isfinite(total)):  # one scalar read per step: a non-finite loss never updates
             raise NonFiniteLoss({k: v.detach() for k, v in terms.items()})
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        weighted_total(terms, self.objective.weights, self.objective.gradient_scales).backward()
         self.optimizer.step()
         return {**{k: v.detach().float() for k, v in terms.items()}, TOTAL: total.detach().float()}
 
@@ -103,8 +105,10 @@ def fit(
     return a Dataset of ``(image tensor, original class id)`` with a ``labels`` array. ``cache_params``
     (``class_embeddings`` / ``pseudolabels`` -> params) are checked against the caches' metadata."""
     tp, mp = config.train, config.model
-    # --- setup: everything below is built in a fixed order, so the seeded RNG draws are too.
+    # --- setup: everything below is built in a fixed order, so the seeded RNG draws are too (on every rank).
     device = resolve_device(tp.device)
+    ctx = distributed.setup(device.type)
+    device = distributed.device_for(ctx, device)
     cuda = device.type == "cuda"
     gen = seed_everything(config.seed, tp.deterministic)
     model = build_model(mp)
@@ -114,7 +118,13 @@ def fit(
         raise LangdmlError("the training manifest has no images; check dataset params and re-run `langdml prepare`")
     class_ids = np.unique(labels)
     sampler = ClassBalancedBatchSampler(
-        labels, tp.samples_per_class, tp.batch_size, max(1, len(labels) // tp.batch_size), config.seed
+        labels,
+        tp.samples_per_class,
+        tp.batch_size,
+        max(1, len(labels) // tp.batch_size),
+        config.seed,
+        rank=ctx.rank,
+        world=ctx.world,
     )
     lp = config.language
     plg_sets = make_similarity("smooth_chamfer", alpha=mp.alpha, centered=True)
@@ -154,9 +164,9 @@ def fit(
     for folder in (paths.checkpoint.parent, paths.model_dir):
         if folder.is_dir() and remove_stale_temporaries(folder):
             log.info("removed stale temporary files in %s", folder)
-    start, history = _resume(paths.checkpoint, fp, fp_config, tp.epochs, objective, optimizer, scheduler)
+    start, history = _resume(paths.checkpoint, fp, fp_config, tp.epochs, objective, optimizer, scheduler, ctx)
 
-    # --- epochs
+    # --- epochs (rank 0 alone logs, checkpoints and exports)
     loader = DataLoader(
         SeededSamples(dataset, class_ids),
         batch_sampler=sampler,
@@ -168,12 +178,18 @@ def fit(
     )
     if tp.compile:
         objective.compile_model()
-    step_fn = TrainStep(objective, optimizer, device, amp=cuda and tp.amp)
-    live = _Live(paths.log_dir, history)
+    forward = None
+    if ctx.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        objective.distribute(ctx.world)
+        forward = DistributedDataParallel(objective, device_ids=[device.index] if cuda else None)
+    step_fn = TrainStep(objective, optimizer, device, amp=cuda and tp.amp, forward=forward)
+    live = _Live(paths.log_dir, history) if ctx.main else None
     for epoch in range(start, tp.epochs):
         sampler.set_epoch(epoch)
         objective.train()
-        row = _train_epoch(step_fn, loader, epoch, tp.epochs, tp.log_every, tp.batch_size)
+        row = _train_epoch(step_fn, loader, epoch, tp.epochs, tp.log_every, tp.batch_size, show=ctx.main)
         if not _weights_finite(objective):
             raise LangdmlError(
                 f"model weights became non-finite in epoch {epoch + 1} although the losses were finite; "
@@ -182,9 +198,9 @@ def fit(
         if scheduler is not None:
             scheduler.step()
         history.append(row)
-        ckpt.save_checkpoint(
-            paths.checkpoint,
-            {
+        rng_states = distributed.gather_objects(ckpt.rng_state(), ctx)  # every rank's, for an exact resume
+        if ctx.main:
+            state = {
                 "fingerprint": fp,
                 "config": fp_config,
                 "epoch": epoch + 1,
@@ -192,17 +208,21 @@ def fit(
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "history": history,
-            },
-        )
-        live.log(row)
-        terms = ", ".join(f"{k.removeprefix('loss/')} {v:.4f}" for k, v in row.items() if k.startswith("loss/"))
-        log.info("epoch %d/%d: %s, %.1f images/s", epoch + 1, tp.epochs, terms, row["images_per_s"])
-    live.end()
+            }
+            ckpt.save_checkpoint(paths.checkpoint, state, rng_states)
+            live.log(row)
+            terms = ", ".join(f"{k.removeprefix('loss/')} {v:.4f}" for k, v in row.items() if k.startswith("loss/"))
+            log.info("epoch %d/%d: %s, %.1f images/s", epoch + 1, tp.epochs, terms, row["images_per_s"])
+        distributed.barrier(ctx)  # no rank starts an epoch whose checkpoint is not on disk
 
     # --- export
-    save_model(model, mp, paths.model_dir)
-    if start == tp.epochs:
-        log.info("checkpoint already finished all %d epochs: re-exported the model", tp.epochs)
+    if ctx.main:
+        live.end()
+        save_model(model, mp, paths.model_dir)
+        if start == tp.epochs:
+            log.info("checkpoint already finished all %d epochs: re-exported the model", tp.epochs)
+    distributed.barrier(ctx)
+    distributed.teardown(ctx)
     return TrainResult(epochs_trained=tp.epochs - start, resumed_from=start, history=history)
 
 
@@ -214,8 +234,10 @@ def _resume(
     objective: Objective,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
+    ctx: distributed.Context,
 ) -> tuple[int, list[dict[str, float]]]:
-    """(first epoch to run, history so far), restoring every state from a matching checkpoint."""
+    """(first epoch to run, history so far), restoring every state from a matching checkpoint; each rank
+    takes its own RNG state (rank 0's when the checkpoint was made by fewer processes)."""
     state = ckpt.load_checkpoint(path, fp, fp_config)
     if state is not None and state["epoch"] > epochs:
         log.info("checkpoint is at epoch %d, beyond train.epochs=%d: starting fresh", state["epoch"], epochs)
@@ -226,7 +248,8 @@ def _resume(
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
-    ckpt.set_rng_state(state["rng"])
+    rng = state["rng"]
+    ckpt.set_rng_state(rng[ctx.rank] if ctx.rank < len(rng) else rng[0])
     log.info("resuming from %s after epoch %d/%d", path, state["epoch"], epochs)
     return int(state["epoch"]), list(state["history"])
 
@@ -324,12 +347,19 @@ class EpochMeter:
 
 
 def _train_epoch(
-    step_fn: TrainStep, loader: DataLoader, epoch: int, epochs: int, log_every: int, batch_size: int
+    step_fn: TrainStep,
+    loader: DataLoader,
+    epoch: int,
+    epochs: int,
+    log_every: int,
+    batch_size: int,
+    show: bool = True,
 ) -> dict[str, float]:
-    """One pass over the loader; the per-epoch log row. Raises on a non-finite loss."""
+    """One pass over the loader; the per-epoch log row (``batch_size``: the global batch). Raises on a
+    non-finite loss. ``show``: this process draws the progress bar (rank 0)."""
     meter = EpochMeter(step_fn.device)
     t0 = time.perf_counter()
-    bar = _progress(loader, f"epoch {epoch + 1}/{epochs}")
+    bar = _progress(loader, f"epoch {epoch + 1}/{epochs}", show)
     for step, (x, y) in enumerate(bar):
         try:
             terms = step_fn(x, y)
@@ -353,7 +383,7 @@ def _train_epoch(
     }
 
 
-def _progress(loader: DataLoader, desc: str) -> Any:
+def _progress(loader: DataLoader, desc: str, show: bool) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+    return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not show)
