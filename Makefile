@@ -33,6 +33,9 @@ bench: venv
 	python benchmarks/pseudo_labels_throughput.py
 	python benchmarks/guidance_overhead.py
 	python benchmarks/eval_scaling.py
+	python benchmarks/set_step_time.py
+	python benchmarks/set_retrieval.py --sizes 5000
+	python benchmarks/ddp_scaling.py
 
 clean-venv:
 	rm -rf $(VENV)

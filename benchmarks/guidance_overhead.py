@@ -11,11 +11,11 @@ both equally. Prints the median step times, their ratio (target <= 1.03) and ima
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
+from step_timing import interleaved_medians
 
 from stages.core.config import Params, load_params
 from stages.core.language_targets import EmbeddingTarget
@@ -75,27 +75,10 @@ def main() -> None:
         f"omega={args.omega:g} ({args.guidance})": TrainStep(guided, optimizer, device, amp=cuda and tp.amp),
     }
 
-    def timed(step: TrainStep) -> float:
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        parts = step(x, y)
-        if cuda:
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - t0
-        assert all(torch.isfinite(v) for v in parts.values()), "non-finite loss in the benchmark"
-        return elapsed
-
+    medians = interleaved_medians(
+        {name: partial(step, x, y) for name, step in variants.items()}, args.steps, args.warmup, cuda
+    )
     names = list(variants)
-    for _ in range(args.warmup):
-        for name in names:
-            timed(variants[name])
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(args.steps):
-        for name in names if i % 2 == 0 else reversed(names):
-            times[name].append(timed(variants[name]))
-
-    medians = {name: statistics.median(t) for name, t in times.items()}
     base = medians[names[0]]
     label = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(
