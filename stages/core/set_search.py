@@ -28,6 +28,7 @@ from stages.core.similarity import chamfer_from_slot_similarities, smooth_chamfe
 GROWTH = 4
 QUERY_CHUNK = 16  # queries re-ranked together against their own (padded) candidate lists
 BRUTE_CHUNK = 256  # queries scored against the whole gallery at once
+GATHER_BUDGET = 2**27  # bytes of gathered candidate sets per re-rank batch (128 MB)
 # faiss scores are float32: the bound is raised by this much so that rounding can never cut off a set.
 BOUND_SLACK = 1e-5
 
@@ -84,8 +85,7 @@ class SmoothChamferSearch:
             brute.append(pending[too_many])
             left = [pending[~too_many & np.array([len(c) < k for c in candidates], dtype=bool)]]
             ranked = np.flatnonzero(~too_many & np.array([len(c) >= k for c in candidates], dtype=bool))
-            for start in range(0, len(ranked), QUERY_CHUNK):
-                part = ranked[start : start + QUERY_CHUNK]
+            for part in self._batches(ranked, [len(candidates[i]) for i in ranked]):
                 rows = pending[part]
                 top, top_ids = self._exact_candidates(q[rows], [candidates[i] for i in part], k)
                 deepest = np.take_along_axis(top, need[rows, None] - 1, axis=1)[:, 0]
@@ -107,6 +107,22 @@ class SmoothChamferSearch:
         self.stats["queries"] += len(q)
         self.stats["brute_force"] += len(rest)
         return scores, ids
+
+    def _batches(self, ranked: np.ndarray, widths: list[int]) -> list[np.ndarray]:
+        """Consecutive groups of at most QUERY_CHUNK queries whose padded candidate sets (float64) stay
+        within GATHER_BUDGET bytes."""
+        per_set = self.k2 * self.dim * 8
+        groups, start = [], 0
+        while start < len(ranked):
+            stop, widest = start, 0
+            while stop < len(ranked) and stop - start < QUERY_CHUNK:
+                widest = max(widest, widths[stop])
+                if stop > start and (stop - start + 1) * widest * per_set > GATHER_BUDGET:
+                    break
+                stop += 1
+            groups.append(ranked[start:stop])
+            start = stop
+        return groups
 
     def _exact_candidates(
         self, queries: np.ndarray, candidates: list[np.ndarray], k: int
