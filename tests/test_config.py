@@ -95,4 +95,4 @@ def test_list_shows_every_registry() -> None:
     out = CliRunner().invoke(app, ["list"]).output
     for family in ("datasets", "backbones", "dml losses", "language guidance", "optimizers", "similarities"):
         assert family in out
-    assert "shuffled" in out and "multisimilarity" in out
+    assert "shuffled" in out and "multisimilarity" in out and "dive" in out and "smooth_chamfer" in out

@@ -6,6 +6,7 @@ from __future__ import annotations
 def registries() -> dict[str, list[str]]:
     """Names registered in each family (imports the modules that fill the registries)."""
     from stages.core.datasets.base import DATASETS
+    from stages.core.heads import HEADS
     from stages.core.imagenet import IMAGENET_CLASSIFIERS
     from stages.core.language_targets import GUIDANCES
     from stages.core.losses import DML_LOSSES
@@ -20,6 +21,7 @@ def registries() -> dict[str, list[str]]:
         "text encoders (text.encoder, family:model)": TEXT_ENCODERS.names(),
         "imagenet classifiers (pseudo_labels.classifier)": IMAGENET_CLASSIFIERS.names(),
         "backbones (model.backbone)": BACKBONES.names(),
+        "heads (model.head)": HEADS.names(),
         "dml losses (train.loss, losses.<name>)": DML_LOSSES.names(),
         "language guidance (language.guidance)": GUIDANCES.names(),
         "optimizers (train.optimizer)": OPTIMIZERS.names(),
