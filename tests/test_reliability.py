@@ -227,3 +227,10 @@ def test_a_stage_exits_when_the_process_that_launched_it_dies(tmp_path: Path) ->
 def test_read_parquet_of_a_missing_file_names_the_stage(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="run `langdml prepare`"):
         read_parquet(tmp_path / "none.parquet", stage="prepare")
+
+
+def test_a_rerun_writes_a_byte_identical_checkpoint(tmp_path: Path) -> None:
+    """No timing in the checkpoint: DVC records its hash in dvc.lock, which must not change for the same model."""
+    _, a = _fit(tmp_path / "a", train={"epochs": 1, "deterministic": True})
+    _, b = _fit(tmp_path / "b", train={"epochs": 1, "deterministic": True})
+    assert a.checkpoint.read_bytes() == b.checkpoint.read_bytes()

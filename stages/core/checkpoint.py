@@ -8,6 +8,7 @@ tensors and plain types, loadable with ``weights_only=True``.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import random
@@ -108,5 +109,7 @@ def load_checkpoint(path: Path, expected: str, config: dict[str, Any]) -> dict[s
 def save_checkpoint(path: Path, state: dict[str, Any], rng_states: list[dict[str, Any]] | None = None) -> None:
     """``state`` plus the RNG states (one per rank; this process's alone by default), written atomically
     (a kill never leaves half a checkpoint)."""
+    buffer = io.BytesIO()  # torch.save names its zip records after the file: a temporary name would vary
+    torch.save({**state, "rng": rng_states or [rng_state()]}, buffer)
     with atomic_path(path) as tmp:
-        torch.save({**state, "rng": rng_states or [rng_state()]}, tmp)
+        tmp.write_bytes(buffer.getvalue())

@@ -207,7 +207,8 @@ def fit(
                 "objective": objective.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "history": history,
+                # Without timings: the checkpoint of a rerun is then byte-identical, and dvc.lock unchanged.
+                "history": [{k: v for k, v in r.items() if k not in _Live.NOT_LOGGED or k == "epoch"} for r in history],
             }
             ckpt.save_checkpoint(paths.checkpoint, state, rng_states)
             live.log(row)
