@@ -12,26 +12,20 @@ from __future__ import annotations
 
 import argparse
 from functools import partial
-from pathlib import Path
 
 import torch
-from step_timing import interleaved_medians
+from step_timing import interleaved_medians, print_step_table, setup, step_arguments
 
-from stages.core.config import Params, load_params
 from stages.core.language_targets import EmbeddingTarget
 from stages.core.losses import build_dml_loss
 from stages.core.objective import Objective
 from stages.core.optim import build_optimizer
-from stages.core.runtime import resolve_device, seed_everything
 from stages.core.training import TrainStep
 from stages.core.vision import build_model
 
 
 def parse() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml", help="parameter file (defaults if missing)")
-    ap.add_argument("--steps", type=int, default=20, help="timed steps per variant")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
+    ap = step_arguments(__doc__.splitlines()[0], steps=20, warmup=3)
     ap.add_argument("--omega", type=float, default=1.0, help="the guided variant's omega")
     ap.add_argument("--guidance", choices=["elg", "plg", "both"], default="elg", help="targets (random embeddings)")
     ap.add_argument("--classes", type=int, default=100, help="classes in the language table")
@@ -41,11 +35,9 @@ def parse() -> argparse.Namespace:
 
 def main() -> None:
     args = parse()
-    params = load_params(args.params) if Path(args.params).is_file() else Params()
+    params, device, gen = setup(args.params)
     tp, mp = params.train, params.model
-    device = resolve_device(tp.device)
     cuda = device.type == "cuda"
-    gen = seed_everything(params.seed)
 
     model = build_model(mp).to(device).train()
     if cuda:
@@ -79,16 +71,12 @@ def main() -> None:
         {name: partial(step, x, y) for name, step in variants.items()}, args.steps, args.warmup, cuda
     )
     names = list(variants)
-    base = medians[names[0]]
-    label = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(
+    title = (
         f"{mp.backbone} @ {mp.image_size}px, batch {tp.batch_size}, loss {tp.loss}, "
-        f"{args.steps} interleaved steps after {args.warmup} warm-up, {label}"
+        f"{args.steps} interleaved steps after {args.warmup} warm-up"
     )
-    print(f"{'variant':<24} {'median step (ms)':>17} {'images/s':>10} {'ratio':>7}")
-    for name in names:
-        m = medians[name]
-        print(f"{name:<24} {m * 1e3:>17.2f} {tp.batch_size / m:>10.1f} {m / base:>7.3f}")
+    print_step_table(medians, tp.batch_size, title, device)
+    base = medians[names[0]]
     ratio = medians[names[1]] / base
     print(f"overhead ratio {ratio:.3f} (target <= 1.03): {'OK' if ratio <= 1.03 else 'ABOVE TARGET'}")
 

@@ -13,38 +13,30 @@ from __future__ import annotations
 
 import argparse
 from functools import partial
-from pathlib import Path
 
 import torch
-from step_timing import interleaved_medians
+from step_timing import interleaved_medians, print_step_table, setup, step_arguments
 
-from stages.core.config import Params, load_params
 from stages.core.language_targets import EmbeddingTarget
 from stages.core.losses import build_dml_loss
 from stages.core.objective import Objective
 from stages.core.optim import build_optimizer
-from stages.core.runtime import resolve_device, seed_everything
 from stages.core.similarity import make_similarity
 from stages.core.training import TrainStep
 from stages.core.vision import build_model
 
 
 def parse() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml", help="parameter file (defaults if missing)")
-    ap.add_argument("--steps", type=int, default=15, help="timed steps per variant")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
+    ap = step_arguments(__doc__.splitlines()[0], steps=15, warmup=2)
     ap.add_argument("--language-similarity", default="cosine", choices=["cosine", "smooth_chamfer"])
     return ap.parse_args()
 
 
 def main() -> None:
     args = parse()
-    params = load_params(args.params) if Path(args.params).is_file() else Params()
+    params, device, gen = setup(args.params)
     tp, mp = params.train, params.model
-    device = resolve_device(tp.device)
     cuda = device.type == "cuda"
-    gen = seed_everything(params.seed)
     per_batch = tp.batch_size // tp.samples_per_class
     x = torch.randn(tp.batch_size, 3, mp.image_size, mp.image_size, generator=gen)
     y = torch.arange(per_batch).repeat_interleave(tp.samples_per_class)
@@ -70,16 +62,11 @@ def main() -> None:
     medians = interleaved_medians(
         {name: partial(step, x, y) for name, step in variants.items()}, args.steps, args.warmup, cuda
     )
-    names = list(variants)
-    label = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(
+    title = (
         f"{mp.backbone} @ {mp.image_size}px, batch {tp.batch_size}, loss {tp.loss}, ELG (S_img "
-        f"{args.language_similarity}), {args.steps} interleaved steps after {args.warmup} warm-up, {label}"
+        f"{args.language_similarity}), {args.steps} interleaved steps after {args.warmup} warm-up"
     )
-    print(f"{'head':<12} {'median step (ms)':>17} {'images/s':>10} {'vs linear':>10}")
-    for name in names:
-        m = medians[name]
-        print(f"{name:<12} {m * 1e3:>17.1f} {tp.batch_size / m:>10.1f} {m / medians['linear']:>10.2f}")
+    print_step_table(medians, tp.batch_size, title, device)
 
 
 if __name__ == "__main__":

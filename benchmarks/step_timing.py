@@ -6,11 +6,31 @@ drift in machine load hits every variant equally; CUDA work is synchronised arou
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+from stages.core.config import Params, load_params
+from stages.core.runtime import resolve_device, seed_everything
+
+
+def step_arguments(description: str, steps: int, warmup: int) -> argparse.ArgumentParser:
+    """The options every step benchmark takes; a script adds its own."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--params", default="params.yaml", help="parameter file (defaults if missing)")
+    ap.add_argument("--steps", type=int, default=steps, help="timed steps per variant")
+    ap.add_argument("--warmup", type=int, default=warmup, help="untimed steps per variant")
+    return ap
+
+
+def setup(params_path: str) -> tuple[Params, torch.device, torch.Generator]:
+    """params.yaml (defaults when absent), the training device and a seeded generator."""
+    params = load_params(params_path) if Path(params_path).is_file() else Params()
+    return params, resolve_device(params.train.device), seed_everything(params.seed)
 
 
 def interleaved_medians(
@@ -38,3 +58,13 @@ def interleaved_medians(
         for name in names if i % 2 == 0 else reversed(names):
             times[name].append(timed(variants[name]))
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def print_step_table(medians: dict[str, float], batch_size: int, title: str, device: torch.device) -> None:
+    """The title with the device, then one row per variant: median step, images/s, ratio to the first."""
+    label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{title}, {label}")
+    base = next(iter(medians.values()))
+    print(f"{'variant':<24} {'median step (ms)':>17} {'images/s':>10} {'vs first':>9}")
+    for name, m in medians.items():
+        print(f"{name:<24} {m * 1e3:>17.1f} {batch_size / m:>10.1f} {m / base:>9.3f}")
