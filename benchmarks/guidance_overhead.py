@@ -14,7 +14,7 @@ import argparse
 from functools import partial
 
 import torch
-from step_timing import interleaved_medians, print_step_table, setup, step_arguments
+from step_timing import interleaved_medians, print_step_table, setup, step_arguments, synthetic_batch
 
 from stages.core.language_targets import EmbeddingTarget
 from stages.core.losses import build_dml_loss
@@ -42,17 +42,14 @@ def main() -> None:
     model = build_model(mp).to(device).train()
     if cuda:
         model.to(memory_format=torch.channels_last)
-    per_batch = tp.batch_size // tp.samples_per_class
     dml = build_dml_loss(tp.loss, args.classes, mp.embed_dim, params.training.loss_kwargs()).to(device)
-    x = torch.randn(tp.batch_size, 3, mp.image_size, mp.image_size, generator=gen)
-    y = torch.arange(per_batch).repeat_interleave(tp.samples_per_class)
+    x, y = synthetic_batch(params, gen)
     if cuda:
         x, y = x.pin_memory(), y.pin_memory()
     elg = torch.randn(args.classes, args.dim, generator=gen)
     plg = torch.randn(5, args.classes, args.dim, generator=gen)
     targets = {"elg": [EmbeddingTarget(elg)], "plg": [EmbeddingTarget(plg)]}
     targets["both"] = targets["elg"] + targets["plg"]
-    head_lr = tp.head_lr if tp.head_lr is not None else tp.lr
     lang_kwargs = params.language.matching_kwargs()
     # Two objectives over the same model and loss, one optimiser: only the language term differs.
     plain = Objective(model, dml, [], omega=0.0, language_kwargs=lang_kwargs)
@@ -61,7 +58,7 @@ def main() -> None:
     if tp.compile:
         plain.compile_model()
         guided.compile_model()
-    optimizer = build_optimizer(tp, plain.param_groups(tp.lr, head_lr))
+    optimizer = build_optimizer(tp, plain.param_groups(tp.lr, tp.effective_head_lr))
     variants = {
         "omega=0": TrainStep(plain, optimizer, device, amp=cuda and tp.amp),
         f"omega={args.omega:g} ({args.guidance})": TrainStep(guided, optimizer, device, amp=cuda and tp.amp),

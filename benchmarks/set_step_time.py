@@ -15,7 +15,7 @@ import argparse
 from functools import partial
 
 import torch
-from step_timing import interleaved_medians, print_step_table, setup, step_arguments
+from step_timing import interleaved_medians, print_step_table, setup, step_arguments, synthetic_batch
 
 from stages.core.language_targets import EmbeddingTarget
 from stages.core.losses import build_dml_loss
@@ -38,8 +38,7 @@ def main() -> None:
     tp, mp = params.train, params.model
     cuda = device.type == "cuda"
     per_batch = tp.batch_size // tp.samples_per_class
-    x = torch.randn(tp.batch_size, 3, mp.image_size, mp.image_size, generator=gen)
-    y = torch.arange(per_batch).repeat_interleave(tp.samples_per_class)
+    x, y = synthetic_batch(params, gen)
     elg = [EmbeddingTarget(torch.randn(per_batch, 384, generator=gen)).to(device)]
     variants: dict[str, TrainStep] = {}
     for name, head, slots in (("linear", "linear", 1), ("dive K=1", "dive", 1), ("dive K=4", "dive", 4)):
@@ -55,8 +54,7 @@ def main() -> None:
             image_similarity=make_similarity(args.language_similarity, alpha=vp.alpha, centered=True),
             diversity=tp.diversity,
         )
-        head_lr = tp.head_lr if tp.head_lr is not None else tp.lr
-        optimizer = build_optimizer(tp, objective.param_groups(tp.lr, head_lr))
+        optimizer = build_optimizer(tp, objective.param_groups(tp.lr, tp.effective_head_lr))
         variants[name] = TrainStep(objective, optimizer, device, amp=cuda and tp.amp)
 
     medians = interleaved_medians(

@@ -33,6 +33,14 @@ def setup(params_path: str) -> tuple[Params, torch.device, torch.Generator]:
     return params, resolve_device(params.train.device), seed_everything(params.seed)
 
 
+def synthetic_batch(params: Params, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One class-balanced batch of random images at the model's size: (B x 3 x S x S, B labels)."""
+    tp, size = params.train, params.model.image_size
+    x = torch.randn(tp.batch_size, 3, size, size, generator=gen)
+    y = torch.arange(tp.batch_size // tp.samples_per_class).repeat_interleave(tp.samples_per_class)
+    return x, y
+
+
 def interleaved_medians(
     variants: dict[str, Callable[[], dict[str, torch.Tensor]]], steps: int, warmup: int, cuda: bool
 ) -> dict[str, float]:

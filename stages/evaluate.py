@@ -45,24 +45,27 @@ def recall_csv(metrics: dict[str, Any], ks: list[int]) -> str:
 
 
 def similarity_picture(params: Params, emb: Any, labels: Any) -> str | None:
-    """similarity.png from the ELG cache; why it was skipped (absent or stale cache), or None."""
+    """similarity.png from the ELG cache; why it was skipped (absent or stale cache, missing classes), or
+    None. A skipped picture is removed: never one of an older model beside new metrics."""
     from stages.core import report
     from stages.core.artifacts import check_provenance, read_class_embeddings
     from stages.core.io import embedding_matrix
 
+    skipped = None
     if not paths.CLASS_EMBEDDINGS.is_file():
-        paths.SIMILARITY.unlink(missing_ok=True)  # never leave a picture of an older model beside new metrics
-        return f"{paths.CLASS_EMBEDDINGS} is absent (run `langdml embed-text`)"
-    lang, meta = read_class_embeddings(paths.CLASS_EMBEDDINGS)
-    try:
-        check_provenance(paths.CLASS_EMBEDDINGS, meta, params.class_embeddings_params(), "embed-text")
-    except LangdmlError as err:
+        skipped = f"{paths.CLASS_EMBEDDINGS} is absent (run `langdml embed-text`)"
+    else:
+        lang, meta = read_class_embeddings(paths.CLASS_EMBEDDINGS)
+        try:
+            check_provenance(paths.CLASS_EMBEDDINGS, meta, params.class_embeddings_params(), "embed-text")
+            ids, vectors = lang.column("class_id").to_numpy(), embedding_matrix(lang.column("embedding"))
+            language = (ids, vectors, lang.column("class_name").to_pylist())
+            skipped = report.similarity_figure(emb, labels, language, paths.SIMILARITY)
+        except LangdmlError as err:
+            skipped = str(err)
+    if skipped:
         paths.SIMILARITY.unlink(missing_ok=True)
-        return str(err)
-    ids, vectors = lang.column("class_id").to_numpy(), embedding_matrix(lang.column("embedding"))
-    return report.similarity_figure(
-        emb, labels, (ids, vectors, lang.column("class_name").to_pylist()), paths.SIMILARITY
-    )
+    return skipped
 
 
 def run(params: Params) -> None:

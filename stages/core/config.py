@@ -161,6 +161,11 @@ class TrainParams(_Section):
     diversity: Annotated[float, Field(ge=0)] = 0.01  # weight of DivE's slot-diversity term (set heads only)
     nproc: PositiveInt = 1  # processes (DDP via torchrun); batch_size is the global batch
 
+    @property
+    def effective_head_lr(self) -> float:
+        """``head_lr``, or ``lr`` when it is null."""
+        return self.head_lr if self.head_lr is not None else self.lr
+
     @model_validator(mode="after")
     def _batch(self) -> TrainParams:
         if self.batch_size % self.samples_per_class:

@@ -201,7 +201,7 @@ def similarity_figure(
     """Language vs learned image similarity of the test classes (at most :data:`MAX_SIMILARITY_CLASSES`).
 
     ``language`` is (class ids, C x D class embeddings, class names) of the ELG cache. Returns why
-    the picture was not drawn (and removes an older one), or None when it was.
+    the picture was not drawn, or None when it was.
     """
     from stages.core.metrics import class_centroids, cosine_similarity_matrix
     from stages.core.vectors import l2_normalize
@@ -214,7 +214,6 @@ def similarity_figure(
     pos = {int(c): i for i, c in enumerate(np.asarray(ids).tolist())}
     missing = [int(c) for c in classes if int(c) not in pos]
     if missing:
-        Path(path).unlink(missing_ok=True)  # never leave a picture of an older model beside new metrics
         return f"{len(missing)} test classes (e.g. {missing[0]}) have no language embedding"
     rows = [pos[int(c)] for c in classes]
     lang_sim = cosine_similarity_matrix(vectors[rows])

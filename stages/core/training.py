@@ -39,6 +39,8 @@ from stages.core.vision import build_model, save_model, train_transform
 log = logging.getLogger(__name__)
 
 TOTAL = "total"
+# Row entries that differ between identical runs: logged, never written where DVC hashes them.
+TIMINGS = frozenset({"images_per_s"})
 
 
 @dataclass(frozen=True)
@@ -68,8 +70,9 @@ class NonFiniteLoss(Exception):
 @dataclass
 class TrainStep:
     """One optimisation step: move the batch, run the objective under autocast, sum the weighted
-    terms, step. Returns the detached terms and their total on the device: no host sync, so the
-    caller decides when to look (every ``log_every`` steps). The benchmark times exactly this."""
+    terms, step. Returns the detached terms and their total on the device. One scalar is read per
+    step (is the total finite?), so no update is ever made from a NaN/inf loss; the terms themselves
+    are read only when the caller looks (every ``log_every`` steps). The benchmark times exactly this."""
 
     objective: Objective
     optimizer: torch.optim.Optimizer
@@ -87,7 +90,8 @@ class TrainStep:
         if not bool(torch.isfinite(total)):  # one scalar read per step: a non-finite loss never updates
             raise NonFiniteLoss({k: v.detach() for k, v in terms.items()})
         self.optimizer.zero_grad(set_to_none=True)
-        weighted_total(terms, self.objective.weights, self.objective.gradient_scales).backward()
+        scales = self.objective.gradient_scales  # empty unless under DDP
+        (weighted_total(terms, self.objective.weights, scales) if scales else total).backward()
         self.optimizer.step()
         return {**{k: v.detach().float() for k, v in terms.items()}, TOTAL: total.detach().float()}
 
@@ -156,12 +160,11 @@ def fit(
     ).to(device)
     if cuda:
         model.to(memory_format=torch.channels_last)
-    head_lr = tp.head_lr if tp.head_lr is not None else tp.lr
-    optimizer = build_optimizer(tp, objective.param_groups(tp.lr, head_lr))
+    optimizer = build_optimizer(tp, objective.param_groups(tp.lr, tp.effective_head_lr))
     scheduler = build_scheduler(tp, optimizer)
 
     # --- resume (temporaries of a kill during a checkpoint or model write are stale)
-    for folder in (paths.checkpoint.parent, paths.model_dir):
+    for folder in (paths.checkpoint.parent, paths.model_dir) if ctx.main else ():
         if folder.is_dir() and remove_stale_temporaries(folder):
             log.info("removed stale temporary files in %s", folder)
     start, history = _resume(paths.checkpoint, fp, fp_config, tp.epochs, objective, optimizer, scheduler, ctx)
@@ -208,7 +211,7 @@ def fit(
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 # Without timings: the checkpoint of a rerun is then byte-identical, and dvc.lock unchanged.
-                "history": [{k: v for k, v in r.items() if k not in _Live.NOT_LOGGED or k == "epoch"} for r in history],
+                "history": [{k: v for k, v in r.items() if k not in TIMINGS} for r in history],
             }
             ckpt.save_checkpoint(paths.checkpoint, state, rng_states)
             live.log(row)
@@ -267,7 +270,7 @@ class _Live:
     Timings (``images_per_s``) stay out: they differ between identical runs, and DVC would then report
     the metrics (and dvc.lock) changed although the model is the same."""
 
-    NOT_LOGGED = frozenset({"epoch", "images_per_s"})
+    NOT_LOGGED = frozenset({"epoch", *TIMINGS})
 
     def __init__(self, log_dir: Path, history: list[dict[str, float]]) -> None:
         from dvclive import Live
