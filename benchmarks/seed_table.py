@@ -1,4 +1,4 @@
-"""The README's seed table: baseline, ELG, PLG and the two controls, over several seeds.
+"""The README's seed table: baseline, ELG, PLG, a sharpened ELG target and the two controls, over seeds.
 
 Needs the precompute outputs of `dvc repro` (data/prepared, data/language, data/pseudolabels,
 data/pretrained_eval). Each run trains and evaluates in a scratch folder that links to everything in
@@ -7,7 +7,10 @@ and the repository's own data/ is left alone; the same grid through DVC is
 `dvc exp run --queue -S 'omega=0,1,5' -S seed=0,1,2 && dvc queue start`. The table gives mean ± std
 over seeds and, per configuration, the paired same-seed difference to the baseline (polars).
 
-    python benchmarks/seed_table.py --seeds 0 1 2 --omegas 1 5
+The shuffled and uniform controls run last, with the overrides of the best guided row (by mean recall@1)
+and only the guidance swapped, so each control differs from that row in what the language says alone.
+
+    python benchmarks/seed_table.py --seeds 0 1 2 --omegas 1 3 --sharpen 0.1
     python benchmarks/seed_table.py --grid dive --omegas 1        # linear vs DivE head, the DivE rows
 """
 
@@ -32,17 +35,26 @@ KEYS = ["recall@1", "map@r"]
 BASELINE = "baseline (omega=0)"
 
 
-def grid(omegas: list[float], control_omega: float) -> list[tuple[str, dict[str, object]]]:
-    """(row name, parameter overrides) for every configuration of the language table."""
-    rows: list[tuple[str, dict[str, object]]] = [(BASELINE, {"omega": 0.0, "language.guidance": "none"})]
+Row = tuple[str, dict[str, object]]
+
+
+def grid(omegas: list[float], sharpen: list[float], same_class: str) -> list[Row]:
+    """(row name, parameter overrides) for the guided rows of the language table; the controls follow."""
+    rows: list[Row] = [(BASELINE, {"omega": 0.0, "language.guidance": "none"})]
     for guidance in ("elg", "plg"):
         rows += [(f"{guidance.upper()} omega={w:g}", {"omega": w, "language.guidance": guidance}) for w in omegas]
-    for control in ("shuffled", "uniform"):
-        rows.append((f"{control} omega={control_omega:g}", {"omega": control_omega, "language.guidance": control}))
+    for t in sharpen:
+        sharp = {"language.guidance": "elg", "language.target_temperature": t, "language.same_class": same_class}
+        rows += [(f"ELG omega={w:g}, T_lang={t:g}, {same_class}", {**sharp, "omega": w}) for w in omegas]
     return rows
 
 
-def dive_grid(omegas: list[float], control_omega: float) -> list[tuple[str, dict[str, object]]]:
+def controls(name: str, overrides: dict[str, object]) -> list[Row]:
+    """The shuffled and uniform controls of one guided row: the same overrides, the guidance swapped."""
+    return [(f"{c} ({name})", {**overrides, "language.guidance": c}) for c in ("shuffled", "uniform")]
+
+
+def dive_grid(omegas: list[float], control_omega: float) -> list[Row]:
     """Linear vs DivE head, each without and with ELG; DivE + ELG with cosine vs smooth-Chamfer S_img;
     PLG rank-wise vs as sets; the shuffled control of the guided DivE row (first omega)."""
     w = omegas[0]
@@ -61,9 +73,6 @@ def dive_grid(omegas: list[float], control_omega: float) -> list[tuple[str, dict
         ),
         (f"DivE, shuffled omega={control_omega:g}", {**sc, "omega": control_omega, "language.guidance": "shuffled"}),
     ]
-
-
-GRIDS = {"language": grid, "dive": dive_grid}
 
 
 def with_overrides(params: dict, overrides: dict[str, object]) -> dict:
@@ -117,34 +126,49 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--omegas", type=float, nargs="+", default=[1.0, 5.0])
-    ap.add_argument("--control-omega", type=float, default=None, help="omega of the controls (default: largest)")
+    ap.add_argument("--control-omega", type=float, default=None, help="dive grid: omega of its control")
+    ap.add_argument("--sharpen", type=float, nargs="*", default=[0.1], help="language grid: T_lang of extra ELG rows")
+    ap.add_argument("--same-class", choices=["fill", "exclude"], default="exclude", help="with --sharpen")
     ap.add_argument("--out", type=Path, default=None, help="also write the raw results as JSON here")
-    ap.add_argument("--grid", choices=sorted(GRIDS), default="language", help="which table")
+    ap.add_argument("--grid", choices=["language", "dive"], default="language", help="which table")
     args = ap.parse_args()
     for name in NEEDED:
         if not (REPO / "data" / name).exists():
             raise SystemExit(f"data/{name} is missing: run `dvc repro` first")
     base = yaml.safe_load((REPO / "params.yaml").read_text())
     pretrained = json.loads((REPO / "data/pretrained_eval/metrics.json").read_text())
-    control_omega = args.control_omega if args.control_omega is not None else max(args.omegas)
 
     results: dict[str, list[dict[str, float]]] = {}
     rows: list[dict[str, object]] = []
     scratch = Path(tempfile.mkdtemp(prefix="langdml-seeds-"))
-    try:
-        for name, overrides in GRIDS[args.grid](args.omegas, control_omega):
+
+    def run_rows(configs: list[Row]) -> None:
+        for name, overrides in configs:
             for seed in args.seeds:
                 t0 = time.perf_counter()
                 params = with_overrides(base, {**overrides, "seed": seed})
-                slug = f"{len(results)}-{overrides['omega']}-s{seed}"
-                metrics = run_one(params, scratch / slug)
+                metrics = run_one(params, scratch / f"{len(rows)}-s{seed}")
                 results.setdefault(name, []).append(metrics)
                 rows.append({"config": name, "seed": seed, **{k: metrics[k] for k in KEYS}})
                 print(
-                    f"{name:24s} seed={seed} recall@1={metrics['recall@1']:.4f} "
+                    f"{name:40s} seed={seed} recall@1={metrics['recall@1']:.4f} "
                     f"map@r={metrics['map@r']:.4f} ({time.perf_counter() - t0:.0f} s)",
                     flush=True,
                 )
+
+    try:
+        if args.grid == "dive":
+            control_omega = args.control_omega if args.control_omega is not None else max(args.omegas)
+            run_rows(dive_grid(args.omegas, control_omega))
+        else:
+            guided = grid(args.omegas, args.sharpen, args.same_class)
+            run_rows(guided)
+            means = (
+                pl.DataFrame(rows).filter(pl.col("config") != BASELINE).group_by("config").agg(pl.col(KEYS[0]).mean())
+            )
+            best = means.sort(KEYS[0], descending=True)["config"][0]
+            print(f"controls at the best guided row: {best}", flush=True)
+            run_rows(controls(best, dict(guided)[best]))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

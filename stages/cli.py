@@ -119,19 +119,9 @@ def evaluate(params: ParamsOpt = Path("params.yaml")) -> None:
 
 
 @app.command("fetch-data")
-def fetch_data(
-    root: Annotated[Path, typer.Option(help="Where to put the Fashion-MNIST IDX files.")] = Path(
-        "data/raw/fashion-mnist"
-    ),
-) -> None:
-    """Put the embedded default data set (Fashion-MNIST) into ROOT: from Debian's package, else downloaded."""
-    _setup_logging()
-    from stages.core.datasets.fashion_mnist import fetch_fashion_mnist
-
-    try:
-        typer.echo(f"Fashion-MNIST ready in {fetch_fashion_mnist(root)}")
-    except LangdmlError as err:
-        _fail("fetch-data", err)
+def fetch_data(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Obtain the dataset into dataset.root when langdml can (emoji: npm; fashion-mnist), else check it is there."""
+    _run_stage("fetch_data", params)
 
 
 @app.command("list")

@@ -60,7 +60,7 @@ def similarity_picture(params: Params, emb: Any, labels: Any) -> str | None:
             check_provenance(paths.CLASS_EMBEDDINGS, meta, params.class_embeddings_params(), "embed-text")
             ids, vectors = lang.column("class_id").to_numpy(), embedding_matrix(lang.column("embedding"))
             language = (ids, vectors, lang.column("class_name").to_pylist())
-            skipped = report.similarity_figure(emb, labels, language, paths.SIMILARITY)
+            skipped = report.similarity_figure(emb, labels, language, paths.SIMILARITY, seed=params.seed)
         except LangdmlError as err:
             skipped = str(err)
     if skipped:

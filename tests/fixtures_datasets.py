@@ -148,3 +148,91 @@ def make_fashion(root: Path, train_per_class: int = 4, test_per_class: int = 2, 
             else:
                 (root / name).write_bytes(data)
     return root
+
+
+# --- emoji: npm tarballs in emoji-datasource's and emojibase-data's layouts ------------------------------
+
+EMOJI_VENDORS = ("google", "twitter", "facebook", "apple")
+# (unified, non_qualified, category, subcategory, vendors drawing it, emojibase hexcode, label)
+EMOJI_ROWS = [
+    ("1F600", None, "Smileys & Emotion", "face-smiling", EMOJI_VENDORS, "1F600", "grinning face"),
+    ("1F913", None, "Smileys & Emotion", "face-glasses", EMOJI_VENDORS, "1F913", "nerd face"),
+    ("2764-FE0F", "2764", "Smileys & Emotion", "heart", EMOJI_VENDORS, "2764", "red heart"),  # label on the
+    ("1F1EF-1F1F5", None, "Flags", "country-flag", EMOJI_VENDORS, "1F1EF-1F1F5", "flag: Japan"),  # short code
+    ("1F3A9", None, "Objects", "clothing", EMOJI_VENDORS[:3], "1F3A9", "top hat"),
+    ("1F448", None, "People & Body", "hand-single-finger", EMOJI_VENDORS, "1F448", "backhand index pointing left"),
+    ("1F436", None, "Animals & Nature", "animal-mammal", EMOJI_VENDORS[:2], "1F436", "dog face"),  # 2 vendors
+    ("1F3FB", None, "Component", "skin-tone", EMOJI_VENDORS, "1F3FB", "light skin tone"),  # not a class
+    ("1F355", None, "Food & Drink", "food-prepared", EMOJI_VENDORS, "1F355", "pizza"),
+    ("1F680", None, "Travel & Places", "transport-air", EMOJI_VENDORS, "1F680", "rocket"),
+]
+
+
+def _icon(seed: int, vendor: int) -> bytes:
+    """A 16 px RGBA PNG: a class-specific disc on a transparent background, drawn a bit differently per vendor."""
+    import io
+
+    rng = np.random.default_rng(seed)
+    colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+    yy, xx = np.mgrid[:16, :16]
+    r = 5 + vendor
+    alpha = ((yy - 8) ** 2 + (xx - 8 + vendor) ** 2 <= r * r).astype(np.uint8) * 255
+    rgba = np.dstack([np.full((16, 16), c, np.uint8) for c in colour] + [alpha])
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _tgz(path: Path, files: dict[str, bytes]) -> Path:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def make_emoji_packages(directory: Path) -> dict[str, Path]:
+    """The five tarballs ``npm pack`` would download, keyed by emoji.SOURCES key."""
+    import json
+
+    directory.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i, (unified, nq, category, sub, vendors, _, _) in enumerate(EMOJI_ROWS):
+        entry = {"name": f"EMOJI {i}", "unified": unified, "non_qualified": nq, "image": f"{unified.lower()}.png"}
+        entry.update(category=category, subcategory=sub, sort_order=i)
+        entry.update({f"has_img_{v}": v in vendors for v in EMOJI_VENDORS})
+        entries.append(entry)
+    emoji_json = json.dumps(entries).encode()
+    out = {}
+    for k, vendor in enumerate(EMOJI_VENDORS):
+        files = {"package/emoji.json": emoji_json, "package/LICENSE": b"MIT", "package/README.md": b"readme"}
+        for i, row in enumerate(EMOJI_ROWS):
+            if vendor in row[4]:
+                files[f"package/img/{vendor}/64/{row[0].lower()}.png"] = _icon(i, k)
+        files[f"package/img/{vendor}/64/{EMOJI_ROWS[0][0].lower()}-1f3fb.png"] = _icon(99, k)  # a skin variant
+        out[vendor] = _tgz(directory / f"emoji-datasource-{vendor}-16.0.0.tgz", files)
+    labels = [{"hexcode": row[5], "label": row[6]} for row in EMOJI_ROWS]
+    out["emojibase"] = _tgz(
+        directory / "emojibase-data-17.0.0.tgz",
+        {"package/en/data.json": json.dumps(labels).encode(), "package/LICENSE": b"MIT"},
+    )
+    return out
+
+
+def fake_npm(bin_dir: Path, tarballs: Path) -> Path:
+    """An ``npm`` that "packs" NAME@VERSION by copying NAME-VERSION.tgz from ``tarballs``."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    script = bin_dir / "npm"
+    script.write_text(
+        "#!/bin/sh\n"
+        'spec="$2"; dest="$4"; name="${spec%@*}"; version="${spec##*@}"\n'
+        f'src="{tarballs}/$name-$version.tgz"\n'
+        '[ -f "$src" ] || { echo "npm ERR! 404 Not Found - $spec" >&2; exit 1; }\n'
+        'cp "$src" "$dest/"\n'
+    )
+    script.chmod(0o755)
+    return script

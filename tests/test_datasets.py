@@ -57,7 +57,7 @@ def no_debian(tmp_path, monkeypatch):
 
 
 def test_registry_lists_every_adapter() -> None:
-    assert DATASETS.names() == ["cars196", "cub200", "fashion-mnist", "folder", "sop"]
+    assert DATASETS.names() == ["cars196", "cub200", "emoji", "fashion-mnist", "folder", "sop"]
     with pytest.raises(RegistryError, match=r"unknown dataset 'mnist'; known: cars196, cub200"):
         DATASETS.get("mnist")
 
@@ -176,13 +176,16 @@ def test_folder_split_by_fraction_and_override(tmp_path) -> None:
     make_class_folders(tmp_path, {"dog": 2, "cat": 3, "emu": 1, "ant": 2})
     (tmp_path / "cat" / "notes.txt").write_text("not an image")
     (tmp_path / ".cache").mkdir()
-    out = build("folder", tmp_path, train_fraction=0.25)
+    out = build("folder", tmp_path, train_fraction=0.25, split_seed=None)  # null: the first classes by name
     assert out.classes["class_name"].to_pylist() == ["ant", "cat", "dog", "emu"]
     assert out.classes["class_id"].to_pylist() == [0, 1, 2, 3]
     assert out.train["class_name"].to_pylist() == ["ant", "ant"]
     assert out.test["path"].to_pylist()[:3] == ["cat/img_000.jpg", "cat/img_001.jpg", "cat/img_002.jpg"]
-    out = build("folder", tmp_path, train_fraction=0.99)  # at least one class stays for testing
+    out = build("folder", tmp_path, train_fraction=0.99, split_seed=None)  # one class stays for testing
     assert out.classes["split"].to_pylist() == ["train", "train", "train", "test"]
+    seeded = [build("folder", tmp_path, split_seed=s).classes["split"].to_pylist() for s in (0, 0, 1, 2, 3)]
+    assert seeded[0] == seeded[1] and all(x.count("train") == 2 for x in seeded)
+    assert len({tuple(x) for x in seeded}) > 1  # the seed draws which classes train
     out = build("folder", tmp_path, train_classes=["dog", "emu"])
     assert sorted(set(out.train["class_name"].to_pylist())) == ["dog", "emu"]
     with pytest.raises(LangdmlError, match=r"unknown class 'wolf'; known: ant, cat, dog, emu"):

@@ -18,15 +18,23 @@ from stages.core.similarity import make_similarity
 torch.set_num_threads(1)
 
 
-def reference(emb, labels, lang, gamma, t, direction):
-    """Independent float64 NumPy version of the paper's masked, temperature-scaled KL."""
+def reference(emb, labels, lang, gamma, t, direction, t_q=None, exclude=False):
+    """Independent float64 NumPy version of the masked, temperature-scaled KL; ``exclude`` computes
+    each row's KL over its other-class entries only, row by row."""
     emb, lang = np.asarray(emb, np.float64), np.asarray(lang, np.float64)
     same = np.asarray(labels)[:, None] == np.asarray(labels)[None, :]
-    s_img = np.where(same, 1 + gamma, emb @ emb.T)
-    s_lang = np.where(same, 1 + gamma, lang + gamma)
-    log_p, log_q = log_softmax(s_img / t, axis=1), log_softmax(s_lang / t, axis=1)
-    a, b = (log_p, log_q) if direction == "backward" else (log_q, log_p)
-    return t**2 * float((np.exp(a) * (a - b)).sum()) / len(emb)
+    t_q = t if t_q is None else t_q
+    total = 0.0
+    for i in range(len(emb)):
+        keep = ~same[i] if exclude else np.ones(len(emb), bool)
+        if not keep.any():
+            continue
+        s_img = np.where(same[i], 1 + gamma, emb[i] @ emb.T)[keep]
+        s_lang = np.where(same[i], 1 + gamma, lang[i] + gamma)[keep]
+        log_p, log_q = log_softmax(s_img / t), log_softmax(s_lang / t_q)
+        a, b = (log_p, log_q) if direction == "backward" else (log_q, log_p)
+        total += float((np.exp(a) * (a - b)).sum())
+    return t**2 * total / len(emb)
 
 
 # Three samples, three classes: e0 = (1, 0), e1 = (0, 1), e2 = (-1, 0).
@@ -69,6 +77,44 @@ def test_matches_float64_reference(direction: str, gamma: float, t: float) -> No
     )
     assert got.dtype == torch.float32
     assert got.item() == pytest.approx(reference(emb, labels, lang, gamma, t, direction), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("direction", ["backward", "forward"])
+@pytest.mark.parametrize(("t_q", "same_class"), [(0.1, "fill"), (None, "exclude"), (0.2, "exclude")])
+def test_sharpened_and_excluding_targets_match_the_reference(
+    direction: str, t_q: float | None, same_class: str
+) -> None:
+    rng = np.random.default_rng(1)
+    emb = rng.normal(size=(9, 5))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    labels = np.array([0, 0, 0, 1, 1, 2, 3, 3, 4])
+    lang = rng.uniform(-1, 1, size=(9, 9))
+    got = language_matching(
+        torch.tensor(emb),
+        torch.tensor(labels),
+        torch.tensor(lang),
+        gamma=0.5,
+        temperature=1.0,
+        target_temperature=t_q,
+        same_class=same_class,
+        direction=direction,
+    )
+    want = reference(emb, labels, lang, 0.5, 1.0, direction, t_q=t_q, exclude=same_class == "exclude")
+    assert got.item() == pytest.approx(want, rel=1e-9)
+
+
+def test_exclude_has_finite_gradients_and_ignores_rows_of_one_class() -> None:
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 0, 1, 1, 2, 3])
+    lang = torch.rand(6, 6, generator=g, dtype=torch.float64)
+
+    def f(e: torch.Tensor) -> torch.Tensor:
+        return language_matching(e, labels, lang, target_temperature=0.3, same_class="exclude")
+
+    assert torch.autograd.gradcheck(f, (emb,))
+    one_class = language_matching(emb, torch.zeros(6, dtype=torch.long), lang, same_class="exclude")
+    assert one_class.item() == 0.0
 
 
 @pytest.mark.parametrize("direction", ["backward", "forward"])

@@ -6,7 +6,6 @@ Checks the contract a user relies on: `dvc repro` builds everything and writes t
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import shutil
@@ -14,34 +13,28 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
+from fixtures_datasets import fake_npm, make_emoji_packages
+
+import stages.core.datasets.emoji as em
 
 REPO = Path(__file__).resolve().parents[1]
 COPY = ["dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", "stages"]
-PRECOMPUTE = ["prepare", "embed_text", "pseudo_labels", "evaluate_pretrained"]
+PRECOMPUTE = ["fetch_data", "prepare", "embed_text", "pseudo_labels", "evaluate_pretrained"]
 
 
-def _write_idx(path: Path, images: np.ndarray, labels: np.ndarray, prefix: str) -> None:
-    """Fashion-MNIST's IDX format: big-endian magic, dims, then uint8 data; gzip-compressed."""
-    n, h, w = images.shape
-    with gzip.open(path / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
-        f.write(np.array([2051, n, h, w], dtype=">i4").tobytes() + images.astype(np.uint8).tobytes())
-    with gzip.open(path / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
-        f.write(np.array([2049, n], dtype=">i4").tobytes() + labels.astype(np.uint8).tobytes())
-
-
-def _tiny_fashion_mnist(root: Path, per_class: int = 12) -> None:
-    """Class-dependent stripes plus noise: learnable, so the metrics are not all chance."""
-    rng = np.random.default_rng(0)
-    root.mkdir(parents=True)
-    for prefix in ("train", "t10k"):
-        labels = np.repeat(np.arange(10), per_class)
-        images = rng.integers(0, 60, size=(labels.size, 28, 28))
-        for i, c in enumerate(labels):
-            images[i, :, (c * 2) % 28 : (c * 2) % 28 + 6] += 180
-        _write_idx(root, images, labels, prefix)
+def _tiny_emoji(root: Path, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The emoji folder as `langdml fetch-data` leaves it, from fixture tarballs and a fake npm; its receipt
+    names the real packages, so the pipeline's fetch_data stage finds it complete and goes offline."""
+    receipt = em._receipt()
+    tarballs = make_emoji_packages(tmp / "registry")
+    fake_npm(tmp / "bin", tmp / "registry")
+    monkeypatch.setenv("PATH", f"{tmp / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    sources = {k: em.Package(p.name, p.version, em._integrity(tarballs[k])) for k, p in em.SOURCES.items()}
+    monkeypatch.setattr(em, "SOURCES", sources)
+    em.fetch_emoji(root)
+    (root / em.RECEIPT).write_text(json.dumps(receipt))
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
@@ -52,7 +45,7 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
 
 
 @pytest.mark.slow
-def test_dvc_repro_then_sweep_reruns_only_train_and_evaluate(tmp_path: Path) -> None:
+def test_dvc_repro_then_sweep_reruns_only_train_and_evaluate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
     for name in COPY:
@@ -68,7 +61,7 @@ def test_dvc_repro_then_sweep_reruns_only_train_and_evaluate(tmp_path: Path) -> 
     params["train"].update(epochs=1, batch_size=16, samples_per_class=4, num_workers=0, log_every=2)
     params["evaluate"].update(num_workers=0, gallery_queries=4)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _tiny_fashion_mnist(repo / params["dataset"]["root"])
+    _tiny_emoji(repo / params["dataset"]["root"], tmp_path, monkeypatch)
 
     bindir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": bindir + os.pathsep + os.environ["PATH"], "HF_HUB_OFFLINE": "1"}

@@ -156,7 +156,7 @@ def test_real_photos_folder_end_to_end(workdir) -> None:
         (workdir / "photos" / name).mkdir(parents=True)
         for k, arr in enumerate(arrays):
             Image.fromarray(arr).save(workdir / "photos" / name / f"{k}.jpg", quality=95)
-    prepare.run(params_for("folder", "photos", train_fraction=0.5))
+    prepare.run(params_for("folder", "photos", train_fraction=0.5, split_seed=None))
     train, root = load_manifest(paths.TRAIN_MANIFEST)
     test, _ = load_manifest(paths.TEST_MANIFEST)
     assert train["class_name"].to_pylist() == ["china-roof"] * 3 + ["china-wall"] * 2  # round(1.5) == 2

@@ -12,7 +12,9 @@ from stages.core.report import (
     CORRECT_COLOUR,
     WRONG_COLOUR,
     GalleryRow,
+    _wrapped,
     gallery_size,
+    language_order,
     pick_gallery_queries,
     plot_gallery,
     plot_similarity,
@@ -79,9 +81,26 @@ def test_similarity_png(tmp_path: Path, n_classes: int) -> None:
     assert out.stat().st_size > 1000
     with Image.open(out) as im:
         assert im.format == "PNG"
-        assert im.size == similarity_size()
+        assert im.size == similarity_size(n_classes)
         png = np.asarray(im.convert("RGB"))
     assert png.std() > 10  # not a blank canvas
+
+
+def test_language_order_puts_each_block_of_related_classes_together() -> None:
+    rng = np.random.default_rng(0)
+    block = rng.permutation(np.repeat(np.arange(5), 12))  # 60 classes in 5 hidden groups, shuffled
+    sim = np.where(block[:, None] == block[None, :], 0.8, 0.1) + rng.normal(0, 0.02, (60, 60))
+    order = language_order(sim)
+    assert sorted(order.tolist()) == list(range(60))
+    runs = 1 + int(np.count_nonzero(np.diff(block[order])))
+    assert runs == 5  # each group is one contiguous run of the order
+
+
+def test_gallery_names_are_wrapped_whole() -> None:
+    name = "family: man, woman, girl, boy"
+    text = _wrapped(name)
+    assert text.replace("\n", " ") == name and max(len(line) for line in text.splitlines()) <= 20
+    assert _wrapped("x" * 100, lines=2).endswith("…")
 
 
 def test_similarity_shape_mismatch(tmp_path: Path) -> None:

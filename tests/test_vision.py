@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from stages.core import vision
-from stages.core.config import ModelParams
+from stages.core.config import AugmentParams, ModelParams
 from stages.core.efficientnet_lite import LITE0_FEATURES, LITE0_MEAN
 from stages.core.errors import LangdmlError
 from stages.core.heads import LinearHead
@@ -123,8 +123,22 @@ def test_transforms_shapes_and_normalisation() -> None:
     assert ev.shape == (3, 32, 32)
     torch.testing.assert_close(ev, torch.full((3, 32, 32), 2.0))  # (1 - 0.5) / 0.25
     torch.manual_seed(0)
-    tr = train_transform(24, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))(img)
+    tr = train_transform(24, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), AugmentParams())(img)
     assert tr.shape == (3, 24, 24) and tr.min() >= 0 and tr.max() <= 1
+    steps = [type(t).__name__ for t in train_transform(24, (0,) * 3, (1,) * 3, AugmentParams()).transforms]
+    assert steps == ["RandomResizedCrop", "ToTensor", "Normalize"]  # the default: no flip, no jitter
+    paper = AugmentParams(flip=True, min_crop_scale=0.08, color_jitter=0.2)
+    steps = train_transform(24, (0,) * 3, (1,) * 3, paper).transforms
+    assert [type(t).__name__ for t in steps] == [
+        "RandomResizedCrop",
+        "ColorJitter",
+        "RandomHorizontalFlip",
+        "ToTensor",
+        "Normalize",
+    ]
+    assert steps[0].scale == (0.08, 1.0)
+    fixed = train_transform(24, (0,) * 3, (1,) * 3, AugmentParams(min_crop_scale=1.0)).transforms
+    assert [type(t).__name__ for t in fixed][:2] == ["Resize", "CenterCrop"]  # 1: the evaluation geometry
     names = [type(t).__name__ for t in eval_transform(224, (0, 0, 0), (1, 1, 1)).transforms]
     assert names == ["Resize", "CenterCrop", "ToTensor", "Normalize"]
     assert eval_transform(224, (0, 0, 0), (1, 1, 1)).transforms[0].size == 256

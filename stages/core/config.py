@@ -68,6 +68,7 @@ class DatasetParams(_Section):
     max_per_class: PositiveInt | None = 200
     train_classes: list[str | int] | None = None
     train_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    split_seed: NonNegInt | None = 0  # emoji, folder: seeded random class split; null = the first by name
     verify_images: bool = True
 
 
@@ -131,13 +132,24 @@ class LanguageParams(_Section):
     guidance: GuidanceName = "elg"
     gamma: float = 1.0
     temperature: PositiveFloat = 1.0
+    target_temperature: PositiveFloat | None = None  # the language side's softmax temperature; null = temperature
+    same_class: Literal["fill", "exclude"] = "fill"  # fill: 1 + gamma on both sides (paper); exclude: left out
     direction: Literal["backward", "forward"] = "backward"
     similarity: SimilarityName = "cosine"  # S_img; for sets: cosine of the slot means, or centred smooth-Chamfer
     plg_similarity: Literal["rankwise", "smooth_chamfer"] = "rankwise"  # PLG: rank-wise mean, or names as a set
 
     def matching_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of ``language_matching`` that params.yaml sets."""
-        return self.model_dump(include={"gamma", "temperature", "direction"})
+        return self.model_dump(include={"gamma", "temperature", "target_temperature", "same_class", "direction"})
+
+
+class AugmentParams(_Section):
+    """Training augmentation. The paper's recipe (crop scale 0.08-1, flips) suits photos; a flip turns
+    "... facing left" icons into "... facing right" ones, and a 0.08 crop of a 64 px icon is a few pixels."""
+
+    flip: bool = False  # random horizontal flips
+    min_crop_scale: Annotated[float, Field(gt=0, le=1)] = 0.5  # random-resized-crop area 1 = resize only
+    color_jitter: Annotated[float, Field(ge=0, le=1)] = 0.0  # brightness/contrast/saturation strength
 
 
 class TrainParams(_Section):
@@ -160,6 +172,7 @@ class TrainParams(_Section):
     deterministic: bool = False
     diversity: Annotated[float, Field(ge=0)] = 0.01  # weight of DivE's slot-diversity term (set heads only)
     nproc: PositiveInt = 1  # processes (DDP via torchrun); batch_size is the global batch
+    augment: AugmentParams = AugmentParams()
 
     @property
     def effective_head_lr(self) -> float:

@@ -23,14 +23,15 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 DPI = 100
-GALLERY_CELL = (1.6, 1.9)  # inches per image cell: the image plus two lines of class name
+GALLERY_CELL = (1.6, 2.3)  # inches per image cell: the image plus up to four lines of class name
+GALLERY_NAME_WIDTH = 20  # characters per line of a class name under an image
 CORRECT_COLOUR = "#1a9641"
 WRONG_COLOUR = "#d7191c"
-SIMILARITY_FIGSIZE = (14.0, 6.5)
-MAX_TICK_LABELS = 40  # more classes than this: axes show indices only, names would overlap
+SIMILARITY_FIGSIZE = (14.0, 6.5)  # one row of two maps; with a named excerpt below, twice as high
+MAX_TICK_LABELS = 40  # more classes than this: the full maps are unnamed and a 40-class excerpt is named
 GALLERY_NEIGHBOURS = 5
 THUMBNAIL = 96  # pixels; gallery images are shown small
-MAX_SIMILARITY_CLASSES = 100  # beyond this a class x class picture is unreadable: the first ones by id
+MAX_SIMILARITY_CLASSES = 2000  # beyond this a seeded sample of classes (the ordering is quadratic)
 
 
 @dataclass(frozen=True)
@@ -68,9 +69,10 @@ def gallery_size(n_rows: int, n_neighbours: int) -> tuple[int, int]:
     return round((n_neighbours + 1) * GALLERY_CELL[0] * DPI), round(n_rows * GALLERY_CELL[1] * DPI)
 
 
-def similarity_size() -> tuple[int, int]:
-    """Pixel (width, height) of the similarity picture."""
-    return round(SIMILARITY_FIGSIZE[0] * DPI), round(SIMILARITY_FIGSIZE[1] * DPI)
+def similarity_size(n_classes: int = 0) -> tuple[int, int]:
+    """Pixel (width, height) of the similarity picture of ``n_classes`` classes."""
+    rows = 1 if n_classes <= MAX_TICK_LABELS else 2
+    return round(SIMILARITY_FIGSIZE[0] * DPI), round(rows * SIMILARITY_FIGSIZE[1] * DPI)
 
 
 def _figure(figsize: tuple[float, float]) -> Figure:
@@ -93,6 +95,13 @@ def _short(name: str, width: int = 18) -> str:
     return name if len(name) <= width else name[: width - 1] + "…"
 
 
+def _wrapped(name: str, width: int = GALLERY_NAME_WIDTH, lines: int = 3) -> str:
+    """The whole name on up to ``lines`` lines (a longer one ends in an ellipsis)."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(name, width, max_lines=lines, placeholder="…", break_on_hyphens=False))
+
+
 def plot_gallery(rows: Sequence[GalleryRow], path: str | os.PathLike[str]) -> Path:
     """Queries (first column) with their nearest neighbours; correct neighbours framed green, wrong red."""
     if not rows:
@@ -101,10 +110,10 @@ def plot_gallery(rows: Sequence[GalleryRow], path: str | os.PathLike[str]) -> Pa
     fig = _figure((n_cols * GALLERY_CELL[0], len(rows) * GALLERY_CELL[1]))
     axes = fig.subplots(len(rows), n_cols, squeeze=False)
     for r, row in enumerate(rows):
-        cells = [(row.query, f"query\n{_short(row.query_name)}", "black", 1.0)]
+        cells = [(row.query, f"query\n{_wrapped(row.query_name)}", "black", 1.0)]
         found = zip(row.neighbours, row.neighbour_names, row.correct, strict=True)
         cells += [
-            (img, f"{i + 1}. {_short(name)}", CORRECT_COLOUR if ok else WRONG_COLOUR, 4.0)
+            (img, _wrapped(f"{i + 1}. {name}", lines=4), CORRECT_COLOUR if ok else WRONG_COLOUR, 4.0)
             for i, (img, name, ok) in enumerate(found)
         ]
         for c, ax in enumerate(axes[r]):
@@ -122,31 +131,68 @@ def plot_gallery(rows: Sequence[GalleryRow], path: str | os.PathLike[str]) -> Pa
     return _save(fig, path)
 
 
+def language_order(sim: np.ndarray) -> np.ndarray:
+    """A class order that puts similar classes next to each other: the leaf order of average-linkage
+    clustering on 1 - similarity, so blocks of related classes show as squares on the diagonal."""
+    from scipy.cluster.hierarchy import leaves_list, linkage
+    from scipy.spatial.distance import squareform
+
+    if len(sim) < 3:
+        return np.arange(len(sim))
+    dist = np.clip(1.0 - (sim + sim.T) / 2, 0.0, None)
+    np.fill_diagonal(dist, 0.0)
+    return leaves_list(linkage(squareform(dist, checks=False), method="average"))
+
+
+def _heat_pair(
+    fig: Figure, axes: Sequence[Any], maps: Sequence[np.ndarray], names: Sequence[str] | None, what: str
+) -> None:
+    titles = ("language similarity (class names)", "image similarity (class centroids)")
+    if names is None or what:
+        titles = ("language similarity", "image similarity (centroids)")
+    for ax, sim, title in zip(axes, maps, titles, strict=True):
+        im = ax.imshow(sim, cmap="viridis", interpolation="nearest")
+        fig.colorbar(im, ax=ax, shrink=0.8, label="cosine similarity")
+        ax.set_title(f"{title}{what}", fontsize=10)
+        ax.set_xlabel("test class")
+        ax.set_ylabel("test class")
+        if names is not None:
+            ax.set_xticks(range(len(names)), [_short(c, 24) for c in names], rotation=90, fontsize=6)
+            ax.set_yticks(range(len(names)), [_short(c, 24) for c in names], fontsize=6)
+
+
 def plot_similarity(
     language_sim: np.ndarray,
     image_sim: np.ndarray,
     class_names: Sequence[str],
     path: str | os.PathLike[str],
+    seed: int = 0,
 ) -> Path:
-    """The language similarity of the classes beside the learned image similarity, in the same class order."""
+    """The language similarity of the classes beside the learned image similarity, in the same class order.
+
+    Up to :data:`MAX_TICK_LABELS` classes: both maps with names. More: classes ordered by language
+    similarity (:func:`language_order`) and shown unnamed, and below them a named excerpt of
+    :data:`MAX_TICK_LABELS` neighbours in that order (from a seeded start), where names can be read.
+    """
     n = len(class_names)
     if language_sim.shape != (n, n) or image_sim.shape != (n, n):
         raise ValueError(
             f"similarity matrices must be {n} x {n} (one row per class), got {language_sim.shape} and {image_sim.shape}"
         )
-    fig = _figure(SIMILARITY_FIGSIZE)
-    axes = fig.subplots(1, 2)
-    titles = ("language similarity (class names)", "image similarity (class centroids)")
-    show_names = n <= MAX_TICK_LABELS
-    for ax, sim, title in zip(axes, (language_sim, image_sim), titles, strict=True):
-        im = ax.imshow(sim, cmap="viridis", interpolation="nearest")
-        fig.colorbar(im, ax=ax, shrink=0.8, label="cosine similarity")
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("test class")
-        ax.set_ylabel("test class")
-        if show_names:
-            ax.set_xticks(range(n), [_short(c, 14) for c in class_names], rotation=90, fontsize=7)
-            ax.set_yticks(range(n), [_short(c, 14) for c in class_names], fontsize=7)
+    if n <= MAX_TICK_LABELS:
+        fig = _figure(SIMILARITY_FIGSIZE)
+        _heat_pair(fig, fig.subplots(1, 2), (language_sim, image_sim), class_names, "")
+        return _save(fig, path)
+    order = language_order(language_sim)
+    fig = _figure((SIMILARITY_FIGSIZE[0], 2 * SIMILARITY_FIGSIZE[1]))
+    axes = fig.subplots(2, 2)
+    full = [m[np.ix_(order, order)] for m in (language_sim, image_sim)]
+    _heat_pair(fig, axes[0], full, None, f": {n} classes in language order")
+    start = int(np.random.default_rng(seed).integers(0, n - MAX_TICK_LABELS + 1))
+    window = order[start : start + MAX_TICK_LABELS]
+    part = [m[np.ix_(window, window)] for m in (language_sim, image_sim)]
+    names = [str(class_names[i]) for i in window]
+    _heat_pair(fig, axes[1], part, names, f": classes {start + 1}-{start + MAX_TICK_LABELS}")
     return _save(fig, path)
 
 
@@ -197,8 +243,10 @@ def similarity_figure(
     labels: np.ndarray,
     language: tuple[np.ndarray, np.ndarray, list[str]],
     path: str | os.PathLike[str],
+    seed: int = 0,
 ) -> str | None:
-    """Language vs learned image similarity of the test classes (at most :data:`MAX_SIMILARITY_CLASSES`).
+    """Language vs learned image similarity of the test classes (a seeded sample of
+    :data:`MAX_SIMILARITY_CLASSES` when there are more).
 
     ``language`` is (class ids, C x D class embeddings, class names) of the ELG cache. Returns why
     the picture was not drawn, or None when it was.
@@ -209,7 +257,8 @@ def similarity_figure(
     emb = emb if emb.ndim == 2 else l2_normalize(emb.mean(axis=1))  # a set: its normalised slot mean
     classes = np.unique(labels)
     if len(classes) > MAX_SIMILARITY_CLASSES:
-        classes = classes[:MAX_SIMILARITY_CLASSES]
+        pick = np.random.default_rng(seed).choice(len(classes), MAX_SIMILARITY_CLASSES, replace=False)
+        classes = classes[np.sort(pick)]
     ids, vectors, class_names = language
     pos = {int(c): i for i, c in enumerate(np.asarray(ids).tolist())}
     missing = [int(c) for c in classes if int(c) not in pos]
@@ -218,7 +267,7 @@ def similarity_figure(
     rows = [pos[int(c)] for c in classes]
     lang_sim = cosine_similarity_matrix(vectors[rows])
     image_sim = cosine_similarity_matrix(class_centroids(emb, labels, classes))
-    plot_similarity(lang_sim, image_sim, [str(class_names[r]) for r in rows], path)
+    plot_similarity(lang_sim, image_sim, [str(class_names[r]) for r in rows], path, seed=seed)
     return None
 
 

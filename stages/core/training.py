@@ -116,7 +116,7 @@ def fit(
     cuda = device.type == "cuda"
     gen = seed_everything(config.seed, tp.deterministic)
     model = build_model(mp)
-    dataset = make_dataset(train_transform(mp.image_size, model.mean, model.std))
+    dataset = make_dataset(train_transform(mp.image_size, model.mean, model.std, tp.augment))
     labels = np.asarray(dataset.labels, dtype=np.int64)
     if len(labels) == 0:
         raise LangdmlError("the training manifest has no images; check dataset params and re-run `langdml prepare`")

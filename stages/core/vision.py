@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from stages.core.config import ModelParams
+from stages.core.config import AugmentParams, ModelParams
 from stages.core.errors import LangdmlError, first_line
 from stages.core.heads import HEADS, global_pool
 from stages.core.hub import load_cached_or_online
@@ -199,10 +199,24 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
     return model.to(device).eval(), model_params
 
 
-def train_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable[[Any], torch.Tensor]:
+def train_transform(
+    image_size: int, mean: Sequence[float], std: Sequence[float], augment: AugmentParams
+) -> Callable[[Any], torch.Tensor]:
+    """A random-resized crop of at least ``min_crop_scale`` of the area (1: the evaluation geometry),
+    optional colour jitter and flips, then the backbone's normalisation."""
     from torchvision import transforms as T
 
-    return T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+    steps: list[Callable[[Any], Any]] = (
+        list(eval_geometry(image_size).transforms)
+        if augment.min_crop_scale >= 1
+        else [T.RandomResizedCrop(image_size, scale=(augment.min_crop_scale, 1.0))]
+    )
+    if augment.color_jitter > 0:
+        s = augment.color_jitter
+        steps.append(T.ColorJitter(brightness=s, contrast=s, saturation=s))
+    if augment.flip:
+        steps.append(T.RandomHorizontalFlip())
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
 
 
 def eval_geometry(image_size: int) -> Callable[[Any], Any]:

@@ -80,11 +80,30 @@ Adapter = Callable[[DatasetParams], Manifests]
 ADAPTER_MODULES = (
     "stages.core.datasets.cars196",
     "stages.core.datasets.cub200",
+    "stages.core.datasets.emoji",
     "stages.core.datasets.fashion_mnist",
     "stages.core.datasets.folder",
     "stages.core.datasets.sop",
 )
 DATASETS: Registry[Adapter] = Registry("dataset", modules=ADAPTER_MODULES)
+# Datasets that langdml can obtain itself (from a package registry): name -> fill(root) -> root.
+Fetcher = Callable[[Path], Path]
+FETCHERS: Registry[Fetcher] = Registry("fetcher", modules=ADAPTER_MODULES)
+
+
+def fetch_dataset(params: DatasetParams) -> Path:
+    """Obtain the dataset into ``dataset.root`` when langdml knows how; otherwise check the user put it there."""
+    root = Path(params.root).expanduser()
+    if params.name in FETCHERS:
+        return FETCHERS.get(params.name)(root)
+    DATASETS.get(params.name)  # an unknown name: one line listing the known ones
+    if not root.is_dir():
+        raise LangdmlError(
+            f"{params.name}: dataset.root '{params.root}' is not a directory; langdml cannot download "
+            f"{params.name} (licence terms): download and unpack it there (README: Datasets), or set "
+            "dataset.root to where it is"
+        )
+    return root
 
 
 def require_root(params: DatasetParams) -> Path:
@@ -111,6 +130,16 @@ def _show(names: Iterable[object], limit: int = 12) -> str:
     items = [str(n) for n in names]
     more = f", ... ({len(items)} in all)" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more
+
+
+def seeded_class_split(n_classes: int, train_fraction: float, seed: int | None) -> set[int]:
+    """The ids of ``round(train_fraction * n)`` training classes (at least one of each side): a random
+    draw seeded by ``seed``, or the first ones when ``seed`` is None (sorted order)."""
+    n_train = min(max(round(train_fraction * n_classes), 1), n_classes - 1)
+    if seed is None:
+        return set(range(n_train))
+    order = np.random.default_rng(seed).permutation(n_classes)
+    return {int(i) for i in order[:n_train]}
 
 
 def choose_train_classes(

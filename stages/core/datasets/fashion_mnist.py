@@ -24,6 +24,7 @@ from stages.core.artifacts import first_per_class
 from stages.core.config import DatasetParams
 from stages.core.datasets.base import (
     DATASETS,
+    FETCHERS,
     ClassInfo,
     Images,
     Manifests,
@@ -144,6 +145,7 @@ def _download(name: str, root: Path) -> Path:
     return target
 
 
+@FETCHERS.register("fashion-mnist")
 def fetch_fashion_mnist(root: Path) -> Path:
     """Make sure the four IDX files are in ``root``: keep verified ones, else copy Debian's, else download."""
     root = Path(root)

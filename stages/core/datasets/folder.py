@@ -1,6 +1,7 @@
 """Any ``root/<class name>/<images>`` tree: the way to bring your own data.
 
-Classes sorted by name get ids 0..C-1; the first ``round(train_fraction * C)`` train, the rest test.
+Classes sorted by name get ids 0..C-1; ``round(train_fraction * C)`` of them, drawn at random with
+``dataset.split_seed`` (null: the first ones by name), train and the rest test.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from stages.core.datasets.base import (
     choose_train_classes,
     inside,
     require_root,
+    seeded_class_split,
 )
 from stages.core.errors import LangdmlError
 
@@ -70,8 +72,8 @@ def folder(params: DatasetParams) -> Manifests:
     if len(folders) < 2:
         raise LangdmlError(f"folder: {root} has {len(folders)} class folder; need at least 2 (train and test)")
     classes = [ClassInfo(i, name) for i, (name, _) in enumerate(folders)]
-    n_train = min(max(round(params.train_fraction * len(classes)), 1), len(classes) - 1)
-    train_ids = choose_train_classes("folder", classes, params.train_classes, default=set(range(n_train)))
+    default = seeded_class_split(len(classes), params.train_fraction, params.split_seed)
+    train_ids = choose_train_classes("folder", classes, params.train_classes, default=default)
     rows = {"train": Images([], paths=[]), "test": Images([], paths=[])}
     for class_id, (_, files) in enumerate(folders):
         split = rows["train" if class_id in train_ids else "test"]

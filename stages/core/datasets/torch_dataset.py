@@ -20,6 +20,16 @@ from torch.utils.data import Dataset
 from stages.core.errors import LangdmlError
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, with any transparency composited on white: a plain ``convert("RGB")`` keeps the colour of
+    transparent pixels, often black, so icons (emoji, clip art) would sit on black squares."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 class ImageDataset(Dataset):
     """``(transform(rgb PIL image), int label)`` per manifest row; ``labels`` is an int64 array."""
 
@@ -42,7 +52,7 @@ class ImageDataset(Dataset):
         source = io.BytesIO(blob) if blob is not None else self.root / self._paths[index].as_py()
         try:
             with Image.open(source) as im:
-                return im.convert("RGB")
+                return to_rgb(im)
         except (OSError, UnidentifiedImageError, ValueError) as err:
             where = f"row {index} (embedded bytes)" if blob is not None else str(source)
             raise LangdmlError(f"cannot read image {where}: {err}") from None
