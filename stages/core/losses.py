@@ -83,6 +83,38 @@ def slot_diversity(residual: torch.Tensor) -> torch.Tensor:
     return torch.exp(-2 * sq)[:, upper].mean()
 
 
+def hardest_negative_triplet(sim: torch.Tensor, positive: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
+    """VSE++'s max-violation triplet loss in both directions, summed over the positive pairs (as VSE++ and
+    DivE sum over the batch): for each positive (image i, caption c),
+    ``[m - s(i, c) + max_{c' not of i} s(i, c')]_+ + [m - s(i, c) + max_{i' not of c} s(i', c)]_+``.
+
+    ``sim`` is images x captions, ``positive`` the same-shape mask (every caption of an image in the batch
+    is a positive, so an image that appears twice is no negative of its own captions). A row or column
+    with no negative adds nothing.
+    """
+    if sim.shape != positive.shape:
+        raise ValueError(f"sim {tuple(sim.shape)} and positive {tuple(positive.shape)} must have the same shape")
+    negatives = sim.masked_fill(positive, -math.inf)
+    hard_caption = negatives.max(dim=1, keepdim=True).values  # per image
+    hard_image = negatives.max(dim=0, keepdim=True).values  # per caption
+    cost = F.relu(margin - sim + hard_caption) + F.relu(margin - sim + hard_image)
+    return cost.masked_fill(~positive, 0).sum()
+
+
+def mmd_exp_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Maximum mean discrepancy between the rows of ``x`` (N x D) and ``y`` (M x D) under DivE's kernel
+    ``k(a, b) = exp(-0.5 ||a - b||)``: the distance itself, not its square (so this is a Laplacian-type
+    kernel, not the Gaussian one). ``mean k(x, x') + mean k(y, y') - 2 mean k(x, y)``, biased (self-pairs kept).
+    """
+
+    def kernel_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        sq = (a.pow(2).sum(1, keepdim=True) + b.pow(2).sum(1) - 2 * a @ b.T).clamp_min(0)
+        dist = torch.where(sq > 0, sq, 1).sqrt() * (sq > 0)  # sqrt with a finite gradient at 0
+        return torch.exp(-0.5 * dist).mean()
+
+    return kernel_mean(x, x) + kernel_mean(y, y) - 2 * kernel_mean(x, y)
+
+
 class _SetDistanceMixin:
     """Rows are flattened sets (B x K*D); each is reshaped to K unit slots before smooth-Chamfer."""
 

@@ -11,6 +11,7 @@ matrix; each chunk is reduced to per-query numbers before the next one is search
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -328,3 +329,67 @@ def _gallery_counts(query_labels: np.ndarray, gallery_classes: np.ndarray, galle
     """Number of gallery items with each query's label (0 where the gallery lacks the class)."""
     pos = np.minimum(np.searchsorted(gallery_classes, query_labels), len(gallery_classes) - 1)
     return np.where(gallery_classes[pos] == query_labels, gallery_counts[pos], 0).astype(np.int64)
+
+
+def _ranked(query: np.ndarray, gallery: np.ndarray, k: int, similarity: str, options: dict[str, Any]) -> np.ndarray:
+    """Gallery ids (len(query) x k) of each query's k best, best first, by the searcher of ``similarity``.
+    Vectors are L2-normalised (sets per slot); a set similarity takes N x D rows as sets of one."""
+    if similarity != "cosine":
+        query = query[:, None, :] if query.ndim == 2 else query
+        gallery = gallery[:, None, :] if gallery.ndim == 2 else gallery
+    elif query.ndim == 3 or gallery.ndim == 3:
+        raise LangdmlError("sets (N x K x D) need a set similarity: similarity='smooth_chamfer'")
+    q = np.ascontiguousarray(l2_normalize(query), dtype=np.float32)
+    g = np.ascontiguousarray(l2_normalize(gallery), dtype=np.float32)
+    search = SEARCHERS.get(similarity)(g, k, **options)
+    return search(q, k)[1]
+
+
+def crossmodal_recall(
+    images: np.ndarray,
+    captions: np.ndarray,
+    caption_to_image: np.ndarray,
+    ks: Sequence[int] = (1, 5, 10),
+    *,
+    similarity: str = "cosine",
+    similarity_options: dict[str, Any] | None = None,
+) -> dict[str, float]:
+    """Image-to-text and text-to-image Recall@k in percent, and their sum ``rsum`` (the VSE / DivE protocol).
+
+    ``images`` (N x D, or N x K x D sets) and ``captions`` (M x D or M x K x D); ``caption_to_image[j]``
+    is the row of caption j's image. i2t: an image is a hit at k when any of its captions is among its k
+    best captions; t2i: a caption is a hit when its image is among its k best images. Exact search by the
+    searcher of ``similarity`` (``smooth_chamfer``: the certified set search, so thousands of images x
+    tens of thousands of captions need no full score matrix).
+    """
+    owner = np.asarray(caption_to_image, dtype=np.int64)
+    n, m = len(images), len(captions)
+    if owner.shape != (m,) or (m and (owner.min() < 0 or owner.max() >= n)):
+        raise LangdmlError(f"caption_to_image must give one image row in 0..{n - 1} per caption ({m})")
+    if np.bincount(owner, minlength=n).min(initial=1) == 0:
+        raise LangdmlError("every image needs at least one caption for image-to-text recall")
+    ks = sorted(set(ks))
+    options = similarity_options or {}
+    i2t = owner[_ranked(images, captions, min(max(ks), m), similarity, options)] == np.arange(n)[:, None]
+    t2i = _ranked(captions, images, min(max(ks), n), similarity, options) == owner[:, None]
+    out: dict[str, float] = {}
+    for name, hits in (("i2t", i2t), ("t2i", t2i)):
+        first = np.where(hits.any(axis=1), hits.argmax(axis=1), hits.shape[1])  # rank of the first hit
+        for k in ks:
+            out[f"{name}/recall@{k}"] = 100.0 * float(np.mean(first < k))
+    out["rsum"] = sum(v for key, v in out.items() if "/recall@" in key)
+    return out
+
+
+def crossmodal_recall_folds(
+    images: np.ndarray, captions: np.ndarray, caption_to_image: np.ndarray, folds: int, **kwargs: Any
+) -> dict[str, float]:
+    """The mean of :func:`crossmodal_recall` over ``folds`` consecutive blocks of images, each with its
+    captions (the COCO 1K protocol: 5 folds of the 5,000 test images)."""
+    owner = np.asarray(caption_to_image, dtype=np.int64)
+    bounds = np.linspace(0, len(images), folds + 1).round().astype(int)
+    runs = []
+    for lo, hi in itertools.pairwise(bounds):
+        mine = (owner >= lo) & (owner < hi)
+        runs.append(crossmodal_recall(images[lo:hi], captions[mine], owner[mine] - lo, **kwargs))
+    return {key: float(np.mean([r[key] for r in runs])) for key in runs[0]}

@@ -1,0 +1,139 @@
+"""Cross-modal recall (i2t, t2i, rsum) and the COCO 1K folds against a brute-force NumPy reference;
+the VSE++ hardest-negative triplet loss and MMD against hand-computed values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import logsumexp
+
+from stages.core.errors import LangdmlError
+from stages.core.losses import hardest_negative_triplet, mmd_exp_kernel
+from stages.core.metrics import crossmodal_recall, crossmodal_recall_folds
+
+torch.set_num_threads(1)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def smooth_chamfer_np(a: np.ndarray, b: np.ndarray, alpha: float) -> np.ndarray:
+    """SC of every set pair (A x K1 x D, B x K2 x D), straight from the formula in float64."""
+    s = np.einsum("akd,bld->abkl", a.astype(np.float64), b.astype(np.float64))
+    k1, k2 = a.shape[1], b.shape[1]
+    return logsumexp(alpha * s, axis=3).sum(2) / (2 * alpha * k1) + logsumexp(alpha * s, axis=2).sum(2) / (
+        2 * alpha * k2
+    )
+
+
+def reference(sim: np.ndarray, owner: np.ndarray, ks) -> dict[str, float]:
+    """sim: images x captions. i2t: best rank of an own caption; t2i: rank of the own image."""
+    n = sim.shape[0]
+    out = {}
+    i2t_rank = np.array(
+        [
+            min(np.flatnonzero(np.argsort(-sim[i], kind="stable") == j)[0] for j in np.flatnonzero(owner == i))
+            for i in range(n)
+        ]
+    )
+    t2i_rank = np.array(
+        [np.flatnonzero(np.argsort(-sim[:, j], kind="stable") == owner[j])[0] for j in range(sim.shape[1])]
+    )
+    for name, rank in (("i2t", i2t_rank), ("t2i", t2i_rank)):
+        for k in ks:
+            out[f"{name}/recall@{k}"] = 100.0 * np.mean(rank < k)
+    out["rsum"] = sum(out.values())
+    return out
+
+
+def _data(n: int, per_image: int, slots: tuple[int, int] | None, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    dim = 8
+    owner = np.repeat(np.arange(n), per_image)
+    if slots is None:
+        images = _unit(rng.normal(size=(n, dim)))
+        captions = _unit(images[owner] + rng.normal(scale=0.9, size=(len(owner), dim)))
+    else:
+        images = _unit(rng.normal(size=(n, slots[0], dim)))
+        centre = images.mean(axis=1)[owner][:, None, :]
+        captions = _unit(centre + rng.normal(scale=0.6, size=(len(owner), slots[1], dim)))
+    return images.astype(np.float32), captions.astype(np.float32), owner
+
+
+def test_single_vectors_match_brute_force() -> None:
+    images, captions, owner = _data(40, 5, None)
+    got = crossmodal_recall(images, captions, owner)
+    want = reference(images.astype(np.float64) @ captions.T.astype(np.float64), owner, (1, 5, 10))
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key] == pytest.approx(want[key]), key
+    assert 0 < got["i2t/recall@1"] < 100 and got["rsum"] == pytest.approx(sum(v for k, v in got.items() if k != "rsum"))
+
+
+def test_sets_of_different_sizes_match_brute_force_smooth_chamfer() -> None:
+    images, captions, owner = _data(30, 3, (4, 2), seed=1)
+    got = crossmodal_recall(images, captions, owner, similarity="smooth_chamfer", similarity_options={"alpha": 16.0})
+    want = reference(smooth_chamfer_np(images, captions, 16.0), owner, (1, 5, 10))
+    for key in want:
+        assert got[key] == pytest.approx(want[key]), key
+
+
+def test_folds_average_the_blocks_and_perfect_embeddings_score_600() -> None:
+    images, captions, owner = _data(50, 2, None, seed=2)
+    folds = crossmodal_recall_folds(images, captions, owner, folds=5)
+    blocks = [
+        crossmodal_recall(
+            images[i * 10 : (i + 1) * 10],
+            captions[(owner >= i * 10) & (owner < (i + 1) * 10)],
+            owner[(owner >= i * 10) & (owner < (i + 1) * 10)] - i * 10,
+        )
+        for i in range(5)
+    ]
+    assert folds["rsum"] == pytest.approx(np.mean([b["rsum"] for b in blocks]))
+    perfect = crossmodal_recall(images, images[owner], owner)
+    assert perfect["rsum"] == pytest.approx(600.0)
+
+
+def test_bad_inputs_are_one_line() -> None:
+    images, captions, owner = _data(5, 2, None)
+    with pytest.raises(LangdmlError, match="one image row"):
+        crossmodal_recall(images, captions, owner[:-1])
+    with pytest.raises(LangdmlError, match="at least one caption"):
+        crossmodal_recall(images, captions[:2], np.array([0, 0]))
+    with pytest.raises(LangdmlError, match="need a set similarity"):
+        crossmodal_recall(images[:, None, :], captions, owner)
+
+
+def test_hardest_negative_triplet_by_hand() -> None:
+    # Images 0, 1; captions a, b of image 0 and c of image 1.
+    sim = torch.tensor([[0.9, 0.5, 0.8], [0.3, 0.6, 0.7]])
+    positive = torch.tensor([[True, True, False], [False, False, True]])
+    # (0,a): hardest caption of 0 is c 0.8 -> 0.2-0.9+0.8 = 0.1; hardest image of a is 1 (0.3) -> 0.2-0.9+0.3 < 0.
+    # (0,b): 0.2-0.5+0.8 = 0.5; image side 0.2-0.5+0.6 = 0.3.
+    # (1,c): hardest caption of 1 is b 0.6 -> 0.2-0.7+0.6 = 0.1; image side 0.2-0.7+0.8 = 0.3.
+    assert hardest_negative_triplet(sim, positive, margin=0.2).item() == pytest.approx(0.1 + 0.5 + 0.3 + 0.1 + 0.3)
+    all_positive = hardest_negative_triplet(sim, torch.ones(2, 3, dtype=torch.bool))
+    assert all_positive.item() == 0.0
+
+
+def test_hardest_negative_triplet_gradients_reach_only_the_hardest() -> None:
+    sim = torch.tensor([[0.9, 0.5, 0.8], [0.3, 0.6, 0.7]], requires_grad=True)
+    positive = torch.tensor([[True, True, False], [False, False, True]])
+    hardest_negative_triplet(sim, positive).backward()
+    assert torch.isfinite(sim.grad).all()
+    assert sim.grad[1, 0].item() == 0.0  # image 1 with caption a: violates nothing
+
+
+def test_mmd_exp_kernel_by_hand_and_gradient() -> None:
+    x = torch.tensor([[0.0, 0.0], [3.0, 4.0]], dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([[0.0, 0.0]], dtype=torch.float64)
+    # k(x,x'): distances 0, 5, 5, 0 -> mean (2 + 2 e^-2.5) / 4; k(y,y) = 1; k(x,y): 0, 5 -> (1 + e^-2.5) / 2.
+    e = np.exp(-2.5)
+    want = (2 + 2 * e) / 4 + 1 - 2 * (1 + e) / 2
+    got = mmd_exp_kernel(x, y)
+    assert got.item() == pytest.approx(want)
+    got.backward()
+    assert torch.isfinite(x.grad).all()  # identical points: no NaN from the square root
+    assert mmd_exp_kernel(y, y).item() == pytest.approx(0.0)
