@@ -124,6 +124,30 @@ def fetch_data(params: ParamsOpt = Path("params.yaml")) -> None:
     _run_stage("fetch_data", params)
 
 
+@app.command("xm-prepare")
+def xm_prepare(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Image-text task: images and captions manifests of crossmodal.data (data/crossmodal/prepared/)."""
+    _run_stage("xm_prepare", params)
+
+
+@app.command("xm-features")
+def xm_features(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Image-text task: frozen image grid and caption token features, float16 (data/crossmodal/features/)."""
+    _run_stage("xm_features", params)
+
+
+@app.command("xm-train")
+def xm_train(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Image-text task: train the image and caption set heads (data/crossmodal/model/)."""
+    _run_stage("xm_train", params)
+
+
+@app.command("xm-evaluate")
+def xm_evaluate(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Image-text task: i2t / t2i recall and RSUM of the test split (data/crossmodal/eval/metrics.json)."""
+    _run_stage("xm_evaluate", params)
+
+
 @app.command("list")
 def list_registries() -> None:
     """List every registry: datasets, text encoders, classifiers, backbones, losses, guidances, ..."""

@@ -215,7 +215,7 @@ def make_emoji_packages(directory: Path) -> dict[str, Path]:
                 files[f"package/img/{vendor}/64/{row[0].lower()}.png"] = _icon(i, k)
         files[f"package/img/{vendor}/64/{EMOJI_ROWS[0][0].lower()}-1f3fb.png"] = _icon(99, k)  # a skin variant
         out[vendor] = _tgz(directory / f"emoji-datasource-{vendor}-16.0.0.tgz", files)
-    labels = [{"hexcode": row[5], "label": row[6]} for row in EMOJI_ROWS]
+    labels = [{"hexcode": row[5], "label": row[6], "tags": row[6].replace(":", "").split()} for row in EMOJI_ROWS]
     out["emojibase"] = _tgz(
         directory / "emojibase-data-17.0.0.tgz",
         {"package/en/data.json": json.dumps(labels).encode(), "package/LICENSE": b"MIT"},

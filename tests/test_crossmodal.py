@@ -137,3 +137,23 @@ def test_mmd_exp_kernel_by_hand_and_gradient() -> None:
     got.backward()
     assert torch.isfinite(x.grad).all()  # identical points: no NaN from the square root
     assert mmd_exp_kernel(y, y).item() == pytest.approx(0.0)
+
+
+def test_sum_of_violations_by_hand() -> None:
+    sim = torch.tensor([[0.9, 0.5, 0.8], [0.3, 0.6, 0.7]])
+    positive = torch.tensor([[True, True, False], [False, False, True]])
+    # (0,a): captions c -> 0.1; images 1 -> [0.2-0.9+0.3]_+ = 0.  (0,b): c -> 0.5; images 1 -> 0.3.
+    # (1,c): captions a -> [0.2-0.7+0.3]_+ = 0, b -> 0.1; images 0 -> 0.3.
+    got = hardest_negative_triplet(sim, positive, margin=0.2, hardest=False)
+    assert got.item() == pytest.approx(0.1 + 0.5 + 0.3 + 0.1 + 0.3)
+    rng = torch.Generator().manual_seed(0)
+    big = torch.rand(5, 7, generator=rng)
+    pos = torch.zeros(5, 7, dtype=torch.bool)
+    pos[torch.arange(7) % 5, torch.arange(7)] = True
+    want = 0.0
+    for i in range(5):
+        for c in range(7):
+            if pos[i, c]:
+                want += sum(max(0.0, 0.2 - big[i, c] + big[i, o]) for o in range(7) if not pos[i, o])
+                want += sum(max(0.0, 0.2 - big[i, c] + big[o, c]) for o in range(5) if not pos[o, c])
+    assert hardest_negative_triplet(big, pos, hardest=False).item() == pytest.approx(float(want), rel=1e-5)

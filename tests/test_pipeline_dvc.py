@@ -22,6 +22,7 @@ import stages.core.datasets.emoji as em
 REPO = Path(__file__).resolve().parents[1]
 COPY = ["dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", "stages"]
 PRECOMPUTE = ["fetch_data", "prepare", "embed_text", "pseudo_labels", "evaluate_pretrained"]
+CROSSMODAL = ["xm_prepare", "xm_features", "xm_train", "xm_evaluate"]
 
 
 def _tiny_emoji(root: Path, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -60,6 +61,10 @@ def test_dvc_repro_then_sweep_reruns_only_train_and_evaluate(tmp_path: Path, mon
     params["model"]["image_size"] = 32
     params["train"].update(epochs=1, batch_size=16, samples_per_class=4, num_workers=0, log_every=2)
     params["evaluate"].update(num_workers=0, gallery_queries=4)
+    params["crossmodal"]["data"]["max_images"] = None
+    params["crossmodal"]["model"].update(embed_dim=16, slot_depth=1)
+    params["crossmodal"]["train"].update(epochs=2, batch_size=8)
+    params["crossmodal"]["evaluate"].update(ks=[1, 2], queries=2)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _tiny_emoji(repo / params["dataset"]["root"], tmp_path, monkeypatch)
 
@@ -81,8 +86,11 @@ def test_dvc_repro_then_sweep_reruns_only_train_and_evaluate(tmp_path: Path, mon
     _run([git, "commit", "-qm", "init"], repo, env)
 
     out = _run([f"{bindir}/dvc", "repro"], repo, env)
-    for stage in [*PRECOMPUTE, "train", "evaluate"]:
+    for stage in [*PRECOMPUTE, "train", "evaluate", *CROSSMODAL]:
         assert f"Running stage '{stage}'" in out, out[-3000:]
+    xm = json.loads((repo / "data/crossmodal/eval/metrics.json").read_text())
+    assert set(xm) >= {"i2t/recall@1", "i2t/recall@2", "t2i/recall@1", "t2i/recall@2", "rsum"}
+    assert 0 <= xm["rsum"] <= 400 and xm["n_images"] == 4
     metrics = json.loads((repo / "data/eval/metrics.json").read_text())
     for key in (
         "recall@1",
@@ -105,9 +113,15 @@ def test_dvc_repro_then_sweep_reruns_only_train_and_evaluate(tmp_path: Path, mon
     _run([git, "add", "-A"], repo, env)
     _run([git, "commit", "-qm", "baseline"], repo, env)
     out = _run([f"{bindir}/dvc", "exp", "run", "-S", "omega=5.0"], repo, env)
-    for stage in PRECOMPUTE:
+    for stage in [*PRECOMPUTE, *CROSSMODAL]:
         assert f"Stage '{stage}' didn't change, skipping" in out, out[-3000:]
     for stage in ("train", "evaluate"):
+        assert f"Running stage '{stage}'" in out, out[-3000:]
+    # A sweep on the cross-modal task re-runs its training and evaluation alone.
+    out = _run([f"{bindir}/dvc", "exp", "run", "-S", "crossmodal.model.head=maxpool"], repo, env)
+    for stage in [*PRECOMPUTE, "train", "evaluate", "xm_prepare", "xm_features"]:
+        assert f"Stage '{stage}' didn't change, skipping" in out, out[-3000:]
+    for stage in ("xm_train", "xm_evaluate"):
         assert f"Running stage '{stage}'" in out, out[-3000:]
     # Queued and --temp experiments run in a copy of the commit: the untracked dataset folder travels with -C, and
     # the manifests (with a repo-relative root) are byte-identical there, so the precompute stages still skip.

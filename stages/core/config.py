@@ -59,12 +59,14 @@ GuidanceName = registered("stages.core.language_targets:GUIDANCES")
 LossName = registered("stages.core.losses:DML_LOSSES")
 SimilarityName = registered("stages.core.similarity:SIMILARITIES")
 OptimizerName = registered("stages.core.optim:OPTIMIZERS")
+CaptionDatasetName = registered("stages.core.datasets.captions:CAPTION_DATASETS")
+SetHeadName = registered("stages.core.crossmodal:SET_HEADS")
 SchedulerName = registered("stages.core.optim:SCHEDULERS")
 
 
 class DatasetParams(_Section):
-    name: DatasetName = "fashion-mnist"
-    root: str = "data/raw/fashion-mnist"
+    name: DatasetName = "emoji"
+    root: str = "data/raw/emoji"
     max_per_class: PositiveInt | None = 200
     train_classes: list[str | int] | None = None
     train_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.5
@@ -100,7 +102,7 @@ class PseudoLabelParams(_Section):
     num_workers: NonNegInt = 2
     device: Literal["auto", "cpu", "cuda"] = "auto"
     image_size: PositiveInt | None = 192  # None = the classifier's native input size
-    max_per_class: PositiveInt | None = 50  # None = every training image
+    max_per_class: PositiveInt | None = 2  # None = every training image
 
     @field_validator("template")
     @classmethod
@@ -113,7 +115,7 @@ class ModelParams(_Section):
     pretrained: bool = True
     pooling: Literal["avg", "avg+max"] = "avg"
     embed_dim: PositiveInt = 512
-    freeze_bn: bool = False
+    freeze_bn: bool = True
     image_size: Annotated[int, Field(ge=32)] = 64  # the backbones downsample by 32
     head: HeadName = "linear"  # linear: one vector per image; dive: a set of `slots` vectors (DivE)
     slots: PositiveInt = 4
@@ -153,13 +155,13 @@ class AugmentParams(_Section):
 
 
 class TrainParams(_Section):
-    epochs: PositiveInt = 5
+    epochs: PositiveInt = 2
     batch_size: PositiveInt = 40
-    samples_per_class: PositiveInt = 8
+    samples_per_class: PositiveInt = 4
     loss: LossName = "multisimilarity"
     optimizer: OptimizerName = "adamw"
-    lr: PositiveFloat = 1e-4
-    head_lr: PositiveFloat | None = None
+    lr: PositiveFloat = 1e-5
+    head_lr: PositiveFloat | None = 1e-3
     weight_decay: Annotated[float, Field(ge=0)] = 4e-4
     scheduler: SchedulerName = "none"
     milestones: list[PositiveInt] = []
@@ -198,6 +200,65 @@ class EvaluateParams(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     nmi: bool = True
     nmi_restarts: PositiveInt = 5
+
+
+class CrossModalDataParams(_Section):
+    name: CaptionDatasetName = "emoji"
+    root: str = "data/raw/emoji"
+    split_seed: NonNegInt | None = 0  # emoji: seeded random split of the concepts
+    train_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.5  # emoji
+    max_images: PositiveInt | None = 400  # a seeded sample of N image ids per split; null = all
+
+
+class CrossModalFeatureParams(_Section):
+    backbone: BackboneSpec = "efficientnet-lite0"
+    image_size: Annotated[int, Field(ge=32)] = 64  # the grid is image_size / 32 cells a side
+    text_encoder: TextEncoderSpec = "sentence-transformers:all-MiniLM-L6-v2"
+    max_tokens: PositiveInt = 32
+    batch_size: PositiveInt = 64
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class CrossModalModelParams(_Section):
+    head: SetHeadName = "dive"  # dive: K slots per image and caption | maxpool: one max-pooled vector (K=1)
+    embed_dim: PositiveInt = 256
+    slots: PositiveInt = 4
+    slot_depth: PositiveInt = 2
+    slot_heads: PositiveInt = 4
+    alpha: PositiveFloat = 16.0  # smooth-Chamfer temperature
+
+    @model_validator(mode="after")
+    def _heads(self) -> CrossModalModelParams:
+        if self.embed_dim % self.slot_heads:
+            raise ValueError(f"embed_dim ({self.embed_dim}) must be a multiple of slot_heads ({self.slot_heads})")
+        return self
+
+
+class CrossModalTrainParams(_Section):
+    epochs: PositiveInt = 10
+    batch_size: Annotated[int, Field(ge=2)] = 128
+    lr: PositiveFloat = 1e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+    margin: PositiveFloat = 0.2  # VSE++ hardest-negative triplet margin
+    warmup_epochs: NonNegInt = 1  # epochs that sum every negative's violation before the hardest take over
+    mmd: Annotated[float, Field(ge=0)] = 0.01
+    diversity: Annotated[float, Field(ge=0)] = 0.01
+    clip: PositiveFloat = 1.0  # gradient-norm clipping
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class CrossModalEvalParams(_Section):
+    ks: Annotated[list[PositiveInt], Field(min_length=1)] = [1, 5, 10]
+    folds: PositiveInt | None = None  # COCO 1K: 5 folds of the 5,000 test images; null = all at once
+    queries: PositiveInt = 4  # image and caption queries shown in data/crossmodal/eval/retrieval.png
+
+
+class CrossModalParams(_Section):
+    data: CrossModalDataParams = CrossModalDataParams()
+    features: CrossModalFeatureParams = CrossModalFeatureParams()
+    model: CrossModalModelParams = CrossModalModelParams()
+    train: CrossModalTrainParams = CrossModalTrainParams()
+    evaluate: CrossModalEvalParams = CrossModalEvalParams()
 
 
 Seed = Annotated[int, Field(ge=0, lt=2**32)]  # the range every RNG we seed (NumPy's legacy one too) accepts
@@ -245,6 +306,7 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     losses: LossSections = {}
     evaluate: EvaluateParams = EvaluateParams()
+    crossmodal: CrossModalParams = CrossModalParams()
 
     def class_embeddings_params(self) -> dict[str, Any]:
         """The params that decide the ELG cache: stored in it, checked by every stage that reads it."""

@@ -83,17 +83,28 @@ def slot_diversity(residual: torch.Tensor) -> torch.Tensor:
     return torch.exp(-2 * sq)[:, upper].mean()
 
 
-def hardest_negative_triplet(sim: torch.Tensor, positive: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
+def hardest_negative_triplet(
+    sim: torch.Tensor, positive: torch.Tensor, margin: float = 0.2, hardest: bool = True
+) -> torch.Tensor:
     """VSE++'s max-violation triplet loss in both directions, summed over the positive pairs (as VSE++ and
     DivE sum over the batch): for each positive (image i, caption c),
     ``[m - s(i, c) + max_{c' not of i} s(i, c')]_+ + [m - s(i, c) + max_{i' not of c} s(i', c)]_+``.
 
     ``sim`` is images x captions, ``positive`` the same-shape mask (every caption of an image in the batch
     is a positive, so an image that appears twice is no negative of its own captions). A row or column
-    with no negative adds nothing.
+    with no negative adds nothing. ``hardest=False`` sums the violations of every negative instead (VSE0),
+    what VSE-infinity trains with in its first epoch before the hardest negatives take over.
     """
     if sim.shape != positive.shape:
         raise ValueError(f"sim {tuple(sim.shape)} and positive {tuple(positive.shape)} must have the same shape")
+    if not hardest:
+        pair = sim.unsqueeze(2)  # [i, c, 1]: the positive pair's score
+        caption_side = F.relu(margin - pair + sim.unsqueeze(1))  # [i, c, c']: other captions of image i
+        image_side = F.relu(margin - pair + sim.T.unsqueeze(0))  # [i, c, i']: other images of caption c
+        is_pair = positive.unsqueeze(2)
+        return (caption_side * (is_pair & ~positive.unsqueeze(1))).sum() + (
+            image_side * (is_pair & ~positive.T.unsqueeze(0))
+        ).sum()
     negatives = sim.masked_fill(positive, -math.inf)
     hard_caption = negatives.max(dim=1, keepdim=True).values  # per image
     hard_image = negatives.max(dim=0, keepdim=True).values  # per caption

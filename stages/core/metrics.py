@@ -331,7 +331,7 @@ def _gallery_counts(query_labels: np.ndarray, gallery_classes: np.ndarray, galle
     return np.where(gallery_classes[pos] == query_labels, gallery_counts[pos], 0).astype(np.int64)
 
 
-def _ranked(query: np.ndarray, gallery: np.ndarray, k: int, similarity: str, options: dict[str, Any]) -> np.ndarray:
+def top_k(query: np.ndarray, gallery: np.ndarray, k: int, similarity: str, options: dict[str, Any]) -> np.ndarray:
     """Gallery ids (len(query) x k) of each query's k best, best first, by the searcher of ``similarity``.
     Vectors are L2-normalised (sets per slot); a set similarity takes N x D rows as sets of one."""
     if similarity != "cosine":
@@ -370,8 +370,8 @@ def crossmodal_recall(
         raise LangdmlError("every image needs at least one caption for image-to-text recall")
     ks = sorted(set(ks))
     options = similarity_options or {}
-    i2t = owner[_ranked(images, captions, min(max(ks), m), similarity, options)] == np.arange(n)[:, None]
-    t2i = _ranked(captions, images, min(max(ks), n), similarity, options) == owner[:, None]
+    i2t = owner[top_k(images, captions, min(max(ks), m), similarity, options)] == np.arange(n)[:, None]
+    t2i = top_k(captions, images, min(max(ks), n), similarity, options) == owner[:, None]
     out: dict[str, float] = {}
     for name, hits in (("i2t", i2t), ("t2i", t2i)):
         first = np.where(hits.any(axis=1), hits.argmax(axis=1), hits.shape[1])  # rank of the first hit

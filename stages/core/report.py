@@ -311,3 +311,39 @@ def plot_slots(
             ax.set_xticks([])
             ax.set_yticks([])
     return _save(fig, path)
+
+
+def plot_crossmodal(
+    image_rows: Sequence[tuple[np.ndarray, Sequence[str], Sequence[bool]]],
+    caption_rows: Sequence[tuple[str, Sequence[np.ndarray], Sequence[bool]]],
+    path: str | os.PathLike[str],
+) -> Path:
+    """Image queries with their best captions (text, green if the image's own) above caption queries with
+    their best images (framed green if the caption's image, red if not)."""
+    n_cols = 1 + max([len(r[1]) for r in image_rows] + [len(r[1]) for r in caption_rows] + [1])
+    n_rows = len(image_rows) + len(caption_rows)
+    if n_rows == 0:
+        raise ValueError("a retrieval picture needs at least one query")
+    fig = _figure((n_cols * GALLERY_CELL[0], n_rows * GALLERY_CELL[1]))
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for r, (image, texts, correct) in enumerate(image_rows):
+        axes[r, 0].imshow(image, interpolation="nearest")
+        axes[r, 0].set_xlabel("image query", fontsize=8)
+        for c, (text, ok) in enumerate(zip(texts, correct, strict=True), start=1):
+            ax = axes[r, c]
+            ax.set_axis_off()
+            colour = CORRECT_COLOUR if ok else WRONG_COLOUR
+            ax.text(0.5, 0.5, _wrapped(f"{c}. {text}", lines=5), ha="center", va="center", fontsize=8, color=colour)
+    for r, (text, images, correct) in enumerate(caption_rows, start=len(image_rows)):
+        axes[r, 0].set_axis_off()
+        axes[r, 0].text(0.5, 0.5, _wrapped(f"caption query: {text}", lines=5), ha="center", va="center", fontsize=8)
+        for c, (image, ok) in enumerate(zip(images, correct, strict=True), start=1):
+            ax = axes[r, c]
+            ax.imshow(image, interpolation="nearest")
+            for spine in ax.spines.values():
+                spine.set_edgecolor(CORRECT_COLOUR if ok else WRONG_COLOUR)
+                spine.set_linewidth(4.0)
+    return _save(fig, path)

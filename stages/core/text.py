@@ -70,6 +70,18 @@ class TextEncoder(ABC):
             ]
         return l2_normalize(np.concatenate(parts, axis=0))
 
+    def _tokens(self, texts: list[str], batch_size: int) -> list[np.ndarray]:
+        """Per text, its L x D token features (un-normalised); encoders of pooled vectors only have none."""
+        raise LangdmlError(f"text encoder {self.name} gives no token features; use sentence-transformers:... or hf:...")
+
+    def tokens(self, texts: list[str], batch_size: int = 64, max_tokens: int = 32) -> list[np.ndarray]:
+        """Per text, its first ``max_tokens`` token features (float32, L x D), without gradients: the input
+        of a set head over words (DivE's text side on a frozen encoder)."""
+        import torch
+
+        with torch.no_grad():
+            return [t[:max_tokens].astype(np.float32) for t in self._tokens(list(texts), batch_size)]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, dim={self.dim})"
 
@@ -139,6 +151,16 @@ class HFTextEncoder(TextEncoder):
         )
         return pooled.float().cpu().numpy()
 
+    def _tokens(self, texts: list[str], batch_size: int) -> list[np.ndarray]:
+        out: list[np.ndarray] = []
+        for s in range(0, len(texts), batch_size):
+            batch = self.tokenizer(texts[s : s + batch_size], padding=True, truncation=True, return_tensors="pt")
+            batch = batch.to(self.device)
+            hidden = self.model(**batch).last_hidden_state.float().cpu().numpy()
+            lengths = batch["attention_mask"].sum(dim=1).tolist()
+            out += [h[:n] for h, n in zip(hidden, lengths, strict=True)]
+        return out
+
 
 @TEXT_ENCODERS.register("hf")
 def _hf(rest: str, pooling: str, device: torch.device) -> HFTextEncoder:
@@ -184,6 +206,13 @@ class SentenceTransformerEncoder(TextEncoder):
             show_progress_bar=False,
         )
         return np.asarray(out, dtype=np.float32)
+
+    def _tokens(self, texts: list[str], batch_size: int) -> list[np.ndarray]:
+        # One call: sentence-transformers sorts the texts by length, so batches are padded little.
+        out = self.model.encode(
+            texts, batch_size=batch_size, output_value="token_embeddings", show_progress_bar=len(texts) > batch_size
+        )
+        return [t.float().cpu().numpy() for t in out]
 
 
 @TEXT_ENCODERS.register("sentence-transformers")

@@ -11,7 +11,6 @@ loop only sums them, and everything it logs or checks iterates over their names.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,8 +25,9 @@ from stages.core import checkpoint as ckpt
 from stages.core import distributed
 from stages.core.config import TrainConfig
 from stages.core.errors import LangdmlError
-from stages.core.io import remove_stale_temporaries, replace_directory
+from stages.core.io import remove_stale_temporaries
 from stages.core.language_targets import LanguageSources, build_language_targets, cache_files
+from stages.core.live import TIMINGS, LiveLog
 from stages.core.losses import build_dml_loss
 from stages.core.objective import Objective, weighted_total
 from stages.core.optim import build_optimizer, build_scheduler
@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 
 TOTAL = "total"
 # Row entries that differ between identical runs: logged, never written where DVC hashes them.
-TIMINGS = frozenset({"images_per_s"})
 
 
 @dataclass(frozen=True)
@@ -188,7 +187,7 @@ def fit(
         objective.distribute(ctx.world)
         forward = DistributedDataParallel(objective, device_ids=[device.index] if cuda else None)
     step_fn = TrainStep(objective, optimizer, device, amp=cuda and tp.amp, forward=forward)
-    live = _Live(paths.log_dir, history) if ctx.main else None
+    live = LiveLog(paths.log_dir, history) if ctx.main else None
     for epoch in range(start, tp.epochs):
         sampler.set_epoch(epoch)
         objective.train()
@@ -261,45 +260,6 @@ def _resume(
 def _weights_finite(module: torch.nn.Module) -> bool:
     flags = [p.detach().isfinite().all() for p in module.parameters()]
     return bool(torch.stack(flags).all())
-
-
-class _Live:
-    """dvclive per-epoch metrics, restarted and replayed from the checkpoint's history on every run,
-    so the TSVs always hold exactly one row per finished epoch. They are written into a hidden sibling
-    folder and swapped in by :meth:`end`, so a failed or interrupted run leaves the previous logs whole.
-    Timings (``images_per_s``) stay out: they differ between identical runs, and DVC would then report
-    the metrics (and dvc.lock) changed although the model is the same."""
-
-    NOT_LOGGED = frozenset({"epoch", *TIMINGS})
-
-    def __init__(self, log_dir: Path, history: list[dict[str, float]]) -> None:
-        from dvclive import Live
-
-        self.final = log_dir
-        self.partial = log_dir.with_name(f".{log_dir.name}.partial")
-        shutil.rmtree(self.partial, ignore_errors=True)
-
-        class FilesOnlyLive(Live):
-            """Plain TSV/JSON files that dvc.yaml declares as plots. dvclive's repo probing is skipped:
-            it is not needed without experiment saving, fails in a git repo with no commits, and
-            would ``dvc init`` a plain git repository."""
-
-            def _init_dvc(self) -> None:
-                return None
-
-        self.live = FilesOnlyLive(dir=str(self.partial), dvcyaml=None, save_dvc_exp=False, resume=False)
-        for row in history:
-            self.log(row)
-
-    def log(self, row: dict[str, float]) -> None:
-        for name, value in row.items():
-            if name not in self.NOT_LOGGED:
-                self.live.log_metric(name, value)
-        self.live.next_step()
-
-    def end(self) -> None:
-        self.live.end()
-        replace_directory(self.partial, self.final)
 
 
 class EpochMeter:

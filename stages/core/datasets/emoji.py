@@ -229,6 +229,7 @@ class Concept:
     label: str
     subcategory: str
     images: tuple[str, ...]  # "<vendor>/<file>", relative to the root
+    tags: tuple[str, ...] = ()  # emojibase's keywords ("face", "grin", ...)
 
 
 def _read_json(path: Path) -> list[dict]:
@@ -248,9 +249,12 @@ def concepts(root: Path) -> list[Concept]:
     """
     entries = _read_json(root / EMOJI_JSON)
     labels: dict[str, str] = {}
+    tags: dict[str, tuple[str, ...]] = {}
     for item in _read_json(root / LABELS_JSON):
         if isinstance(item, dict) and "hexcode" in item and "label" in item:
-            labels[str(item["hexcode"]).upper()] = str(item["label"])
+            code = str(item["hexcode"]).upper()
+            labels[code] = str(item["label"])
+            tags[code] = tuple(str(t) for t in item.get("tags") or ())
     result = []
     unnamed = 0
     absent: list[str] = []
@@ -260,15 +264,15 @@ def concepts(root: Path) -> list[Concept]:
             if entry["category"] == "Component":
                 continue
             codes = [entry["unified"], entry.get("non_qualified")]
-            label = next((labels[c.upper()] for c in codes if c and c.upper() in labels), None)
-            if label is None:
+            code = next((c.upper() for c in codes if c and c.upper() in labels), None)
+            if code is None:
                 unnamed += 1
                 continue
             listed = [f"{v}/{entry['image']}" for v in VENDORS if entry.get(f"has_img_{v}")]
             images = tuple(p for p in listed if (root / p).is_file())
             absent += [p for p in listed if p not in images]
             if len(images) >= MIN_VENDORS:
-                result.append(Concept(label.lower(), entry["subcategory"], images))
+                result.append(Concept(labels[code].lower(), entry["subcategory"], images, tags[code]))
     except (KeyError, TypeError) as err:
         raise LangdmlError(f"emoji: {root / EMOJI_JSON} lacks the field {err}; is it emoji-datasource 16?") from None
     if unnamed:

@@ -1,0 +1,85 @@
+"""Stage ``xm_evaluate``: image-to-text and text-to-image recall of the test split (data/crossmodal/eval/)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from stages import paths
+from stages.core.config import Params
+from stages.core.crossmodal import embed_sets, load_crossmodal, load_token_sets
+from stages.core.datasets.torch_dataset import ImageDataset
+from stages.core.errors import LangdmlError
+from stages.core.io import read_parquet, write_json
+from stages.core.metrics import crossmodal_recall, crossmodal_recall_folds, format_metrics, top_k
+from stages.core.report import plot_crossmodal, thumbnail
+from stages.core.runtime import resolve_device
+
+log = logging.getLogger(__name__)
+SHOWN = 3  # results per query in the picture
+
+
+def run(params: Params) -> None:
+    xm = params.crossmodal
+    device = resolve_device(xm.train.device)
+    images, meta = read_parquet(paths.XM_IMAGES, "xm-prepare")
+    captions, _ = read_parquet(paths.XM_CAPTIONS, "xm-prepare")
+    img_test = np.asarray(images["split"].to_pylist()) == "test"
+    cap_test = np.asarray(captions["split"].to_pylist()) == "test"
+    image_ids = images["image_id"].to_numpy()[img_test]
+    if len(np.unique(image_ids)) != len(image_ids):
+        raise LangdmlError("the test split has several files per image id; re-run `langdml xm-prepare`")
+    row_of = {int(i): r for r, i in enumerate(image_ids)}
+    owner = np.array([row_of[int(i)] for i in captions["image_id"].to_numpy()[cap_test]], dtype=np.int64)
+    model = load_crossmodal(paths.XM_MODEL, device)
+    img = embed_sets(model.image, load_token_sets(paths.XM_FEATURES, "image").subset(img_test), device)
+    cap = embed_sets(model.text, load_token_sets(paths.XM_FEATURES, "caption").subset(cap_test), device)
+    options = {"similarity": model.similarity, "similarity_options": {"alpha": model.alpha}}
+    if model.similarity == "cosine":  # one slot each: plain vectors
+        img, cap, options = img[:, 0], cap[:, 0], {"similarity": "cosine"}
+    ks = xm.evaluate.ks
+    if xm.evaluate.folds:
+        metrics = crossmodal_recall_folds(img, cap, owner, xm.evaluate.folds, ks=ks, **options)
+    else:
+        metrics = crossmodal_recall(img, cap, owner, ks, **options)
+    metrics = {**metrics, "n_images": len(img), "n_captions": len(cap)}
+    write_json(paths.XM_METRICS, metrics)
+    log.info("cross-modal metrics: %s", format_metrics(metrics))
+    texts = np.asarray(captions["text"].to_pylist(), dtype=object)[cap_test]
+    _picture(params, images.filter(img_test), meta["root"], texts, img, cap, owner, options)
+
+
+def _picture(
+    params: Params,
+    images: pa.Table,
+    root: str,
+    texts: np.ndarray,
+    img: np.ndarray,
+    cap: np.ndarray,
+    owner: np.ndarray,
+    options: dict[str, Any],
+) -> None:
+    """A few seeded image and caption queries with their best results (``retrieval.png``)."""
+    n = params.crossmodal.evaluate.queries
+    rng = np.random.default_rng(params.seed)
+    table = pa.table(
+        {"path": images["path"], "image_bytes": pa.nulls(images.num_rows, pa.binary()), "label": images["image_id"]}
+    )
+    pictures = ImageDataset(table, root, transform=None)
+    q_img = rng.choice(len(img), min(n, len(img)), replace=False)
+    q_cap = rng.choice(len(cap), min(n, len(cap)), replace=False)
+    sim, opts = options["similarity"], options.get("similarity_options", {})
+    best_caps = top_k(img[q_img], cap, min(SHOWN, len(cap)), sim, opts)
+    best_imgs = top_k(cap[q_cap], img, min(SHOWN, len(img)), sim, opts)
+    image_rows = [
+        (thumbnail(pictures.load(int(q))), [str(texts[j]) for j in row], list(owner[row] == q))
+        for q, row in zip(q_img, best_caps, strict=True)
+    ]
+    caption_rows = [
+        (str(texts[q]), [thumbnail(pictures.load(int(j))) for j in row], list(row == owner[q]))
+        for q, row in zip(q_cap, best_imgs, strict=True)
+    ]
+    plot_crossmodal(image_rows, caption_rows, paths.XM_PICTURE)

@@ -1,0 +1,32 @@
+"""Stage ``xm_prepare``: a caption dataset -> images and captions manifests (data/crossmodal/prepared/)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+from stages import paths
+from stages.core.config import Params
+from stages.core.datasets.captions import CAPTION_DATASETS, CAPTIONS_SCHEMA, IMAGES_SCHEMA, CaptionSource
+from stages.core.io import atomic_path, write_parquet
+from stages.prepare import portable_root
+
+log = logging.getLogger(__name__)
+
+
+def run(params: Params) -> None:
+    d = params.crossmodal.data
+    source = CaptionSource(d.name, Path(d.root).expanduser(), d.split_seed, d.train_fraction, d.max_images)
+    built = CAPTION_DATASETS.get(d.name)(source)
+    meta = {"dataset": built.dataset, "root": portable_root(built.root)}
+    with contextlib.ExitStack() as stack:  # both renamed only when both were written
+        for target, table, schema in (
+            (paths.XM_IMAGES, built.images, IMAGES_SCHEMA),
+            (paths.XM_CAPTIONS, built.captions, CAPTIONS_SCHEMA),
+        ):
+            write_parquet(stack.enter_context(atomic_path(target)), table, schema, {**meta, "rows": table.num_rows})
+    for split in ("train", "test"):
+        images = sum(s == split for s in built.images["split"].to_pylist())
+        captions = sum(s == split for s in built.captions["split"].to_pylist())
+        log.info("prepared %s %s: %d image files, %d captions", built.dataset, split, images, captions)

@@ -1,0 +1,46 @@
+"""Stage ``xm_train``: the two set heads on the cached features (data/crossmodal/model/)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from stages import paths
+from stages.core.checkpoint import file_digest
+from stages.core.config import Params
+from stages.core.crossmodal import CrossModalData, CrossModalPaths, load_token_sets, train_crossmodal
+from stages.core.errors import LangdmlError
+from stages.core.io import read_parquet
+from stages.core.runtime import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def run(params: Params) -> None:
+    xm = params.crossmodal
+    images, _ = read_parquet(paths.XM_IMAGES, "xm-prepare")
+    captions, _ = read_parquet(paths.XM_CAPTIONS, "xm-prepare")
+    image_sets = load_token_sets(paths.XM_FEATURES, "image")
+    caption_sets = load_token_sets(paths.XM_FEATURES, "caption")
+    if len(image_sets) != images.num_rows or len(caption_sets) != captions.num_rows:
+        raise LangdmlError("the cross-modal features do not match the manifests; re-run `langdml xm-features`")
+    img_train = np.asarray(images["split"].to_pylist()) == "train"
+    cap_train = np.asarray(captions["split"].to_pylist()) == "train"
+    data = CrossModalData(
+        images=image_sets.subset(img_train),
+        image_ids=images["image_id"].to_numpy()[img_train],
+        captions=caption_sets.subset(cap_train),
+        caption_image_ids=captions["image_id"].to_numpy()[cap_train],
+    )
+    inputs = [paths.XM_IMAGES, paths.XM_CAPTIONS, *sorted(paths.XM_FEATURES.glob("*.npy"))]
+    config = {
+        "seed": params.seed,
+        "model": xm.model.model_dump(),
+        "train": xm.train.model_dump(exclude={"device"}),
+        "inputs": {str(p): file_digest(p) for p in inputs},
+    }
+    out = CrossModalPaths(paths.XM_MODEL, paths.XM_CHECKPOINT_FILE, paths.XM_LOGS)
+    history = train_crossmodal(data, xm.model, xm.train, params.seed, resolve_device(xm.train.device), out, config)
+    final = history[-1]["loss/triplet"] if history else float("nan")
+    log.info("cross-modal model -> %s (%d epochs, final triplet loss %.4f)", out.model, len(history), final)

@@ -1,0 +1,176 @@
+"""The cross-modal task's adapters, token storage, set heads and training loop on tiny inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fixtures_datasets import fake_npm, make_emoji_packages, tiny_jpeg
+
+import stages.core.datasets.emoji as em
+from stages.core.config import CrossModalModelParams, CrossModalTrainParams
+from stages.core.crossmodal import (
+    CrossModalData,
+    CrossModalModel,
+    CrossModalPaths,
+    MaxPoolHead,
+    embed_sets,
+    load_crossmodal,
+    load_token_sets,
+    ragged_token_sets,
+    save_token_sets,
+    train_crossmodal,
+)
+from stages.core.datasets.captions import CAPTION_DATASETS, CaptionSource
+from stages.core.errors import LangdmlError
+from stages.core.heads import DivEHead
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def emoji_root(tmp_path, monkeypatch) -> Path:
+    tarballs = make_emoji_packages(tmp_path / "registry")
+    fake_npm(tmp_path / "bin", tmp_path / "registry")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    sources = {k: em.Package(p.name, p.version, em._integrity(tarballs[k])) for k, p in em.SOURCES.items()}
+    monkeypatch.setattr(em, "SOURCES", sources)
+    return em.fetch_emoji(tmp_path / "emoji")
+
+
+def test_emoji_captions_are_names_and_keywords_one_test_file_per_image(emoji_root) -> None:
+    out = CAPTION_DATASETS.get("emoji")(CaptionSource("emoji", emoji_root))
+    images, captions = out.images.to_pylist(), out.captions.to_pylist()
+    test_ids = [r["image_id"] for r in images if r["split"] == "test"]
+    assert len(test_ids) == len(set(test_ids))  # one file per test image
+    assert all(r["path"].startswith("twitter/") for r in images if r["split"] == "test")  # CC BY art first
+    train_files = [r for r in images if r["split"] == "train"]
+    assert len(train_files) > len({r["image_id"] for r in train_files})  # views: several vendors per image
+    texts = {r["text"] for r in captions}
+    assert "grinning face" in texts and "grinning, face" in texts  # the CLDR name and the keywords
+    assert {r["split"] for r in captions} == {"train", "test"}
+    capped = CAPTION_DATASETS.get("emoji")(CaptionSource("emoji", emoji_root, max_images=2))
+    assert len({r["image_id"] for r in capped.images.to_pylist()}) == 4  # 2 per split
+
+
+def _karpathy(root: Path, entries: list[dict]) -> Path:
+    for e in entries:
+        tiny_jpeg(root / e.get("filepath", "flickr30k-images") / e["filename"])
+    (root / "dataset_coco.json").write_text(json.dumps({"images": entries}))
+    return root
+
+
+def test_coco_karpathy_split_restval_joins_train_val_is_left_out(tmp_path) -> None:
+    def entry(name: str, split: str, n: int = 2) -> dict:
+        return {
+            "filepath": "val2014",
+            "filename": name,
+            "split": split,
+            "sentences": [{"raw": f"{name} {i} "} for i in range(n)],
+        }
+
+    root = _karpathy(
+        tmp_path, [entry("a.jpg", "train"), entry("b.jpg", "restval"), entry("c.jpg", "val"), entry("d.jpg", "test", 5)]
+    )
+    out = CAPTION_DATASETS.get("coco")(CaptionSource("coco", root))
+    assert out.images["path"].to_pylist() == ["val2014/a.jpg", "val2014/b.jpg", "val2014/d.jpg"]
+    assert out.images["split"].to_pylist() == ["train", "train", "test"]
+    assert out.captions["text"].to_pylist()[0] == "a.jpg 0"  # stripped
+    assert out.captions["split"].to_pylist().count("test") == 5
+    (root / "val2014" / "d.jpg").unlink()
+    with pytest.raises(LangdmlError, match=r"coco: 1 image file\(s\) missing .* 'val2014/d.jpg'"):
+        CAPTION_DATASETS.get("coco")(CaptionSource("coco", root))
+    (root / "dataset_coco.json").write_text("{not json")
+    with pytest.raises(LangdmlError, match="cannot read Karpathy's split file"):
+        CAPTION_DATASETS.get("coco")(CaptionSource("coco", root))
+
+
+def test_ragged_token_sets_round_trip_and_pad_with_a_mask(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    sets = [rng.normal(size=(n, 3)).astype(np.float32) for n in (2, 5, 1)]
+    save_token_sets(tmp_path, "caption", ragged_token_sets(sets))
+    loaded = load_token_sets(tmp_path, "caption")
+    tokens, mask = loaded.subset(np.array([False, True, True])).batch(np.array([1, 0]), torch.device("cpu"))
+    assert tokens.shape == (2, 5, 3) and mask.tolist() == [[False, True, True, True, True], [False] * 5]
+    np.testing.assert_allclose(tokens[1].numpy(), sets[1], atol=1e-2)  # float16 on disk
+    assert (tokens[0, 1:] == 0).all()
+    with pytest.raises(LangdmlError, match="no tokens"):
+        ragged_token_sets([sets[0], np.zeros((0, 3), np.float32)])
+    (tmp_path / "caption_offsets.npy").unlink()
+    with pytest.raises(LangdmlError, match="lacks the caption features; run `langdml xm-features`"):
+        load_token_sets(tmp_path, "caption")
+
+
+@pytest.mark.parametrize("head", ["dive", "maxpool"])
+def test_padded_caption_tokens_change_nothing(head: str) -> None:
+    torch.manual_seed(0)
+    mp = CrossModalModelParams(head=head, embed_dim=16, slots=3, slot_depth=2, slot_heads=2)
+    model = CrossModalModel(8, 6, mp).eval()
+    tokens = torch.randn(2, 5, 6)
+    mask = torch.tensor([[False, False, True, True, True], [False] * 5])
+    garbage = tokens.clone()
+    garbage[0, 2:] = 1e3  # whatever sits in the padding
+    a = model.text.forward_tokens(tokens, mask)["embeddings"]
+    b = model.text.forward_tokens(garbage, mask)["embeddings"]
+    torch.testing.assert_close(a, b)
+    if head == "dive":
+        attention = model.text.forward_tokens(tokens, mask)["attention"]
+        assert attention[0, :, 2:].abs().max().item() == 0.0  # masked tokens get zero attention
+    assert isinstance(model.text, DivEHead if head == "dive" else MaxPoolHead)
+
+
+def _toy_data(seed: int = 0) -> CrossModalData:
+    """6 images (2 views each) with 2 captions each; a caption's tokens are noisy copies of its image's."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(6, 8)).astype(np.float32)
+    image_sets = [base[i // 2] + 0.1 * rng.normal(size=(4, 8)).astype(np.float32) for i in range(12)]
+    caption_sets = [
+        np.repeat(base[i // 2][None, :6], 2 + i % 3, axis=0) + 0.1 * rng.normal(size=(2 + i % 3, 6)) for i in range(12)
+    ]
+    return CrossModalData(
+        images=ragged_token_sets(image_sets),
+        image_ids=np.repeat(np.arange(6), 2),
+        captions=ragged_token_sets([c.astype(np.float32) for c in caption_sets]),
+        caption_image_ids=np.repeat(np.arange(6), 2),
+    )
+
+
+def test_training_lowers_the_loss_exports_and_resumes(tmp_path, monkeypatch) -> None:
+    data = _toy_data()
+    mp = CrossModalModelParams(embed_dim=16, slots=2, slot_depth=1, slot_heads=2)
+    tp = CrossModalTrainParams(epochs=6, batch_size=8, lr=3e-3)
+    paths = CrossModalPaths(tmp_path / "model", tmp_path / "ckpt" / "last.pt", tmp_path / "logs")
+    history = train_crossmodal(data, mp, tp, 0, torch.device("cpu"), paths, {"run": 1})
+    assert history[-1]["loss/triplet"] < history[0]["loss/triplet"]
+    assert set(history[0]) == {"loss/triplet", "loss/mmd", "loss/diversity", "loss/total", "lr"}
+    model = load_crossmodal(paths.model, torch.device("cpu"))
+    sets = embed_sets(model.image, data.images, torch.device("cpu"))
+    assert sets.shape == (12, 2, 16) and np.allclose(np.linalg.norm(sets, axis=-1), 1, atol=1e-5)
+    # A finished run resumes to the end at once, and the same seed gives the same weights again.
+    again = train_crossmodal(data, mp, tp, 0, torch.device("cpu"), paths, {"run": 1})
+    assert again == history
+    # Killed after its third checkpoint, a run resumes there and ends as the uninterrupted one did.
+    import stages.core.crossmodal as xm
+
+    real_save, saved = xm.save_checkpoint, []
+
+    def save_then_die(*args, **kwargs) -> None:
+        real_save(*args, **kwargs)
+        saved.append(1)
+        if len(saved) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(xm, "save_checkpoint", save_then_die)
+    fresh = CrossModalPaths(tmp_path / "model2", tmp_path / "ckpt2" / "last.pt", tmp_path / "logs2")
+    with pytest.raises(KeyboardInterrupt):
+        train_crossmodal(data, mp, tp, 0, torch.device("cpu"), fresh, {"run": 1})
+    assert not fresh.model.exists()
+    resumed = train_crossmodal(data, mp, tp, 0, torch.device("cpu"), fresh, {"run": 1})
+    assert [r["loss/triplet"] for r in resumed] == pytest.approx([r["loss/triplet"] for r in history], rel=1e-5)
+    (paths.model / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(LangdmlError, match="unreadable cross-modal model"):
+        load_crossmodal(paths.model, torch.device("cpu"))
