@@ -4,6 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+
+def portable_root(root: Path) -> str:
+    """The root relative to the repository when it lies inside it, else absolute.
+
+    Manifests then hold the same bytes in every clone and in DVC's temporary experiment folders, so
+    DVC sees an unchanged output instead of re-running everything downstream.
+    """
+    try:
+        return Path(root).resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(Path(root).resolve())
+
+
 DATA = Path("data")
 
 PREPARED = DATA / "prepared"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from pathlib import Path
 
 from stages import paths
 from stages.core.artifacts import CLASSES_SCHEMA, MANIFEST_SCHEMA
@@ -15,18 +14,6 @@ from stages.core.io import atomic_path, write_parquet
 log = logging.getLogger(__name__)
 
 
-def portable_root(root: Path) -> str:
-    """The root relative to the repository when it lies inside it, else absolute.
-
-    Manifests then hold the same bytes in every clone and in DVC's temporary experiment folders, so
-    DVC sees an unchanged output instead of re-running everything downstream.
-    """
-    try:
-        return Path(root).resolve().relative_to(Path.cwd().resolve()).as_posix()
-    except ValueError:
-        return str(Path(root).resolve())
-
-
 def run(params: Params) -> None:
     """Build and validate everything first, then write the three files together.
 
@@ -35,7 +22,7 @@ def run(params: Params) -> None:
     """
     ds = params.dataset
     built = build_manifests(ds)
-    meta = {"dataset": built.dataset, "root": portable_root(built.root), "max_per_class": ds.max_per_class}
+    meta = {"dataset": built.dataset, "root": paths.portable_root(built.root), "max_per_class": ds.max_per_class}
     outputs = [
         (paths.TRAIN_MANIFEST, built.train, MANIFEST_SCHEMA, built.train.num_rows, built.train["label"]),
         (paths.TEST_MANIFEST, built.test, MANIFEST_SCHEMA, built.test.num_rows, built.test["label"]),

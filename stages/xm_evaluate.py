@@ -11,6 +11,7 @@ import pyarrow as pa
 from stages import paths
 from stages.core.config import Params
 from stages.core.crossmodal import embed_sets, load_crossmodal, load_token_sets
+from stages.core.datasets.captions import FEATURE_ROW
 from stages.core.datasets.torch_dataset import ImageDataset
 from stages.core.errors import LangdmlError
 from stages.core.io import read_parquet, write_json
@@ -20,6 +21,7 @@ from stages.core.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 SHOWN = 3  # results per query in the picture
+THUMB = 64  # size of the grey stand-in for a precomputed-feature "image"
 
 
 def run(params: Params) -> None:
@@ -68,18 +70,27 @@ def _picture(
     table = pa.table(
         {"path": images["path"], "image_bytes": pa.nulls(images.num_rows, pa.binary()), "label": images["image_id"]}
     )
-    pictures = ImageDataset(table, root, transform=None)
+    if FEATURE_ROW in str(images["path"][0]):  # precomputed features: no image files to show
+
+        def load(row: int) -> np.ndarray:
+            return np.full((THUMB, THUMB, 3), 230, dtype=np.uint8)
+    else:
+        dataset = ImageDataset(table, root, transform=None)
+
+        def load(row: int) -> np.ndarray:
+            return thumbnail(dataset.load(row))
+
     q_img = rng.choice(len(img), min(n, len(img)), replace=False)
     q_cap = rng.choice(len(cap), min(n, len(cap)), replace=False)
     sim, opts = options["similarity"], options.get("similarity_options", {})
     best_caps = top_k(img[q_img], cap, min(SHOWN, len(cap)), sim, opts)
     best_imgs = top_k(cap[q_cap], img, min(SHOWN, len(img)), sim, opts)
     image_rows = [
-        (thumbnail(pictures.load(int(q))), [str(texts[j]) for j in row], list(owner[row] == q))
+        (load(int(q)), [str(texts[j]) for j in row], list(owner[row] == q))
         for q, row in zip(q_img, best_caps, strict=True)
     ]
     caption_rows = [
-        (str(texts[q]), [thumbnail(pictures.load(int(j))) for j in row], list(row == owner[q]))
+        (str(texts[q]), [load(int(j)) for j in row], list(row == owner[q]))
         for q, row in zip(q_cap, best_imgs, strict=True)
     ]
     plot_crossmodal(image_rows, caption_rows, paths.XM_PICTURE)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from stages import paths
 from stages.core.config import Params
 from stages.core.crossmodal import ragged_token_sets, save_token_sets
+from stages.core.datasets.captions import FEATURE_ROW
 from stages.core.datasets.torch_dataset import ImageDataset
 from stages.core.io import read_parquet, replace_directory, write_json
 from stages.core.runtime import autocast, resolve_device
@@ -57,11 +58,23 @@ def image_tokens(params: Params, images: pa.Table, root: str) -> np.ndarray:
     return np.concatenate(out)
 
 
+def precomputed_tokens(images: pa.Table, root: str) -> np.ndarray:
+    """The rows that ``file.npy#row`` paths name, from memory-mapped feature files, as float16."""
+    refs = [p.split(FEATURE_ROW) for p in images["path"].to_pylist()]
+    files = {name: np.load(Path(root) / name, mmap_mode="r") for name in {f for f, _ in refs}}
+    first = next(iter(files.values()))
+    out = np.empty((len(refs), *first.shape[1:]), dtype=np.float16)
+    for i, (name, row) in enumerate(tqdm(refs, desc="precomputed features", unit="image")):
+        out[i] = files[name][int(row)]
+    return out
+
+
 def run(params: Params) -> None:
     f = params.crossmodal.features
     images, meta = read_parquet(paths.XM_IMAGES, "xm-prepare")
     captions, _ = read_parquet(paths.XM_CAPTIONS, "xm-prepare")
-    grid = image_tokens(params, images, meta["root"])
+    precomputed = FEATURE_ROW in (images["path"][0].as_py() if images.num_rows else "")
+    grid = precomputed_tokens(images, meta["root"]) if precomputed else image_tokens(params, images, meta["root"])
     encoder = create_text_encoder(f.text_encoder, device=resolve_device(f.device))
     texts = ragged_token_sets(encoder.tokens(captions["text"].to_pylist(), f.batch_size, f.max_tokens))
     paths.XM.mkdir(parents=True, exist_ok=True)

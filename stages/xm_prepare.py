@@ -10,7 +10,6 @@ from stages import paths
 from stages.core.config import Params
 from stages.core.datasets.captions import CAPTION_DATASETS, CAPTIONS_SCHEMA, IMAGES_SCHEMA, CaptionSource
 from stages.core.io import atomic_path, write_parquet
-from stages.prepare import portable_root
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +18,7 @@ def run(params: Params) -> None:
     d = params.crossmodal.data
     source = CaptionSource(d.name, Path(d.root).expanduser(), d.split_seed, d.train_fraction, d.max_images)
     built = CAPTION_DATASETS.get(d.name)(source)
-    meta = {"dataset": built.dataset, "root": portable_root(built.root)}
+    meta = {"dataset": built.dataset, "root": paths.portable_root(built.root)}
     with contextlib.ExitStack() as stack:  # both renamed only when both were written
         for target, table, schema in (
             (paths.XM_IMAGES, built.images, IMAGES_SCHEMA),

@@ -174,3 +174,23 @@ def test_training_lowers_the_loss_exports_and_resumes(tmp_path, monkeypatch) -> 
     (paths.model / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(LangdmlError, match="unreadable cross-modal model"):
         load_crossmodal(paths.model, torch.device("cpu"))
+
+
+def test_precomp_layout_rows_and_captions(tmp_path) -> None:
+    from stages.xm_features import precomputed_tokens
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "train_ims.npy", rng.normal(size=(3, 4, 6)).astype(np.float32))
+    (tmp_path / "train_caps.txt").write_text("".join(f"caption {i}\n" for i in range(6)))  # 2 per image
+    test = rng.normal(size=(2, 4, 6)).astype(np.float32)
+    np.save(tmp_path / "testall_ims.npy", test)
+    (tmp_path / "testall_caps.txt").write_text("a\nb\nc\nd\n")
+    out = CAPTION_DATASETS.get("precomp")(CaptionSource("precomp", tmp_path))
+    assert out.images["path"].to_pylist()[3:] == ["testall_ims.npy#0", "testall_ims.npy#1"]
+    assert out.captions["image_id"].to_pylist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    tokens = precomputed_tokens(out.images, str(tmp_path))
+    assert tokens.dtype == np.float16 and tokens.shape == (5, 4, 6)
+    np.testing.assert_allclose(tokens[4], test[1], atol=1e-2)
+    (tmp_path / "testall_caps.txt").write_text("a\nb\nc\n")
+    with pytest.raises(LangdmlError, match="whole number of captions per image"):
+        CAPTION_DATASETS.get("precomp")(CaptionSource("precomp", tmp_path))

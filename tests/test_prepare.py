@@ -205,6 +205,6 @@ def test_portable_root_is_relative_inside_the_repo_and_absolute_outside(tmp_path
     repo = tmp_path / "repo"
     (repo / "data" / "raw").mkdir(parents=True)
     monkeypatch.chdir(repo)
-    assert prepare.portable_root(repo / "data" / "raw") == "data/raw"
-    assert prepare.portable_root(Path("data/raw")) == "data/raw"
-    assert prepare.portable_root(tmp_path / "elsewhere") == str((tmp_path / "elsewhere").resolve())
+    assert paths.portable_root(repo / "data" / "raw") == "data/raw"
+    assert paths.portable_root(Path("data/raw")) == "data/raw"
+    assert paths.portable_root(tmp_path / "elsewhere") == str((tmp_path / "elsewhere").resolve())

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 def registries() -> dict[str, list[str]]:
     """Names registered in each family (imports the modules that fill the registries)."""
+    from stages.core.crossmodal import SET_HEADS
     from stages.core.datasets.base import DATASETS
+    from stages.core.datasets.captions import CAPTION_DATASETS
     from stages.core.heads import HEADS
     from stages.core.imagenet import IMAGENET_CLASSIFIERS
     from stages.core.language_targets import GUIDANCES
@@ -28,4 +30,6 @@ def registries() -> dict[str, list[str]]:
         "schedulers (train.scheduler)": SCHEDULERS.names(),
         "similarities (language matching)": SIMILARITIES.names(),
         "retrieval similarities (evaluation)": SEARCHERS.names(),
+        "caption datasets (crossmodal.data.name)": CAPTION_DATASETS.names(),
+        "set heads (crossmodal.model.head)": SET_HEADS.names(),
     }

@@ -9,6 +9,10 @@ per batch); in the test split each image id has exactly one file, so retrieval h
   concept, its files the vendors' drawings (test: one vendor's); its captions are its CLDR name and its
   emojibase keywords ("grinning face"; "face, grin, grinning"). Real, curated text under MIT, images
   under the vendors' licences (README), and nothing more to download.
+- ``precomp``: the precomputed-feature layout of SCAN / VSE-infinity / DivE (``{split}_ims.npy``, N x R x C
+  region features, and ``{split}_caps.txt``, a fixed number of captions per image, one per line); a "file"
+  is then a row of the feature file (``train_ims.npy#17``), which ``xm_features`` copies instead of running a
+  backbone. Train is ``train``; test is ``testall`` (COCO 5K) when present, else ``test``.
 - ``coco`` / ``flickr30k``: Karpathy's split files (``dataset_coco.json`` / ``dataset_flickr30k.json``)
   beside the image folders; ``restval`` joins train and ``val`` is left out, as in every paper since VSE++.
 """
@@ -45,6 +49,7 @@ CAPTIONS_SCHEMA = pa.schema(
     ]
 )
 TEST_VENDOR_ORDER = ("twitter", "google", "facebook", "apple")  # CC BY and Apache art first
+FEATURE_ROW = "#"  # "train_ims.npy#17": row 17 of a precomputed feature file instead of an image file
 
 
 @dataclass
@@ -93,7 +98,7 @@ def _tables(
     stray = [c for c in captions if c[0] not in split_of]
     if stray:
         raise LangdmlError(f"{name}: caption {stray[0][1]!r} belongs to image id {stray[0][0]}, which has no file")
-    missing = [p for _, p, _ in files if not (root / p).is_file()]
+    missing = sorted({p.split(FEATURE_ROW)[0] for _, p, _ in files if not (root / p.split(FEATURE_ROW)[0]).is_file()})
     if missing:
         raise LangdmlError(f"{name}: {len(missing)} image file(s) missing under {root}, e.g. {missing[0]!r}")
     images = pa.table(
@@ -171,3 +176,31 @@ def _karpathy(name: str, split_file: str, folder: Callable[[dict], str]) -> Capt
 
 CAPTION_DATASETS.register("coco")(_karpathy("coco", "dataset_coco.json", lambda e: e["filepath"]))
 CAPTION_DATASETS.register("flickr30k")(_karpathy("flickr30k", "dataset_flickr30k.json", lambda e: "flickr30k-images"))
+
+
+@CAPTION_DATASETS.register("precomp")
+def precomp(source: CaptionSource) -> CaptionManifests:
+    root = source.root.resolve()
+    files: list[tuple[int, str, str]] = []
+    captions: list[tuple[int, str, str]] = []
+    test = "testall" if (root / "testall_ims.npy").is_file() else "test"
+    for split, stem in (("train", "train"), ("test", test)):
+        ims, caps = root / f"{stem}_ims.npy", root / f"{stem}_caps.txt"
+        try:
+            shape = np.load(ims, mmap_mode="r").shape
+            lines = [ln.strip() for ln in caps.read_text(encoding="utf-8").splitlines()]
+        except (OSError, ValueError, UnicodeDecodeError) as err:
+            raise LangdmlError(
+                f"precomp: cannot read {ims.name} / {caps.name} in {root} ({type(err).__name__}: {err}); expected "
+                "the SCAN / VSE-infinity layout {train,test,testall}_ims.npy + _caps.txt"
+            ) from None
+        if len(shape) != 3 or shape[0] == 0 or len(lines) % shape[0]:
+            raise LangdmlError(
+                f"precomp: {ims.name} has shape {shape} and {caps.name} {len(lines)} lines; expected N x regions x "
+                "channels and a whole number of captions per image"
+            )
+        per_image = len(lines) // shape[0]
+        offset = len({i for i, _, _ in files})
+        files += [(offset + r, f"{ims.name}{FEATURE_ROW}{r}", split) for r in range(shape[0])]
+        captions += [(offset + j // per_image, text, split) for j, text in enumerate(lines)]
+    return _tables("precomp", root, files, captions, source.max_images)
