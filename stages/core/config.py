@@ -235,7 +235,7 @@ class CrossModalModelParams(_Section):
 
 
 class CrossModalTrainParams(_Section):
-    epochs: PositiveInt = 10
+    epochs: PositiveInt = 30
     batch_size: Annotated[int, Field(ge=2)] = 128
     lr: PositiveFloat = 1e-3
     weight_decay: Annotated[float, Field(ge=0)] = 1e-4
