@@ -257,6 +257,7 @@ def test_pseudo_labels_stage_exact(stub_stage: Letters, averaging: str, top: flo
     from stages.core.artifacts import pseudolabels_schema
 
     cfg = {"k": 5, "averaging": averaging, "num_workers": 0, "batch_size": 2, "device": "cpu", "image_size": None}
+    cfg["max_per_class"] = 50
     pseudo_labels.run(parse_params({"pseudo_labels": cfg}))
     assert stub_stage.sizes == [None]  # type: ignore[attr-defined]
 

@@ -104,7 +104,7 @@ def test_freeze_bn_keeps_running_statistics() -> None:
     model(torch.randn(4, 3, 32, 32) * 5 + 3)
     assert all(torch.equal(b, m.running_mean) for b, m in zip(before, bns, strict=True))
     # Without freeze_bn the statistics move.
-    free = build_model(TINY).train()
+    free = build_model(TINY.model_copy(update={"freeze_bn": False})).train()
     free_bn = next(m for m in free.modules() if isinstance(m, torch.nn.BatchNorm2d))
     start = free_bn.running_mean.clone()
     free(torch.randn(4, 3, 32, 32) * 5 + 3)
