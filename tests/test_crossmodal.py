@@ -74,10 +74,18 @@ def test_single_vectors_match_brute_force() -> None:
 
 def test_sets_of_different_sizes_match_brute_force_smooth_chamfer() -> None:
     images, captions, owner = _data(30, 3, (4, 2), seed=1)
-    got = crossmodal_recall(images, captions, owner, similarity="smooth_chamfer", similarity_options={"alpha": 16.0})
     want = reference(smooth_chamfer_np(images, captions, 16.0), owner, (1, 5, 10))
-    for key in want:
-        assert got[key] == pytest.approx(want[key]), key
+    for pairs in (0, 10**9):  # the certified search, and the chunked all-pairs pass
+        got = crossmodal_recall(
+            images,
+            captions,
+            owner,
+            similarity="smooth_chamfer",
+            similarity_options={"alpha": 16.0},
+            brute_force_pairs=pairs,
+        )
+        for key in want:
+            assert got[key] == pytest.approx(want[key]), (pairs, key)
 
 
 def test_folds_average_the_blocks_and_perfect_embeddings_score_600() -> None:
@@ -157,3 +165,13 @@ def test_sum_of_violations_by_hand() -> None:
                 want += sum(max(0.0, 0.2 - big[i, c] + big[i, o]) for o in range(7) if not pos[i, o])
                 want += sum(max(0.0, 0.2 - big[i, c] + big[o, c]) for o in range(5) if not pos[o, c])
     assert hardest_negative_triplet(big, pos, hardest=False).item() == pytest.approx(float(want), rel=1e-5)
+
+
+def test_chunked_all_pairs_top_k_merges_chunks_exactly() -> None:
+    from stages.core.metrics import _set_top_k_both
+
+    images, captions, _ = _data(30, 3, (3, 2), seed=4)
+    scores = smooth_chamfer_np(images, captions, 16.0)
+    i2t, t2i = _set_top_k_both(images, captions, 5, 6, alpha=16.0, chunk=7)
+    np.testing.assert_array_equal(i2t, np.argsort(-scores, axis=1, kind="stable")[:, :5])
+    np.testing.assert_array_equal(t2i, np.argsort(-scores.T, axis=1, kind="stable")[:, :6])
