@@ -1,9 +1,10 @@
 """Time `crossmodal_recall` at COCO-5K size: 5,000 images x 25,000 captions (5 each), K slots of D dims.
 
 Synthetic sets: each caption's slots are noisy copies of its image's slots, so the retrieval task has an answer;
-`--noise` sets how hard it is. Exact smooth-Chamfer scores, never a whole 5,000 x 25,000 x K x K tensor: up to
-`CROSSMODAL_BRUTE_PAIRS` set pairs every pair is scored in chunks, in one pass for both directions (29 s here at 5K, K = 4, 256-d); the certified search took 244 s for the same (it pays per
-query for shortlists that this size does not need).
+`--noise` sets how hard it is. Exact smooth-Chamfer scores, never a whole 5,000 x 25,000 x K x K tensor: up
+to `CROSSMODAL_BRUTE_PAIRS` set pairs every pair is scored in chunks, in one pass for both directions (29 s
+here at 5K, K = 4, 256-d); the certified search took 244 s for the same (it pays per query for shortlists
+that this size does not need).
 
     python benchmarks/crossmodal_eval.py --images 5000 --per-image 5 --slots 4 --dim 256
 """

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from pathlib import Path
 
 from stages import paths
 from stages.core.config import Params
-from stages.core.datasets.captions import CAPTION_DATASETS, CAPTIONS_SCHEMA, IMAGES_SCHEMA, CaptionSource
+from stages.core.datasets.captions import CAPTION_DATASETS, CAPTIONS_SCHEMA, IMAGES_SCHEMA
 from stages.core.io import atomic_path, write_parquet
 
 log = logging.getLogger(__name__)
@@ -16,8 +15,7 @@ log = logging.getLogger(__name__)
 
 def run(params: Params) -> None:
     d = params.crossmodal.data
-    source = CaptionSource(d.name, Path(d.root).expanduser(), d.split_seed, d.train_fraction, d.max_images)
-    built = CAPTION_DATASETS.get(d.name)(source)
+    built = CAPTION_DATASETS.get(d.name)(d)
     meta = {"dataset": built.dataset, "root": paths.portable_root(built.root)}
     with contextlib.ExitStack() as stack:  # both renamed only when both were written
         for target, table, schema in (

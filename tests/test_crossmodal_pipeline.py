@@ -12,7 +12,7 @@ import torch
 from fixtures_datasets import fake_npm, make_emoji_packages, tiny_jpeg
 
 import stages.core.datasets.emoji as em
-from stages.core.config import CrossModalModelParams, CrossModalTrainParams
+from stages.core.config import CrossModalDataParams, CrossModalModelParams, CrossModalTrainParams
 from stages.core.crossmodal import (
     CrossModalData,
     CrossModalModel,
@@ -25,7 +25,7 @@ from stages.core.crossmodal import (
     save_token_sets,
     train_crossmodal,
 )
-from stages.core.datasets.captions import CAPTION_DATASETS, CaptionSource
+from stages.core.datasets.captions import CAPTION_DATASETS
 from stages.core.errors import LangdmlError
 from stages.core.heads import DivEHead
 
@@ -43,7 +43,7 @@ def emoji_root(tmp_path, monkeypatch) -> Path:
 
 
 def test_emoji_captions_are_names_and_keywords_one_test_file_per_image(emoji_root) -> None:
-    out = CAPTION_DATASETS.get("emoji")(CaptionSource("emoji", emoji_root))
+    out = CAPTION_DATASETS.get("emoji")(CrossModalDataParams(name="emoji", root=str(emoji_root)))
     images, captions = out.images.to_pylist(), out.captions.to_pylist()
     test_ids = [r["image_id"] for r in images if r["split"] == "test"]
     assert len(test_ids) == len(set(test_ids))  # one file per test image
@@ -53,7 +53,7 @@ def test_emoji_captions_are_names_and_keywords_one_test_file_per_image(emoji_roo
     texts = {r["text"] for r in captions}
     assert "grinning face" in texts and "grinning, face" in texts  # the CLDR name and the keywords
     assert {r["split"] for r in captions} == {"train", "test"}
-    capped = CAPTION_DATASETS.get("emoji")(CaptionSource("emoji", emoji_root, max_images=2))
+    capped = CAPTION_DATASETS.get("emoji")(CrossModalDataParams(name="emoji", root=str(emoji_root), max_images=2))
     assert len({r["image_id"] for r in capped.images.to_pylist()}) == 4  # 2 per split
 
 
@@ -76,17 +76,17 @@ def test_coco_karpathy_split_restval_joins_train_val_is_left_out(tmp_path) -> No
     root = _karpathy(
         tmp_path, [entry("a.jpg", "train"), entry("b.jpg", "restval"), entry("c.jpg", "val"), entry("d.jpg", "test", 5)]
     )
-    out = CAPTION_DATASETS.get("coco")(CaptionSource("coco", root))
+    out = CAPTION_DATASETS.get("coco")(CrossModalDataParams(name="coco", root=str(root)))
     assert out.images["path"].to_pylist() == ["val2014/a.jpg", "val2014/b.jpg", "val2014/d.jpg"]
     assert out.images["split"].to_pylist() == ["train", "train", "test"]
     assert out.captions["text"].to_pylist()[0] == "a.jpg 0"  # stripped
     assert out.captions["split"].to_pylist().count("test") == 5
     (root / "val2014" / "d.jpg").unlink()
     with pytest.raises(LangdmlError, match=r"coco: 1 image file\(s\) missing .* 'val2014/d.jpg'"):
-        CAPTION_DATASETS.get("coco")(CaptionSource("coco", root))
+        CAPTION_DATASETS.get("coco")(CrossModalDataParams(name="coco", root=str(root)))
     (root / "dataset_coco.json").write_text("{not json")
     with pytest.raises(LangdmlError, match="cannot read Karpathy's split file"):
-        CAPTION_DATASETS.get("coco")(CaptionSource("coco", root))
+        CAPTION_DATASETS.get("coco")(CrossModalDataParams(name="coco", root=str(root)))
 
 
 def test_ragged_token_sets_round_trip_and_pad_with_a_mask(tmp_path) -> None:
@@ -185,7 +185,7 @@ def test_precomp_layout_rows_and_captions(tmp_path) -> None:
     test = rng.normal(size=(2, 4, 6)).astype(np.float32)
     np.save(tmp_path / "testall_ims.npy", test)
     (tmp_path / "testall_caps.txt").write_text("a\nb\nc\nd\n")
-    out = CAPTION_DATASETS.get("precomp")(CaptionSource("precomp", tmp_path))
+    out = CAPTION_DATASETS.get("precomp")(CrossModalDataParams(name="precomp", root=str(tmp_path)))
     assert out.images["path"].to_pylist()[3:] == ["testall_ims.npy#0", "testall_ims.npy#1"]
     assert out.captions["image_id"].to_pylist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     tokens = precomputed_tokens(out.images, str(tmp_path))
@@ -193,4 +193,4 @@ def test_precomp_layout_rows_and_captions(tmp_path) -> None:
     np.testing.assert_allclose(tokens[4], test[1], atol=1e-2)
     (tmp_path / "testall_caps.txt").write_text("a\nb\nc\n")
     with pytest.raises(LangdmlError, match="whole number of captions per image"):
-        CAPTION_DATASETS.get("precomp")(CaptionSource("precomp", tmp_path))
+        CAPTION_DATASETS.get("precomp")(CrossModalDataParams(name="precomp", root=str(tmp_path)))

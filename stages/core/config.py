@@ -110,7 +110,18 @@ class PseudoLabelParams(_Section):
         return _check_template(v)
 
 
-class ModelParams(_Section):
+class _SlotHeadsCheck(_Section):
+    """A slot head splits ``embed_dim`` over ``slot_heads`` attention heads (both model sections)."""
+
+    @model_validator(mode="after")
+    def _slot_heads(self) -> _SlotHeadsCheck:
+        dim, heads = self.embed_dim, self.slot_heads  # type: ignore[attr-defined]
+        if dim % heads:
+            raise ValueError(f"embed_dim ({dim}) must be a multiple of slot_heads ({heads})")
+        return self
+
+
+class ModelParams(_SlotHeadsCheck):
     backbone: BackboneSpec = "efficientnet-lite0"
     pretrained: bool = True
     pooling: Literal["avg", "avg+max"] = "avg"
@@ -122,12 +133,6 @@ class ModelParams(_Section):
     slot_depth: PositiveInt = 4  # applications of the weight-tied slot block
     slot_heads: PositiveInt = 4  # attention heads; embed_dim must be a multiple
     alpha: PositiveFloat = 16.0  # smooth-Chamfer temperature (set similarity of losses and retrieval)
-
-    @model_validator(mode="after")
-    def _slot_heads(self) -> ModelParams:
-        if self.embed_dim % self.slot_heads:
-            raise ValueError(f"embed_dim ({self.embed_dim}) must be a multiple of slot_heads ({self.slot_heads})")
-        return self
 
 
 class LanguageParams(_Section):
@@ -219,19 +224,13 @@ class CrossModalFeatureParams(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
-class CrossModalModelParams(_Section):
+class CrossModalModelParams(_SlotHeadsCheck):
     head: SetHeadName = "dive"  # dive: K slots per image and caption | maxpool: one max-pooled vector (K=1)
     embed_dim: PositiveInt = 256
     slots: PositiveInt = 4
     slot_depth: PositiveInt = 2
     slot_heads: PositiveInt = 4
     alpha: PositiveFloat = 16.0  # smooth-Chamfer temperature
-
-    @model_validator(mode="after")
-    def _heads(self) -> CrossModalModelParams:
-        if self.embed_dim % self.slot_heads:
-            raise ValueError(f"embed_dim ({self.embed_dim}) must be a multiple of slot_heads ({self.slot_heads})")
-        return self
 
 
 class CrossModalTrainParams(_Section):

@@ -190,21 +190,24 @@ class CrossModalPaths:
     logs: Path
 
 
-def _batches(data: CrossModalData, batch_size: int, seed: int, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def _views(image_ids: np.ndarray) -> dict[int, np.ndarray]:
+    """Image id -> the rows of its files (its views)."""
+    order = np.argsort(image_ids, kind="stable")
+    ids, starts = np.unique(image_ids[order], return_index=True)
+    return {int(i): rows for i, rows in zip(ids, np.split(order, starts[1:]), strict=True)}
+
+
+def _batches(
+    caption_image_ids: np.ndarray, views: dict[int, np.ndarray], batch_size: int, seed: int, epoch: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """(image file rows, caption rows) per step: captions in a seeded random order, each with one file
     of its image drawn at random (the views of an image id); a last batch of one caption is dropped."""
     rng = np.random.default_rng([seed, epoch])
-    files: dict[int, np.ndarray] = {}
-    for row, image_id in enumerate(data.image_ids.tolist()):
-        files.setdefault(image_id, []).append(row)  # type: ignore[union-attr]
-    files = {k: np.asarray(v) for k, v in files.items()}
-    order = rng.permutation(len(data.caption_image_ids))
+    order = rng.permutation(len(caption_image_ids))
     out = []
-    for start in range(0, len(order), batch_size):
+    for start in range(0, len(order) - 1, batch_size):  # len - 1: a lone last caption has no negative
         caps = order[start : start + batch_size]
-        if len(caps) < 2:
-            continue
-        imgs = np.array([rng.choice(files[int(i)]) for i in data.caption_image_ids[caps]])
+        imgs = np.array([rng.choice(views[int(i)]) for i in caption_image_ids[caps]])
         out.append((imgs, caps))
     return out
 
@@ -228,8 +231,9 @@ def train_crossmodal(
         raise LangdmlError("some training captions show an image with no image file; re-run `langdml xm-prepare`")
     model = CrossModalModel(data.images.channels, data.captions.channels, mp).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay)
-    steps_per_epoch = len(_batches(data, tp.batch_size, seed, 0))
-    if steps_per_epoch == 0:
+    views = _views(data.image_ids)
+    steps_per_epoch = math.ceil((len(data.caption_image_ids) - 1) / tp.batch_size)
+    if steps_per_epoch <= 0:
         raise LangdmlError("the training split has fewer than 2 captions; nothing to train on")
     total = tp.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
@@ -248,7 +252,7 @@ def train_crossmodal(
     for epoch in range(start, tp.epochs):
         model.train()
         sums: dict[str, float] = {}
-        batches = _batches(data, tp.batch_size, seed, epoch)
+        batches = _batches(data.caption_image_ids, views, tp.batch_size, seed, epoch)
         for step, (imgs, caps) in enumerate(batches):
             terms = model.terms(
                 data.images.batch(imgs, device),

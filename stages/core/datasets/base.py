@@ -96,7 +96,6 @@ def fetch_dataset(params: DatasetParams) -> Path:
     root = Path(params.root).expanduser()
     if params.name in FETCHERS:
         return FETCHERS.get(params.name)(root)
-    DATASETS.get(params.name)  # an unknown name: one line listing the known ones
     if not root.is_dir():
         raise LangdmlError(
             f"{params.name}: dataset.root '{params.root}' is not a directory; langdml cannot download "

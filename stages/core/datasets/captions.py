@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from stages.core.config import CrossModalDataParams
 from stages.core.errors import LangdmlError
 from stages.core.registry import Registry
 
@@ -60,18 +61,7 @@ class CaptionManifests:
     captions: pa.Table
 
 
-@dataclass(frozen=True)
-class CaptionSource:
-    """What an adapter is given: the dataset section of ``crossmodal.data``."""
-
-    name: str
-    root: Path
-    split_seed: int | None = 0
-    train_fraction: float = 0.5
-    max_images: int | None = None
-
-
-CaptionAdapter = Callable[[CaptionSource], CaptionManifests]
+CaptionAdapter = Callable[[CrossModalDataParams], CaptionManifests]
 CAPTION_DATASETS: Registry[CaptionAdapter] = Registry("caption dataset")
 
 
@@ -118,11 +108,11 @@ def _tables(
 
 
 @CAPTION_DATASETS.register("emoji")
-def emoji_captions(source: CaptionSource) -> CaptionManifests:
+def emoji_captions(source: CrossModalDataParams) -> CaptionManifests:
     from stages.core.datasets.base import seeded_class_split
     from stages.core.datasets.emoji import RECEIPT, concepts
 
-    root = source.root.resolve()
+    root = Path(source.root).expanduser().resolve()
     if not (root / RECEIPT).is_file():
         raise LangdmlError(f"emoji: {root} was not filled by `langdml fetch-data`; run `dvc repro`")
     found = concepts(root)
@@ -146,8 +136,8 @@ def emoji_captions(source: CaptionSource) -> CaptionManifests:
 
 
 def _karpathy(name: str, split_file: str, folder: Callable[[dict], str]) -> CaptionAdapter:
-    def adapter(source: CaptionSource) -> CaptionManifests:
-        root = source.root.resolve()
+    def adapter(source: CrossModalDataParams) -> CaptionManifests:
+        root = Path(source.root).expanduser().resolve()
         path = root / split_file
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -179,8 +169,8 @@ CAPTION_DATASETS.register("flickr30k")(_karpathy("flickr30k", "dataset_flickr30k
 
 
 @CAPTION_DATASETS.register("precomp")
-def precomp(source: CaptionSource) -> CaptionManifests:
-    root = source.root.resolve()
+def precomp(source: CrossModalDataParams) -> CaptionManifests:
+    root = Path(source.root).expanduser().resolve()
     files: list[tuple[int, str, str]] = []
     captions: list[tuple[int, str, str]] = []
     test = "testall" if (root / "testall_ims.npy").is_file() else "test"
