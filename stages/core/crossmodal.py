@@ -24,11 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.core.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from stages.core.checkpoint import fingerprint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from stages.core.config import CrossModalModelParams, CrossModalTrainParams
 from stages.core.errors import LangdmlError
 from stages.core.heads import DivEHead
 from stages.core.io import atomic_path, write_json
+from stages.core.live import LiveLog
 from stages.core.losses import hardest_negative_triplet, mmd_exp_kernel, slot_diversity
 from stages.core.registry import Registry
 from stages.core.runtime import seed_everything
@@ -223,9 +224,6 @@ def train_crossmodal(
 ) -> list[dict[str, float]]:
     """Train both set heads (AdamW, cosine schedule per step, gradient clipping), checkpointing every epoch
     and resuming from a checkpoint of the same config; export the model. Returns the per-epoch history."""
-    from stages.core.checkpoint import fingerprint
-    from stages.core.training import LiveLog
-
     seed_everything(seed)
     if set(data.caption_image_ids.tolist()) - set(data.image_ids.tolist()):
         raise LangdmlError("some training captions show an image with no image file; re-run `langdml xm-prepare`")
