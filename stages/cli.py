@@ -100,6 +100,12 @@ def pseudo_labels(params: ParamsOpt = Path("params.yaml")) -> None:
     _run_stage("pseudo_labels", params)
 
 
+@app.command("cache-images")
+def cache_images(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Decode the training images once into a memory-mapped uint8 array (data/image_cache/; train.image_cache)."""
+    _run_stage("cache_images", params)
+
+
 @app.command()
 def train(params: ParamsOpt = Path("params.yaml")) -> None:
     """Train the image encoder with the DML loss plus omega times language matching (data/model/)."""

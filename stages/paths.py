@@ -31,6 +31,8 @@ PSEUDOLABELS = DATA / "pseudolabels"
 PSEUDOLABELS_TABLE = PSEUDOLABELS / "pseudolabels.parquet"
 PSEUDOLABELS_REPORT = PSEUDOLABELS / "pseudolabels.md"
 
+IMAGE_CACHE = DATA / "image_cache"  # train.image_cache: images.npy + index.parquet + cache.json
+
 MODEL = DATA / "model"
 MODEL_WEIGHTS = MODEL / "model.safetensors"
 MODEL_CONFIG = MODEL / "config.json"

@@ -6,10 +6,15 @@ Reads only the training split (no model selection on test classes). The per-epoc
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from stages import paths
-from stages.core.artifacts import load_manifest, manifest_class_names
+from stages.core.artifacts import check_provenance, load_manifest, manifest_class_names
 from stages.core.config import Params
 from stages.core.datasets.torch_dataset import ImageDataset
+from stages.core.image_cache import INDEX, ImageCache
+from stages.core.io import file_digest
+from stages.core.train_images import CachedImages, DecodedImages
 from stages.core.training import TrainPaths, fit
 
 
@@ -20,9 +25,20 @@ def processes(params: Params) -> int:
 
 def run(params: Params) -> None:
     table, root = load_manifest(paths.TRAIN_MANIFEST)
+    images: CachedImages | DecodedImages = DecodedImages(lambda transform: ImageDataset(table, root, transform))
+    inputs: list[Path] = [paths.TRAIN_MANIFEST]
+    if params.train.image_cache.enabled:
+        cache = ImageCache(paths.IMAGE_CACHE)
+        expected = {
+            "side": params.train.image_cache.resolved_side(params.model.image_size),
+            "manifest_sha256": file_digest(paths.TRAIN_MANIFEST),
+        }
+        check_provenance(paths.IMAGE_CACHE / INDEX, cache.meta, expected, "cache-images")
+        images = CachedImages(cache)
+        inputs.append(paths.IMAGE_CACHE / INDEX)
     fit(
         params.training,
-        lambda transform: ImageDataset(table, root, transform),
+        images,
         TrainPaths(
             checkpoint=paths.CHECKPOINT_FILE,
             model_dir=paths.MODEL,
@@ -30,7 +46,7 @@ def run(params: Params) -> None:
             class_embeddings=paths.CLASS_EMBEDDINGS,
             pseudolabels=paths.PSEUDOLABELS_TABLE,
         ),
-        input_files=[paths.TRAIN_MANIFEST],
+        input_files=inputs,
         class_names=manifest_class_names(table),
         cache_params={
             "class_embeddings": params.class_embeddings_params(),

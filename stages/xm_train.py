@@ -7,11 +7,10 @@ import logging
 import numpy as np
 
 from stages import paths
-from stages.core.checkpoint import file_digest
 from stages.core.config import Params
 from stages.core.crossmodal import CrossModalData, CrossModalPaths, load_token_sets, train_crossmodal
 from stages.core.errors import LangdmlError
-from stages.core.io import read_parquet
+from stages.core.io import file_digest, read_parquet
 from stages.core.runtime import resolve_device
 
 log = logging.getLogger(__name__)

@@ -30,6 +30,7 @@ WORKER = textwrap.dedent(
     from pathlib import Path
     from fixtures_training import CLASS_NAMES, TinyImages, tiny_params, train_paths
     from stages.core import objective, training
+    from stages.core.train_images import DecodedImages
 
     root, nproc, epochs, kill_at = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     calls = 0
@@ -48,7 +49,7 @@ WORKER = textwrap.dedent(
         model={{"freeze_bn": True}},
         train={{"epochs": epochs, "batch_size": 8, "samples_per_class": 2, "nproc": nproc, "deterministic": True}},
     )
-    result = training.fit(params, TinyImages, train_paths(root))
+    result = training.fit(params, DecodedImages(TinyImages), train_paths(root))
     if os.environ.get("RANK", "0") == "0":
         print("resumed_from", result.resumed_from, flush=True)
     """

@@ -21,7 +21,7 @@ import stages.core.datasets.emoji as em
 
 REPO = Path(__file__).resolve().parents[1]
 COPY = ["dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", "stages"]
-PRECOMPUTE = ["fetch_data", "prepare", "embed_text", "pseudo_labels", "evaluate_pretrained"]
+PRECOMPUTE = ["fetch_data", "prepare", "embed_text", "pseudo_labels", "evaluate_pretrained", "cache_images"]
 CROSSMODAL = ["xm_prepare", "xm_features", "xm_train", "xm_evaluate"]
 
 
@@ -123,6 +123,13 @@ def test_dvc_repro_then_sweep_reruns_only_train_and_evaluate(tmp_path: Path, mon
         assert f"Stage '{stage}' didn't change, skipping" in out, out[-3000:]
     for stage in ("xm_train", "xm_evaluate"):
         assert f"Running stage '{stage}'" in out, out[-3000:]
+    # The decoded-image cache: its stage runs, then training reads it; nothing upstream re-runs.
+    out = _run([f"{bindir}/dvc", "exp", "run", "-S", "train.image_cache.enabled=true"], repo, env)
+    for stage in [*PRECOMPUTE[:-1], *CROSSMODAL]:
+        assert f"Stage '{stage}' didn't change, skipping" in out, out[-3000:]
+    for stage in ("cache_images", "train", "evaluate"):
+        assert f"Running stage '{stage}'" in out, out[-3000:]
+    assert (repo / "data/image_cache/images.npy").is_file()
     # Queued and --temp experiments run in a copy of the commit: the untracked dataset folder travels with -C, and
     # the manifests (with a repo-relative root) are byte-identical there, so the precompute stages still skip.
     out = _run([f"{bindir}/dvc", "exp", "run", "--temp", "-C", "data/raw", "-S", "omega=0.5"], repo, env)

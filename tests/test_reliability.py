@@ -24,6 +24,7 @@ from stages.core.config import load_params, parse_params
 from stages.core.datasets.base import build_manifests
 from stages.core.errors import LangdmlError
 from stages.core.io import read_parquet
+from stages.core.train_images import DecodedImages
 from stages.core.training import fit
 from stages.lock import stage_lock
 
@@ -34,7 +35,7 @@ def _fit(root: Path, **overrides):
     paths = train_paths(root)
     if not paths.class_embeddings.exists():
         write_class_embeddings(paths.class_embeddings)
-    return fit(tiny_params(**overrides), TinyImages, paths, class_names=CLASS_NAMES), paths
+    return fit(tiny_params(**overrides), DecodedImages(TinyImages), paths, class_names=CLASS_NAMES), paths
 
 
 # --- logs survive a failed run; timings are not metrics; stale temporaries; file modes -------------------

@@ -31,6 +31,7 @@ from stages.core import checkpoint, objective, training
 from stages.core.errors import LangdmlError
 from stages.core.losses import DMLLoss
 from stages.core.sampling import ClassBalancedBatchSampler, SeededSamples
+from stages.core.train_images import DecodedImages
 from stages.core.training import fit
 from stages.core.vision import load_model
 
@@ -38,15 +39,14 @@ torch.set_num_threads(1)
 TESTS = Path(__file__).parent
 
 
-def make(transform):
-    return TinyImages(transform)
+IMAGES = DecodedImages(TinyImages)
 
 
 def run_fit(root: Path, **overrides):
     paths = train_paths(root)
     if not paths.class_embeddings.exists():
         write_class_embeddings(paths.class_embeddings)
-    return fit(tiny_params(**overrides), make, paths, class_names=CLASS_NAMES), paths
+    return fit(tiny_params(**overrides), IMAGES, paths, class_names=CLASS_NAMES), paths
 
 
 # --- sampler and per-item seeding ---------------------------------------------------------------
@@ -170,7 +170,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(
         real = objective.language_matching
         monkeypatch.setattr(objective, "language_matching", lambda *a, **k: poison(real(*a, **k)))
     with pytest.raises(LangdmlError) as err:
-        fit(tiny_params(train={"epochs": 3}), make, paths, class_names=CLASS_NAMES)
+        fit(tiny_params(train={"epochs": 3}), IMAGES, paths, class_names=CLASS_NAMES)
     msg = str(err.value)
     assert "\n" not in msg
     assert f"non-finite {part} loss at epoch 2/3, step 2" in msg
@@ -179,10 +179,10 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(
 
 def test_missing_cache_and_too_few_classes_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="run `langdml pseudo-labels`"):
-        fit(tiny_params(language={"guidance": "plg"}), make, train_paths(tmp_path))
+        fit(tiny_params(language={"guidance": "plg"}), IMAGES, train_paths(tmp_path))
     with pytest.raises(LangdmlError, match="only 4 classes"):
-        fit(tiny_params(train={"batch_size": 10, "samples_per_class": 2}), make, train_paths(tmp_path))
-    result = fit(tiny_params(omega=0.0, train={"epochs": 1}), make, train_paths(tmp_path))  # no cache needed
+        fit(tiny_params(train={"batch_size": 10, "samples_per_class": 2}), IMAGES, train_paths(tmp_path))
+    result = fit(tiny_params(omega=0.0, train={"epochs": 1}), IMAGES, train_paths(tmp_path))  # no cache needed
     assert result.history[0]["loss/language"] == 0.0
 
 
@@ -249,6 +249,7 @@ SCRIPT = textwrap.dedent(
     from pathlib import Path
     from fixtures_training import CLASS_NAMES, TinyImages, tiny_params, train_paths, write_class_embeddings
     from stages.core import objective, training
+    from stages.core.train_images import DecodedImages
 
     root, kill_at, workers = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     calls = 0
@@ -266,7 +267,7 @@ SCRIPT = textwrap.dedent(
     if not paths.class_embeddings.exists():
         write_class_embeddings(paths.class_embeddings)
     params = tiny_params(train={{"epochs": 3, "deterministic": True, "num_workers": workers, "loss": "margin"}})
-    result = training.fit(params, TinyImages, paths, class_names=CLASS_NAMES)
+    result = training.fit(params, DecodedImages(TinyImages), paths, class_names=CLASS_NAMES)
     print("resumed_from", result.resumed_from)
     """
 )

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from stages.core.config import TrainConfig
-from stages.core.io import atomic_path
+from stages.core.io import atomic_path, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +28,6 @@ CHECKPOINT_FORMAT = 2
 # Train params that never change the weights: excluded from the fingerprint (the global batch, not the
 # process count, decides a run, so a checkpoint of one process count resumes under another).
 NEUTRAL_TRAIN_KEYS = frozenset({"num_workers", "log_every", "device", "nproc"})
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fingerprint_config(config: TrainConfig, device_type: str, files: Sequence[Path]) -> dict[str, Any]:

@@ -159,6 +159,21 @@ class AugmentParams(_Section):
     color_jitter: Annotated[float, Field(ge=0, le=1)] = 0.0  # brightness/contrast/saturation strength
 
 
+def eval_resize(image_size: int) -> int:
+    """The short side an ``image_size`` crop is taken from at evaluation (256 for 224, as the paper)."""
+    return round(image_size * 256 / 224)
+
+
+class ImageCacheParams(_Section):
+    """The decoded-image cache (stage ``cache_images``): decode once, crop on the device every epoch."""
+
+    enabled: bool = False  # false: decode the files in DataLoader workers every epoch (datasets too big to cache)
+    side: Annotated[int, Field(ge=8)] | None = None  # px of the stored square; null = model.image_size * 256 / 224
+
+    def resolved_side(self, image_size: int) -> int:
+        return self.side if self.side is not None else eval_resize(image_size)
+
+
 class TrainParams(_Section):
     epochs: PositiveInt = 2
     batch_size: PositiveInt = 40
@@ -180,6 +195,7 @@ class TrainParams(_Section):
     diversity: Annotated[float, Field(ge=0)] = 0.01  # weight of DivE's slot-diversity term (set heads only)
     nproc: PositiveInt = 1  # processes (DDP via torchrun); batch_size is the global batch
     augment: AugmentParams = AugmentParams()
+    image_cache: ImageCacheParams = ImageCacheParams()
 
     @property
     def effective_head_lr(self) -> float:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from stages.core import checkpoint as ckpt
 from stages.core import distributed
@@ -32,9 +32,10 @@ from stages.core.losses import build_dml_loss
 from stages.core.objective import Objective, weighted_total
 from stages.core.optim import build_optimizer, build_scheduler
 from stages.core.runtime import autocast, resolve_device, seed_everything
-from stages.core.sampling import ClassBalancedBatchSampler, SeededSamples
+from stages.core.sampling import ClassBalancedBatchSampler
 from stages.core.similarity import make_similarity
-from stages.core.vision import build_model, save_model, train_transform
+from stages.core.train_images import CachedImages, DecodedImages, Pipeline, move_images
+from stages.core.vision import build_model, save_model
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +79,10 @@ class TrainStep:
     device: torch.device
     amp: bool = False  # bf16 autocast for the forward pass (CUDA)
     forward: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] | None = None  # e.g. DDP(objective)
+    inputs: Callable[[Any, torch.device], torch.Tensor] = move_images  # a loader batch -> the model's input
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        cuda = self.device.type == "cuda"
-        x = x.to(self.device, non_blocking=True, memory_format=torch.channels_last if cuda else torch.preserve_format)
+    def __call__(self, x: Any, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.inputs(x, self.device)
         y = y.to(self.device, non_blocking=True)
         with autocast(self.device, enabled=self.amp):
             terms = (self.forward or self.objective)(x, y)
@@ -97,15 +98,15 @@ class TrainStep:
 
 def fit(
     config: TrainConfig,
-    make_dataset: Callable[[Callable[[Any], Any]], Dataset],
+    images: DecodedImages | CachedImages,
     paths: TrainPaths,
     *,
     input_files: Sequence[Path] = (),
     class_names: dict[int, str] | None = None,
     cache_params: dict[str, dict[str, Any]] | None = None,
 ) -> TrainResult:
-    """Train (or resume, or just re-export) and write the model; ``make_dataset(transform)`` must
-    return a Dataset of ``(image tensor, original class id)`` with a ``labels`` array. ``cache_params``
+    """Train (or resume, or just re-export) and write the model from ``images`` (decoded per epoch or
+    from the decoded-image cache, :mod:`stages.core.train_images`). ``cache_params``
     (``class_embeddings`` / ``pseudolabels`` -> params) are checked against the caches' metadata."""
     tp, mp = config.train, config.model
     # --- setup: everything below is built in a fixed order, so the seeded RNG draws are too (on every rank).
@@ -115,8 +116,8 @@ def fit(
     cuda = device.type == "cuda"
     gen = seed_everything(config.seed, tp.deterministic)
     model = build_model(mp)
-    dataset = make_dataset(train_transform(mp.image_size, model.mean, model.std, tp.augment))
-    labels = np.asarray(dataset.labels, dtype=np.int64)
+    data = images.build(Pipeline(mp.image_size, model.mean, model.std, tp.augment))
+    labels = data.labels
     if len(labels) == 0:
         raise LangdmlError("the training manifest has no images; check dataset params and re-run `langdml prepare`")
     class_ids = np.unique(labels)
@@ -170,8 +171,9 @@ def fit(
 
     # --- epochs (rank 0 alone logs, checkpoints and exports)
     loader = DataLoader(
-        SeededSamples(dataset, class_ids),
+        data.dataset,
         batch_sampler=sampler,
+        collate_fn=data.collate,
         num_workers=tp.num_workers,
         pin_memory=cuda,
         persistent_workers=tp.num_workers > 0,
@@ -186,7 +188,7 @@ def fit(
 
         objective.distribute(ctx.world)
         forward = DistributedDataParallel(objective, device_ids=[device.index] if cuda else None)
-    step_fn = TrainStep(objective, optimizer, device, amp=cuda and tp.amp, forward=forward)
+    step_fn = TrainStep(objective, optimizer, device, amp=cuda and tp.amp, forward=forward, inputs=data.to_device)
     live = LiveLog(paths.log_dir, history) if ctx.main else None
     for epoch in range(start, tp.epochs):
         sampler.set_epoch(epoch)

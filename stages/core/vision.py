@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from stages.core.config import AugmentParams, ModelParams
+from stages.core.config import AugmentParams, ModelParams, eval_resize
 from stages.core.errors import LangdmlError, first_line
 from stages.core.heads import HEADS, global_pool
 from stages.core.hub import load_cached_or_online
@@ -223,7 +223,7 @@ def eval_geometry(image_size: int) -> Callable[[Any], Any]:
     """The evaluation resize and centre crop (PIL in, PIL out): what the model sees of an image."""
     from torchvision import transforms as T
 
-    return T.Compose([T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size)])
+    return T.Compose([T.Resize(eval_resize(image_size)), T.CenterCrop(image_size)])
 
 
 def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable[[Any], torch.Tensor]:
