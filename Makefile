@@ -33,6 +33,7 @@ bench: venv
 	python benchmarks/set_step_time.py
 	python benchmarks/set_retrieval.py --sizes 5000
 	python benchmarks/ddp_scaling.py
+	python benchmarks/train_throughput.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -16,6 +16,11 @@ from stages.core.runtime import resolve_device
 log = logging.getLogger(__name__)
 
 
+def processes(params: Params) -> int:
+    """How many DDP processes this stage wants; above 1 the CLI relaunches it under torchrun."""
+    return params.crossmodal.train.nproc
+
+
 def run(params: Params) -> None:
     xm = params.crossmodal
     images, _ = read_parquet(paths.XM_IMAGES, "xm-prepare")
@@ -36,7 +41,7 @@ def run(params: Params) -> None:
     config = {
         "seed": params.seed,
         "model": xm.model.model_dump(),
-        "train": xm.train.model_dump(exclude={"device"}),
+        "train": xm.train.model_dump(exclude={"device", "nproc"}),  # neither changes the weights
         "inputs": {str(p): file_digest(p) for p in inputs},
     }
     out = CrossModalPaths(paths.XM_MODEL, paths.XM_CHECKPOINT_FILE, paths.XM_LOGS)

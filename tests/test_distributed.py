@@ -155,3 +155,48 @@ def test_langdml_train_relaunches_itself_under_torchrun(tmp_path: Path, monkeypa
     assert result.exit_code == 0, result.output
     assert paths.MODEL_WEIGHTS.is_file()
     assert torch.load(paths.CHECKPOINT_FILE, weights_only=True)["epoch"] == 2
+
+
+XM_WORKER = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {tests!r})
+    import torch
+    torch.set_num_threads(1)
+    from pathlib import Path
+    from test_crossmodal_pipeline import _toy_data
+    from stages.core.config import CrossModalModelParams, CrossModalTrainParams
+    from stages.core.crossmodal import CrossModalPaths, train_crossmodal
+
+    root = Path(sys.argv[1])
+    mp = CrossModalModelParams(embed_dim=16, slots=2, slot_depth=1, slot_heads=2)
+    tp = CrossModalTrainParams(epochs=2, batch_size=7, lr=3e-3, warmup_epochs=1)
+    paths = CrossModalPaths(root / "model", root / "ckpt" / "last.pt", root / "logs")
+    train_crossmodal(_toy_data(), mp, tp, 0, torch.device("cpu"), paths, {{"run": 1}})
+    """
+)
+
+
+@pytest.mark.slow
+def test_crossmodal_two_processes_equal_one(tmp_path: Path) -> None:
+    """12 captions in global batches of 7 and 5: uneven shares (4 + 3, 3 + 2), a warm-up and a hardest epoch."""
+    script = tmp_path / "xm_worker.py"
+    script.write_text(XM_WORKER.format(tests=str(TESTS)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, launcher in (("one", []), ("two", ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"])):
+        res = subprocess.run(
+            [sys.executable, *launcher, str(script), str(tmp_path / name)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+    a, b = (load_file(tmp_path / n / "model" / "model.safetensors") for n in ("one", "two"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
+    ha, hb = (torch.load(tmp_path / n / "ckpt" / "last.pt", weights_only=True)["history"] for n in ("one", "two"))
+    for row_a, row_b in zip(ha, hb, strict=True):
+        for key in ("loss/triplet", "loss/mmd", "loss/diversity", "loss/total"):
+            assert row_b[key] == pytest.approx(row_a[key], rel=1e-5, abs=1e-7), key

@@ -117,8 +117,9 @@ def test_dvc_repro_then_sweep_reruns_only_train_and_evaluate(tmp_path: Path, mon
         assert f"Stage '{stage}' didn't change, skipping" in out, out[-3000:]
     for stage in ("train", "evaluate"):
         assert f"Running stage '{stage}'" in out, out[-3000:]
-    # A sweep on the cross-modal task re-runs its training and evaluation alone.
-    out = _run([f"{bindir}/dvc", "exp", "run", "-S", "crossmodal.model.head=maxpool"], repo, env)
+    # A sweep on the cross-modal task re-runs its training and evaluation alone (here in 2 DDP processes).
+    sweep = ["-S", "crossmodal.model.head=maxpool", "-S", "crossmodal.train.nproc=2"]
+    out = _run([f"{bindir}/dvc", "exp", "run", *sweep], repo, env)
     for stage in [*PRECOMPUTE, "train", "evaluate", "xm_prepare", "xm_features"]:
         assert f"Stage '{stage}' didn't change, skipping" in out, out[-3000:]
     for stage in ("xm_train", "xm_evaluate"):

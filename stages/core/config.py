@@ -260,6 +260,7 @@ class CrossModalTrainParams(_Section):
     diversity: Annotated[float, Field(ge=0)] = 0.01
     clip: PositiveFloat = 1.0  # gradient-norm clipping
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    nproc: PositiveInt = 1  # processes (DDP via torchrun); batch_size is the global batch
 
 
 class CrossModalEvalParams(_Section):

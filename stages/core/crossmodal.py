@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stages.core import distributed
 from stages.core.checkpoint import fingerprint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from stages.core.config import CrossModalModelParams, CrossModalTrainParams
 from stages.core.errors import LangdmlError
@@ -132,31 +133,43 @@ class CrossModalModel(nn.Module):
         self.text = SET_HEADS.get(mp.head)(text_channels, mp)
         self.similarity: str = self.image.similarity
         self.alpha = mp.alpha
+        self.ctx = distributed.Context()  # one process until ``distribute``
 
     def score(self, images: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
         """Images x captions smooth-Chamfer of the sets (the cosine for one slot each)."""
         return smooth_chamfer(images, captions, alpha=self.alpha)
 
-    def terms(
+    def distribute(self, ctx: distributed.Context) -> None:
+        """Compute the terms on the global batch across ``ctx.world`` processes (call before DDP wraps it)."""
+        self.ctx = ctx
+
+    def forward(
         self,
         image_batch: tuple[torch.Tensor, torch.Tensor],
-        image_ids: torch.Tensor,
         text_batch: tuple[torch.Tensor, torch.Tensor],
+        image_ids: torch.Tensor,
         caption_image_ids: torch.Tensor,
         margin: float,
         hardest: bool = True,
     ) -> dict[str, torch.Tensor]:
-        """Unweighted loss terms of a batch of images and captions; ``*_ids`` say which image each row shows."""
+        """Unweighted loss terms. The heads embed this process's rows; under DDP their outputs are gathered
+        into the global batch (:func:`distributed.gather_rows`), whose ``*_ids`` say which image each row shows.
+        Every term is then the one-process value; only this rank's rows carry gradient, so the caller scales
+        the backward by the world size (DDP averages the ranks' gradients)."""
         img = self.image.forward_tokens(*image_batch)
         txt = self.text.forward_tokens(*text_batch)
+        img_emb, txt_emb = self._gather(img["embeddings"]), self._gather(txt["embeddings"])
         positive = image_ids[:, None] == caption_image_ids[None, :]
-        sim = self.score(img["embeddings"], txt["embeddings"])
-        dim = img["embeddings"].shape[-1]
+        dim = img_emb.shape[-1]
         return {
-            "triplet": hardest_negative_triplet(sim, positive, margin, hardest),
-            "mmd": mmd_exp_kernel(img["embeddings"].reshape(-1, dim), txt["embeddings"].reshape(-1, dim)),
-            "diversity": (slot_diversity(img["residual"]) + slot_diversity(txt["residual"])) / 2,
+            "triplet": hardest_negative_triplet(self.score(img_emb, txt_emb), positive, margin, hardest),
+            "mmd": mmd_exp_kernel(img_emb.reshape(-1, dim), txt_emb.reshape(-1, dim)),
+            "diversity": (slot_diversity(self._gather(img["residual"])) + slot_diversity(self._gather(txt["residual"])))
+            / 2,
         }
+
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        return distributed.gather_rows(x, self.ctx)
 
 
 def term_weights(tp: CrossModalTrainParams) -> dict[str, float]:
@@ -199,14 +212,20 @@ def _views(image_ids: np.ndarray) -> dict[int, np.ndarray]:
 
 
 def _batches(
-    caption_image_ids: np.ndarray, views: dict[int, np.ndarray], batch_size: int, seed: int, epoch: int
+    caption_image_ids: np.ndarray,
+    views: dict[int, np.ndarray],
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    min_size: int = 2,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(image file rows, caption rows) per step: captions in a seeded random order, each with one file
-    of its image drawn at random (the views of an image id); a last batch of one caption is dropped."""
+    """(image file rows, caption rows) per global step: captions in a seeded random order, each with one
+    file of its image drawn at random (the views of an image id). A last batch smaller than ``min_size`` is
+    dropped: a lone caption has no negative, and under DDP every process needs a row."""
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(caption_image_ids))
     out = []
-    for start in range(0, len(order) - 1, batch_size):  # len - 1: a lone last caption has no negative
+    for start in range(0, len(order) - (min_size - 1), batch_size):
         caps = order[start : start + batch_size]
         imgs = np.array([rng.choice(views[int(i)]) for i in caption_image_ids[caps]])
         out.append((imgs, caps))
@@ -223,14 +242,21 @@ def train_crossmodal(
     fingerprint_config: dict[str, Any],
 ) -> list[dict[str, float]]:
     """Train both set heads (AdamW, cosine schedule per step, gradient clipping), checkpointing every epoch
-    and resuming from a checkpoint of the same config; export the model. Returns the per-epoch history."""
+    and resuming from a checkpoint of the same config; export the model. Returns the per-epoch history.
+
+    Under torchrun (``crossmodal.train.nproc``) every process draws the same global batches and embeds its
+    contiguous share; the terms are computed on the gathered global batch, so a run depends on the global
+    batch size, not on the process count. Rank 0 alone checkpoints, logs and exports."""
+    ctx = distributed.setup(device.type)
+    device = distributed.device_for(ctx, device)
     seed_everything(seed)
     if set(data.caption_image_ids.tolist()) - set(data.image_ids.tolist()):
         raise LangdmlError("some training captions show an image with no image file; re-run `langdml xm-prepare`")
     model = CrossModalModel(data.images.channels, data.captions.channels, mp).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay)
     views = _views(data.image_ids)
-    steps_per_epoch = math.ceil((len(data.caption_image_ids) - 1) / tp.batch_size)
+    min_size = max(2, ctx.world)
+    steps_per_epoch = len(range(0, len(data.caption_image_ids) - (min_size - 1), tp.batch_size))
     if steps_per_epoch <= 0:
         raise LangdmlError("the training split has fewer than 2 captions; nothing to train on")
     total = tp.epochs * steps_per_epoch
@@ -244,18 +270,26 @@ def train_crossmodal(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start, history = int(state["epoch"]), list(state["history"])
-        set_rng_state(state["rng"][0])
+        rng = state["rng"]
+        set_rng_state(rng[ctx.rank] if ctx.rank < len(rng) else rng[0])
         log.info("resuming cross-modal training after epoch %d of %d", start, tp.epochs)
-    live = LiveLog(paths.logs, history)
+    forward: Callable[..., dict[str, torch.Tensor]] = model
+    if ctx.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model.distribute(ctx)
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    live = LiveLog(paths.logs, history) if ctx.main else None
     for epoch in range(start, tp.epochs):
         model.train()
         sums: dict[str, float] = {}
-        batches = _batches(data.caption_image_ids, views, tp.batch_size, seed, epoch)
+        batches = _batches(data.caption_image_ids, views, tp.batch_size, seed, epoch, min_size)
         for step, (imgs, caps) in enumerate(batches):
-            terms = model.terms(
-                data.images.batch(imgs, device),
+            mine = np.array_split(np.arange(len(caps)), ctx.world)[ctx.rank]  # this rank's contiguous share
+            terms = forward(
+                data.images.batch(imgs[mine], device),
+                data.captions.batch(caps[mine], device),
                 torch.as_tensor(data.image_ids[imgs], device=device),
-                data.captions.batch(caps, device),
                 torch.as_tensor(data.caption_image_ids[caps], device=device),
                 tp.margin,
                 hardest=epoch >= tp.warmup_epochs,
@@ -267,7 +301,7 @@ def train_crossmodal(
                     f"non-finite {bad} loss at epoch {epoch + 1}, step {step + 1}; lower crossmodal.train.lr"
                 )
             optimizer.zero_grad(set_to_none=True)
-            total_loss.backward()
+            (total_loss * ctx.world).backward()  # DDP averages: the sum of the ranks' gradients is the global one
             torch.nn.utils.clip_grad_norm_(model.parameters(), tp.clip)
             optimizer.step()
             scheduler.step()
@@ -276,23 +310,29 @@ def train_crossmodal(
         row = {f"loss/{k}": v / len(batches) for k, v in sums.items()}
         row["lr"] = scheduler.get_last_lr()[0]
         history.append(row)
-        live.log(row)
-        log.info("epoch %d/%d: %s", epoch + 1, tp.epochs, ", ".join(f"{k}={v:.4f}" for k, v in row.items()))
-        save_checkpoint(
-            paths.checkpoint,
-            {
-                "fingerprint": expected,
-                "config": fingerprint_config,
-                "epoch": epoch + 1,
-                "history": history,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-            },
-            [rng_state()],
-        )
-    live.end()
-    save_crossmodal(model, paths.model)
+        rng_states = distributed.gather_objects(rng_state(), ctx)
+        if ctx.main:
+            live.log(row)
+            log.info("epoch %d/%d: %s", epoch + 1, tp.epochs, ", ".join(f"{k}={v:.4f}" for k, v in row.items()))
+            save_checkpoint(
+                paths.checkpoint,
+                {
+                    "fingerprint": expected,
+                    "config": fingerprint_config,
+                    "epoch": epoch + 1,
+                    "history": history,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                },
+                rng_states,
+            )
+        distributed.barrier(ctx)  # no rank starts an epoch whose checkpoint is not on disk
+    if ctx.main:
+        live.end()
+        save_crossmodal(model, paths.model)
+    distributed.barrier(ctx)
+    distributed.teardown(ctx)
     return history
 
 

@@ -67,6 +67,28 @@ def gather_all(x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, tor
     return all_x, all_labels
 
 
+def gather_rows(x: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """Every rank's rows of ``x`` concatenated in rank order, this rank's own with their gradient (the
+    others' without); the ranks may hold different numbers of rows. With contiguous shares of one global
+    batch, the result is that global batch in its own order, so a loss over it is the one-process loss.
+    (pytorch-metric-learning's ``gather`` needs equal sizes and puts the own rows first.)"""
+    if not ctx.distributed:
+        return x
+    import torch.distributed as dist
+
+    count = torch.tensor([len(x)], device=x.device)
+    counts = [torch.zeros_like(count) for _ in range(ctx.world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    padded = x.new_zeros((max(sizes), *x.shape[1:]))
+    padded[: len(x)] = x.detach()
+    parts = [torch.empty_like(padded) for _ in range(ctx.world)]
+    dist.all_gather(parts, padded)
+    rows = [part[:n] for part, n in zip(parts, sizes, strict=True)]
+    rows[ctx.rank] = x
+    return torch.cat(rows)
+
+
 def gather_objects(obj: object, ctx: Context) -> list[object]:
     """One picklable object from every rank, in rank order (rank 0's RNG state, rank 1's, ...)."""
     if not ctx.distributed:
