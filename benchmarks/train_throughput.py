@@ -35,11 +35,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from stages.core.artifacts import MANIFEST_SCHEMA, write_class_embeddings
-from stages.core.config import parse_params
+from stages.core.config import eval_resize, parse_params
 from stages.core.datasets.torch_dataset import ImageDataset
 from stages.core.image_cache import ImageCache, SquashResize, write_image_cache
 from stages.core.runtime import resolve_device
-from stages.core.train_images import CachedImages, DecodedImages, Pipeline, TrainData, whole_batch
+from stages.core.train_images import CachedImages, DecodedImages, Pipeline, TrainData, TrainImages, whole_batch
 from stages.core.training import TrainPaths, fit
 
 
@@ -100,7 +100,7 @@ class Labels(Dataset):
         return torch.zeros(len(index)), torch.from_numpy(np.searchsorted(self.class_ids, self.labels[index]))
 
 
-def images_per_s(source: object, params: dict, workdir: Path, class_ids: list[int]) -> float:
+def images_per_s(source: TrainImages, params: dict, workdir: Path, class_ids: list[int]) -> float:
     paths = TrainPaths(
         workdir / "ckpt" / "last.pt",
         workdir / "model",
@@ -113,7 +113,7 @@ def images_per_s(source: object, params: dict, workdir: Path, class_ids: list[in
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     names = [f"class {c}" for c in class_ids]
     write_class_embeddings(paths.class_embeddings, class_ids, names, names, emb, {"encoder": "random"})
-    result = fit(parse_params(params).training, source, paths)  # type: ignore[arg-type]
+    result = fit(parse_params(params).training, source, paths)
     return result.history[-1]["images_per_s"]
 
 
@@ -137,7 +137,7 @@ def main() -> None:
         t0 = time.perf_counter()
         table = write_photos(scratch / "photos", args.images, args.classes, tuple(args.photo_size))
         t1 = time.perf_counter()
-        side = round(args.image_size * 256 / 224)
+        side = eval_resize(args.image_size)
         write_image_cache(
             ImageDataset(table, scratch / "photos", SquashResize(side)),
             scratch / "cache",

@@ -14,7 +14,7 @@ from stages.core.config import Params
 from stages.core.datasets.torch_dataset import ImageDataset
 from stages.core.image_cache import INDEX, ImageCache
 from stages.core.io import file_digest
-from stages.core.train_images import CachedImages, DecodedImages
+from stages.core.train_images import CachedImages, DecodedImages, TrainImages
 from stages.core.training import TrainPaths, fit
 
 
@@ -25,7 +25,7 @@ def processes(params: Params) -> int:
 
 def run(params: Params) -> None:
     table, root = load_manifest(paths.TRAIN_MANIFEST)
-    images: CachedImages | DecodedImages = DecodedImages(lambda transform: ImageDataset(table, root, transform))
+    images: TrainImages = DecodedImages(lambda transform: ImageDataset(table, root, transform))
     inputs: list[Path] = [paths.TRAIN_MANIFEST]
     if params.train.image_cache.enabled:
         cache = ImageCache(paths.IMAGE_CACHE)

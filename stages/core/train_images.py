@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -41,6 +41,12 @@ class TrainData:
     labels: np.ndarray  # the original class id of every row
     to_device: Callable[[Any, torch.device], torch.Tensor]
     collate: Callable[[Any], Any] | None = None  # None: the DataLoader's default
+
+
+class TrainImages(Protocol):
+    """A source of training images: ``DecodedImages``, ``CachedImages``, or your own (e.g. a shard reader)."""
+
+    def build(self, pipe: Pipeline) -> TrainData: ...
 
 
 def move_images(x: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -34,7 +34,7 @@ from stages.core.optim import build_optimizer, build_scheduler
 from stages.core.runtime import autocast, resolve_device, seed_everything
 from stages.core.sampling import ClassBalancedBatchSampler
 from stages.core.similarity import make_similarity
-from stages.core.train_images import CachedImages, DecodedImages, Pipeline, move_images
+from stages.core.train_images import Pipeline, TrainImages, move_images
 from stages.core.vision import build_model, save_model
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class TrainStep:
 
 def fit(
     config: TrainConfig,
-    images: DecodedImages | CachedImages,
+    images: TrainImages,
     paths: TrainPaths,
     *,
     input_files: Sequence[Path] = (),
