@@ -159,13 +159,13 @@ class CrossModalModel(nn.Module):
         img = self.image.forward_tokens(*image_batch)
         txt = self.text.forward_tokens(*text_batch)
         img_emb, txt_emb = self._gather(img["embeddings"]), self._gather(txt["embeddings"])
+        img_res, txt_res = self._gather(img["residual"]), self._gather(txt["residual"])
         positive = image_ids[:, None] == caption_image_ids[None, :]
         dim = img_emb.shape[-1]
         return {
             "triplet": hardest_negative_triplet(self.score(img_emb, txt_emb), positive, margin, hardest),
             "mmd": mmd_exp_kernel(img_emb.reshape(-1, dim), txt_emb.reshape(-1, dim)),
-            "diversity": (slot_diversity(self._gather(img["residual"])) + slot_diversity(self._gather(txt["residual"])))
-            / 2,
+            "diversity": (slot_diversity(img_res) + slot_diversity(txt_res)) / 2,
         }
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
