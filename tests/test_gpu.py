@@ -1,4 +1,4 @@
-"""Checks that need a CUDA GPU and faiss-gpu (`make repro FAISS=gpu`); skipped on machines without them."""
+"""Checks that need a CUDA GPU (and faiss-gpu: `make repro FAISS=gpu`); skipped on machines without them."""
 
 from __future__ import annotations
 
@@ -43,3 +43,18 @@ def test_set_search_on_the_gpu_index_is_still_exact() -> None:
     _, ids = SmoothChamferSearch(x, exhaustive_fraction=1.0)(x[:20], 5)
     brute = smooth_chamfer(torch.tensor(x[:20], dtype=torch.float64), torch.tensor(x, dtype=torch.float64)).numpy()
     np.testing.assert_array_equal(ids, np.argsort(-brute, axis=1, kind="stable")[:, :5])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_batched_augmentation_on_cuda_matches_the_cpu() -> None:
+    from stages.core.augment import augment_batch, draw_augmentation
+    from stages.core.config import AugmentParams
+
+    rng = np.random.default_rng(2)
+    images = torch.from_numpy(rng.integers(0, 256, (6, 40, 40, 3), dtype=np.uint8))
+    aug = AugmentParams(flip=True, min_crop_scale=0.2, color_jitter=0.4)
+    theta, colour = (torch.from_numpy(a) for a in draw_augmentation(range(6), np.full((6, 2), 40), aug, 32))
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    on_cpu = augment_batch(images, theta, colour, 32, mean, std)
+    on_gpu = augment_batch(images.cuda(), theta.cuda(), colour.cuda(), 32, mean, std)
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=1e-4, rtol=1e-4)
