@@ -11,7 +11,7 @@ import pyarrow as pa
 from stages import paths
 from stages.core.config import Params
 from stages.core.crossmodal import embed_sets, load_crossmodal, load_token_sets
-from stages.core.datasets.captions import FEATURE_ROW
+from stages.core.datasets.captions import image_manifest, is_precomputed
 from stages.core.datasets.torch_dataset import ImageDataset
 from stages.core.errors import LangdmlError
 from stages.core.io import read_parquet, write_json
@@ -67,15 +67,12 @@ def _picture(
     """A few seeded image and caption queries with their best results (``retrieval.png``)."""
     n = params.crossmodal.evaluate.queries
     rng = np.random.default_rng(params.seed)
-    table = pa.table(
-        {"path": images["path"], "image_bytes": pa.nulls(images.num_rows, pa.binary()), "label": images["image_id"]}
-    )
-    if FEATURE_ROW in str(images["path"][0]):  # precomputed features: no image files to show
+    if is_precomputed(images):  # no image files to show
 
         def load(row: int) -> np.ndarray:
             return np.full((THUMB, THUMB, 3), 230, dtype=np.uint8)
     else:
-        dataset = ImageDataset(table, root, transform=None)
+        dataset = ImageDataset(image_manifest(images), root, transform=None)
 
         def load(row: int) -> np.ndarray:
             return thumbnail(dataset.load(row))

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from stages import paths
 from stages.core.config import Params
 from stages.core.crossmodal import ragged_token_sets, save_token_sets
-from stages.core.datasets.captions import FEATURE_ROW
+from stages.core.datasets.captions import FEATURE_ROW, image_manifest, is_precomputed
 from stages.core.datasets.torch_dataset import ImageDataset
 from stages.core.io import read_parquet, replace_directory, write_json
 from stages.core.runtime import autocast, resolve_device
@@ -41,14 +41,7 @@ def image_tokens(params: Params, images: pa.Table, root: str) -> np.ndarray:
     device = resolve_device(f.device)
     backbone = create_backbone(f.backbone, pretrained=True)
     net = backbone.module.to(device).eval()
-    table = pa.table(
-        {
-            "path": images["path"],
-            "image_bytes": pa.nulls(images.num_rows, pa.binary()),
-            "label": images["image_id"],
-        }
-    )
-    dataset = ImageDataset(table, root, eval_transform(f.image_size, backbone.mean, backbone.std))
+    dataset = ImageDataset(image_manifest(images), root, eval_transform(f.image_size, backbone.mean, backbone.std))
     loader = DataLoader(dataset, batch_size=f.batch_size, num_workers=0)
     out = []
     for x, _ in tqdm(loader, desc="image tokens", unit="batch"):
@@ -73,8 +66,10 @@ def run(params: Params) -> None:
     f = params.crossmodal.features
     images, meta = read_parquet(paths.XM_IMAGES, "xm-prepare")
     captions, _ = read_parquet(paths.XM_CAPTIONS, "xm-prepare")
-    precomputed = FEATURE_ROW in (images["path"][0].as_py() if images.num_rows else "")
-    grid = precomputed_tokens(images, meta["root"]) if precomputed else image_tokens(params, images, meta["root"])
+    if is_precomputed(images):
+        grid = precomputed_tokens(images, meta["root"])
+    else:
+        grid = image_tokens(params, images, meta["root"])
     encoder = create_text_encoder(f.text_encoder, device=resolve_device(f.device))
     texts = ragged_token_sets(encoder.tokens(captions["text"].to_pylist(), f.batch_size, f.max_tokens))
     paths.XM.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ from stages.core.crossmodal import (
     save_token_sets,
     train_crossmodal,
 )
-from stages.core.datasets.captions import CAPTION_DATASETS
+from stages.core.datasets.captions import CAPTION_DATASETS, image_manifest, is_precomputed
 from stages.core.errors import LangdmlError
 from stages.core.heads import DivEHead
 
@@ -53,6 +53,10 @@ def test_emoji_captions_are_names_and_keywords_one_test_file_per_image(emoji_roo
     texts = {r["text"] for r in captions}
     assert "grinning face" in texts and "grinning, face" in texts  # the CLDR name and the keywords
     assert {r["split"] for r in captions} == {"train", "test"}
+    assert not is_precomputed(out.images)
+    manifest = image_manifest(out.images)
+    assert manifest["label"].to_pylist() == out.images["image_id"].to_pylist()
+    assert manifest["image_bytes"].null_count == len(images)  # read from the paths
     capped = CAPTION_DATASETS.get("emoji")(CrossModalDataParams(name="emoji", root=str(emoji_root), max_images=2))
     assert len({r["image_id"] for r in capped.images.to_pylist()}) == 4  # 2 per split
 
@@ -188,6 +192,7 @@ def test_precomp_layout_rows_and_captions(tmp_path) -> None:
     out = CAPTION_DATASETS.get("precomp")(CrossModalDataParams(name="precomp", root=str(tmp_path)))
     assert out.images["path"].to_pylist()[3:] == ["testall_ims.npy#0", "testall_ims.npy#1"]
     assert out.captions["image_id"].to_pylist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert is_precomputed(out.images)
     tokens = precomputed_tokens(out.images, str(tmp_path))
     assert tokens.dtype == np.float16 and tokens.shape == (5, 4, 6)
     np.testing.assert_allclose(tokens[4], test[1], atol=1e-2)

@@ -53,6 +53,19 @@ TEST_VENDOR_ORDER = ("twitter", "google", "facebook", "apple")  # CC BY and Apac
 FEATURE_ROW = "#"  # "train_ims.npy#17": row 17 of a precomputed feature file instead of an image file
 
 
+def is_precomputed(images: pa.Table) -> bool:
+    """The image "files" are rows of precomputed feature files (``precomp``), not images."""
+    return images.num_rows > 0 and FEATURE_ROW in images["path"][0].as_py()
+
+
+def image_manifest(images: pa.Table) -> pa.Table:
+    """The image files as a manifest :class:`~stages.core.datasets.torch_dataset.ImageDataset` reads
+    (the image id as the label)."""
+    return pa.table(
+        {"path": images["path"], "image_bytes": pa.nulls(images.num_rows, pa.binary()), "label": images["image_id"]}
+    )
+
+
 @dataclass
 class CaptionManifests:
     dataset: str
