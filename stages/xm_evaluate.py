@@ -40,13 +40,13 @@ def run(params: Params) -> None:
     img = embed_sets(model.image, load_token_sets(paths.XM_FEATURES, "image").subset(img_test), device)
     cap = embed_sets(model.text, load_token_sets(paths.XM_FEATURES, "caption").subset(cap_test), device)
     options = {"similarity": model.similarity, "similarity_options": {"alpha": model.alpha}}
-    if model.similarity == "cosine":  # one slot each: plain vectors
+    if model.similarity == "cosine":  # one slot each: plain vectors (faiss, on the GPU with faiss-gpu)
         img, cap, options = img[:, 0], cap[:, 0], {"similarity": "cosine"}
     ks = xm.evaluate.ks
     if xm.evaluate.folds:
-        metrics = crossmodal_recall_folds(img, cap, owner, xm.evaluate.folds, ks=ks, **options)
+        metrics = crossmodal_recall_folds(img, cap, owner, xm.evaluate.folds, ks=ks, device=str(device), **options)
     else:
-        metrics = crossmodal_recall(img, cap, owner, ks, **options)
+        metrics = crossmodal_recall(img, cap, owner, ks, device=str(device), **options)
     metrics = {**metrics, "n_images": len(img), "n_captions": len(cap)}
     write_json(paths.XM_METRICS, metrics)
     log.info("cross-modal metrics: %s", format_metrics(metrics))

@@ -58,3 +58,17 @@ def test_batched_augmentation_on_cuda_matches_the_cpu() -> None:
     on_cpu = augment_batch(images, theta, colour, 32, mean, std)
     on_gpu = augment_batch(images.cuda(), theta.cuda(), colour.cuda(), 32, mean, std)
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_crossmodal_set_recall_on_cuda_matches_the_cpu() -> None:
+    from stages.core.metrics import crossmodal_recall
+
+    rng = np.random.default_rng(3)
+    images = rng.standard_normal((300, 4, 16)).astype(np.float32)
+    owner = np.repeat(np.arange(300), 2)
+    captions = images[owner] + 2.5 * rng.standard_normal((600, 4, 16)).astype(np.float32)  # recall@1 ~ 20-30%
+    kwargs = {"similarity": "smooth_chamfer", "similarity_options": {"alpha": 16.0}}
+    on_cpu = crossmodal_recall(images, captions, owner, device="cpu", **kwargs)
+    on_gpu = crossmodal_recall(images, captions, owner, device="cuda", **kwargs)
+    assert on_gpu == pytest.approx(on_cpu, abs=0.5)  # a near-tie may rank differently in float32 on another device

@@ -352,29 +352,38 @@ CROSSMODAL_BRUTE_PAIRS = 2**28
 
 
 def _set_top_k_both(
-    images: np.ndarray, captions: np.ndarray, k_i2t: int, k_t2i: int, alpha: float, chunk: int = 256
+    images: np.ndarray,
+    captions: np.ndarray,
+    k_i2t: int,
+    k_t2i: int,
+    alpha: float,
+    device: str = "cpu",
+    chunk: int = 256,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact smooth-Chamfer top-k in both directions from one chunked pass over all pairs: per image its
-    ``k_i2t`` best captions, per caption its ``k_t2i`` best images (a running top-k merged chunk by chunk)."""
+    """Exact smooth-Chamfer top-k in both directions from one chunked pass over all pairs on ``device``: per
+    image its ``k_i2t`` best captions, per caption its ``k_t2i`` best images (a running top-k merged chunk by
+    chunk)."""
     import torch
 
     from stages.core.similarity import smooth_chamfer
 
-    caps = torch.from_numpy(np.ascontiguousarray(captions, dtype=np.float32))
-    best_s = torch.full((len(captions), 0), -torch.inf)
-    best_i = torch.zeros((len(captions), 0), dtype=torch.long)
+    def on_device(x: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=device)
+
+    caps = on_device(captions)
+    best_s = torch.full((len(captions), 0), -torch.inf, device=device)
+    best_i = torch.zeros((len(captions), 0), dtype=torch.long, device=device)
     i2t = []
     with torch.no_grad():
         for start in range(0, len(images), chunk):
-            block = torch.from_numpy(np.ascontiguousarray(images[start : start + chunk], dtype=np.float32))
-            scores = smooth_chamfer(block, caps, alpha=alpha)  # chunk x captions
-            i2t.append(scores.topk(k_i2t, dim=1).indices.numpy())
-            top_s, top_i = scores.topk(min(k_t2i, len(block)), dim=0)
+            scores = smooth_chamfer(on_device(images[start : start + chunk]), caps, alpha=alpha)  # chunk x captions
+            i2t.append(scores.topk(k_i2t, dim=1).indices.cpu().numpy())
+            top_s, top_i = scores.topk(min(k_t2i, scores.shape[0]), dim=0)
             merged_s = torch.cat([best_s, top_s.T], dim=1)
             merged_i = torch.cat([best_i, top_i.T + start], dim=1)
             keep = merged_s.topk(min(k_t2i, merged_s.shape[1]), dim=1).indices
             best_s, best_i = merged_s.gather(1, keep), merged_i.gather(1, keep)
-    return np.concatenate(i2t), best_i.numpy()
+    return np.concatenate(i2t), best_i.cpu().numpy()
 
 
 def crossmodal_recall(
@@ -386,6 +395,7 @@ def crossmodal_recall(
     similarity: str = "cosine",
     similarity_options: dict[str, Any] | None = None,
     brute_force_pairs: int = CROSSMODAL_BRUTE_PAIRS,
+    device: str = "cpu",
 ) -> dict[str, float]:
     """Image-to-text and text-to-image Recall@k in percent, and their sum ``rsum`` (the VSE / DivE protocol).
 
@@ -394,7 +404,8 @@ def crossmodal_recall(
     best captions; t2i: a caption is a hit when its image is among its k best images. Exact search by the
     searcher of ``similarity`` (``smooth_chamfer``: the certified set search, so thousands of images x
     tens of thousands of captions need no full score matrix); up to ``brute_force_pairs`` set pairs every
-    pair is scored instead, in chunks, which is faster there (see :data:`CROSSMODAL_BRUTE_PAIRS`).
+    pair is scored instead, in chunks on ``device`` (a torch device name), which is faster there (see
+    :data:`CROSSMODAL_BRUTE_PAIRS`).
     """
     owner = np.asarray(caption_to_image, dtype=np.int64)
     n, m = len(images), len(captions)
@@ -407,7 +418,8 @@ def crossmodal_recall(
     k_i2t, k_t2i = min(max(ks), m), min(max(ks), n)
     if similarity == "smooth_chamfer" and n * m <= brute_force_pairs:
         sets = [l2_normalize(x[:, None, :] if x.ndim == 2 else x) for x in (images, captions)]
-        best_caps, best_imgs = _set_top_k_both(*sets, k_i2t, k_t2i, alpha=float(options.get("alpha", 16.0)))
+        alpha = float(options.get("alpha", 16.0))
+        best_caps, best_imgs = _set_top_k_both(*sets, k_i2t, k_t2i, alpha=alpha, device=device)
     else:
         best_caps = top_k(images, captions, k_i2t, similarity, options)
         best_imgs = top_k(captions, images, k_t2i, similarity, options)
