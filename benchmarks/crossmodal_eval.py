@@ -16,7 +16,8 @@ import time
 
 import numpy as np
 
-from stages.core.metrics import crossmodal_recall
+from stages.core.evaluation.crossmodal import crossmodal_recall
+from stages.core.model.similarity import SimilaritySpec
 
 
 def main() -> None:
@@ -35,9 +36,7 @@ def main() -> None:
     images /= np.linalg.norm(images, axis=-1, keepdims=True)
     captions /= np.linalg.norm(captions, axis=-1, keepdims=True)
     t0 = time.perf_counter()
-    metrics = crossmodal_recall(
-        images, captions, owner, similarity="smooth_chamfer", similarity_options={"alpha": 16.0}
-    )
+    metrics = crossmodal_recall(images, captions, owner, similarity=SimilaritySpec("smooth_chamfer", alpha=16.0))
     took = time.perf_counter() - t0
     print("| images x captions | K | D | seconds | i2t R@1 | t2i R@1 | rsum |")
     print("|---|---|---|---|---|---|---|")

@@ -45,7 +45,7 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     x, y = clustered(args.n, args.dim, args.per_class)
     if args.worker == "langdml":
-        from stages.core.metrics import retrieval_metrics
+        from stages.core.evaluation.metrics import retrieval_metrics
 
         def call() -> dict[str, float]:
             return retrieval_metrics(x, query_labels=y, ks=(1, 2, 4, 8), nmi=not args.no_nmi)

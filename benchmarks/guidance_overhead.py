@@ -16,12 +16,13 @@ from functools import partial
 import torch
 from step_timing import interleaved_medians, print_step_table, setup, step_arguments, synthetic_batch
 
-from stages.core.language_targets import EmbeddingTarget
-from stages.core.losses import build_dml_loss
-from stages.core.objective import Objective
-from stages.core.optim import build_optimizer
-from stages.core.training import TrainStep
-from stages.core.vision import build_model
+from stages.core.language.targets import EmbeddingTarget
+from stages.core.model.encoder import build_model
+from stages.core.model.similarity import COSINE
+from stages.core.training.dml import DMLObjective
+from stages.core.training.fit import TrainStep
+from stages.core.training.losses import build_dml_loss
+from stages.core.training.optim import build_optimizer
 
 
 def parse() -> argparse.Namespace:
@@ -52,20 +53,21 @@ def main() -> None:
     targets["both"] = targets["elg"] + targets["plg"]
     lang_kwargs = params.language.matching_kwargs()
     # Two objectives over the same model and loss, one optimiser: only the language term differs.
-    plain = Objective(model, dml, [], omega=0.0, language_kwargs=lang_kwargs)
+    common = {"language_kwargs": lang_kwargs, "image_similarity": COSINE, "lr": tp.lr, "head_lr": tp.effective_head_lr}
+    plain = DMLObjective(model, dml, [], omega=0.0, **common)
     guided_targets = [t.to(device) for t in targets[args.guidance]]
-    guided = Objective(model, dml, guided_targets, omega=args.omega, language_kwargs=lang_kwargs)
+    guided = DMLObjective(model, dml, guided_targets, omega=args.omega, **common)
     if tp.compile:
         plain.compile_model()
         guided.compile_model()
-    optimizer = build_optimizer(tp, plain.param_groups(tp.lr, tp.effective_head_lr))
+    optimizer = build_optimizer(tp.optimizer, plain.param_groups(), tp.lr, tp.weight_decay)
     variants = {
         "omega=0": TrainStep(plain, optimizer, device, amp=cuda and tp.amp),
         f"omega={args.omega:g} ({args.guidance})": TrainStep(guided, optimizer, device, amp=cuda and tp.amp),
     }
 
     medians = interleaved_medians(
-        {name: partial(step, x, y) for name, step in variants.items()}, args.steps, args.warmup, cuda
+        {name: partial(step, (x, y)) for name, step in variants.items()}, args.steps, args.warmup, cuda
     )
     names = list(variants)
     title = (

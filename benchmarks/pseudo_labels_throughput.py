@@ -36,7 +36,7 @@ class SyntheticImages:
 def make_dataset(manifest: Path, n: int, size: int, transform: Callable[[Image.Image], Any]) -> tuple[Any, str]:
     if manifest.is_file():
         from stages.core.artifacts import load_manifest
-        from stages.core.datasets.torch_dataset import ImageDataset
+        from stages.core.data.torch_dataset import ImageDataset
 
         table, root = load_manifest(manifest)
         table = table.slice(0, min(n, table.num_rows))
@@ -47,7 +47,7 @@ def make_dataset(manifest: Path, n: int, size: int, transform: Callable[[Image.I
 def main() -> None:
     import torch
 
-    from stages.core.imagenet import class_mean_outputs, create_classifier
+    from stages.core.language.imagenet import class_mean_outputs, create_classifier
     from stages.core.runtime import resolve_device
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -5,7 +5,7 @@ are synthetic clustered sets of K unit slots (``--per-class`` sets per class), t
 Both compute leave-one-out Recall@k and MAP@R through ``retrieval_metrics`` (so MAP@R certifies the top R):
 brute force scores every pair with ``smooth_chamfer`` in query chunks and sorts; the shortlist searches
 each query slot's top-M gallery slots with faiss, re-ranks the owners exactly and certifies the top-k by
-the upper bound (``stages/core/set_search.py``). "same" checks that the metrics agree; "certified" is the
+the upper bound (``stages/core/evaluation/set_search.py``). "same" checks that the metrics agree; "certified" is the
 fraction of queries certified at the first M.
 
     .venv/bin/python benchmarks/set_retrieval.py                       # 5k, 10k, 30k x 4 x 512
@@ -42,7 +42,7 @@ def brute_force_searcher(database: np.ndarray, max_k: int, alpha: float = 16.0):
     """Every pair scored, then sorted: the reference the certified search must equal."""
     import torch
 
-    from stages.core.similarity import smooth_chamfer
+    from stages.core.model.similarity import smooth_chamfer
 
     gallery = torch.tensor(database, dtype=torch.float64)  # the precision the certified search re-ranks in
 
@@ -63,8 +63,10 @@ def worker(args: argparse.Namespace) -> None:
     import faiss
     import torch
 
-    from stages.core.metrics import retrieval_metrics
-    from stages.core.set_search import SmoothChamferSearch
+    from stages.core.evaluation.metrics import retrieval_metrics
+    from stages.core.evaluation.search import flat_ip_searcher
+    from stages.core.evaluation.set_search import SmoothChamferSearch
+    from stages.core.model.similarity import SimilaritySpec
 
     faiss.omp_set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
@@ -72,13 +74,15 @@ def worker(args: argparse.Namespace) -> None:
     made: list[SmoothChamferSearch] = []
 
     def certified(database: np.ndarray, max_k: int) -> SmoothChamferSearch:
-        made.append(SmoothChamferSearch(database, alpha=16.0, shortlist=args.shortlist))
+        made.append(SmoothChamferSearch(database, flat_ip_searcher, alpha=16.0, shortlist=args.shortlist))
         return made[-1]
 
     searcher = certified if args.worker == "shortlist" else brute_force_searcher
     base = _rss_mb()
     t0 = time.perf_counter()
-    m = retrieval_metrics(x, query_labels=y, ks=(1, 2, 4, 8), similarity="smooth_chamfer", searcher=searcher, nmi=False)
+    m = retrieval_metrics(
+        x, query_labels=y, ks=(1, 2, 4, 8), similarity=SimilaritySpec("smooth_chamfer"), searcher=searcher, nmi=False
+    )
     seconds = time.perf_counter() - t0
     stats = made[0].stats if made else {}
     out = {

@@ -17,13 +17,13 @@ from functools import partial
 import torch
 from step_timing import interleaved_medians, print_step_table, setup, step_arguments, synthetic_batch
 
-from stages.core.language_targets import EmbeddingTarget
-from stages.core.losses import build_dml_loss
-from stages.core.objective import Objective
-from stages.core.optim import build_optimizer
-from stages.core.similarity import make_similarity
-from stages.core.training import TrainStep
-from stages.core.vision import build_model
+from stages.core.language.targets import EmbeddingTarget
+from stages.core.model.encoder import build_model
+from stages.core.model.similarity import SimilaritySpec
+from stages.core.training.dml import DMLObjective
+from stages.core.training.fit import TrainStep
+from stages.core.training.losses import build_dml_loss
+from stages.core.training.optim import build_optimizer
 
 
 def parse() -> argparse.Namespace:
@@ -44,21 +44,25 @@ def main() -> None:
     for name, head, slots in (("linear", "linear", 1), ("dive K=1", "dive", 1), ("dive K=4", "dive", 4)):
         vp = mp.model_copy(update={"head": head, "slots": slots})
         model = build_model(vp).to(device).train()
-        dml = build_dml_loss(tp.loss, per_batch, vp.embed_dim, params.training.loss_kwargs(), slots=model.slots)
-        objective = Objective(
+        dml = build_dml_loss(
+            tp.loss, per_batch, vp.embed_dim, params.training.loss_kwargs(), similarity=model.similarity, slots=slots
+        )
+        objective = DMLObjective(
             model,
             dml.to(device),
             elg,
             omega=params.omega,
             language_kwargs=params.language.matching_kwargs(),
-            image_similarity=make_similarity(args.language_similarity, alpha=vp.alpha, centered=True),
+            image_similarity=SimilaritySpec(args.language_similarity, alpha=vp.alpha, centered=True),
             diversity=tp.diversity,
+            lr=tp.lr,
+            head_lr=tp.effective_head_lr,
         )
-        optimizer = build_optimizer(tp, objective.param_groups(tp.lr, tp.effective_head_lr))
+        optimizer = build_optimizer(tp.optimizer, objective.param_groups(), tp.lr, tp.weight_decay)
         variants[name] = TrainStep(objective, optimizer, device, amp=cuda and tp.amp)
 
     medians = interleaved_medians(
-        {name: partial(step, x, y) for name, step in variants.items()}, args.steps, args.warmup, cuda
+        {name: partial(step, (x, y)) for name, step in variants.items()}, args.steps, args.warmup, cuda
     )
     title = (
         f"{mp.backbone} @ {mp.image_size}px, batch {tp.batch_size}, loss {tp.loss}, ELG (S_img "

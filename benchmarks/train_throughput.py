@@ -36,11 +36,11 @@ from torch.utils.data import Dataset
 
 from stages.core.artifacts import MANIFEST_SCHEMA, write_class_embeddings
 from stages.core.config import eval_resize, parse_params
-from stages.core.datasets.torch_dataset import ImageDataset
-from stages.core.image_cache import ImageCache, SquashResize, write_image_cache
+from stages.core.data.image_cache import ImageCache, SquashResize, write_image_cache
+from stages.core.data.torch_dataset import ImageDataset
+from stages.core.data.train_images import CachedImages, DecodedImages, Pipeline, TrainData, TrainImages, whole_batch
 from stages.core.runtime import resolve_device
-from stages.core.train_images import CachedImages, DecodedImages, Pipeline, TrainData, TrainImages, whole_batch
-from stages.core.training import TrainPaths, fit
+from stages.core.training.dml import TrainPaths, train_dml
 
 
 def write_photos(folder: Path, n: int, classes: int, size: tuple[int, int], seed: int = 0) -> pa.Table:
@@ -113,7 +113,7 @@ def images_per_s(source: TrainImages, params: dict, workdir: Path, class_ids: li
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     names = [f"class {c}" for c in class_ids]
     write_class_embeddings(paths.class_embeddings, class_ids, names, names, emb, {"encoder": "random"})
-    result = fit(parse_params(params).training, source, paths)
+    result = train_dml(parse_params(params).training, source, paths)
     return result.history[-1]["images_per_s"]
 
 

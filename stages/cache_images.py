@@ -19,8 +19,8 @@ log = logging.getLogger(__name__)
 
 def run(params: Params) -> None:
     from stages.core.artifacts import load_manifest
-    from stages.core.datasets.torch_dataset import ImageDataset
-    from stages.core.image_cache import SquashResize, write_disabled, write_image_cache
+    from stages.core.data.image_cache import SquashResize, write_disabled, write_image_cache
+    from stages.core.data.torch_dataset import ImageDataset
     from stages.core.io import file_digest
 
     cp = params.train.image_cache

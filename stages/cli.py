@@ -33,7 +33,7 @@ def _run_stage(module: str, params_path: Path) -> None:
     """Load params, run ``stages.<module>.run``; user errors become one line on stderr and exit 1."""
     _setup_logging()
     from stages.core.config import load_params
-    from stages.core.distributed import launched_by_torchrun
+    from stages.core.training.distributed import launched_by_torchrun
     from stages.lock import exit_with_parent, stage_lock
 
     command = module.replace("_", "-")

@@ -11,14 +11,14 @@ import logging
 from stages import paths
 from stages.core.artifacts import read_classes, write_class_embeddings
 from stages.core.config import Params
-from stages.core.prompts import clean_class_name, embed_names
+from stages.core.language.prompts import clean_class_name, embed_names
 
 log = logging.getLogger(__name__)
 
 
 def run(params: Params) -> None:
+    from stages.core.language.encoders import create_text_encoder
     from stages.core.runtime import resolve_device
-    from stages.core.text import create_text_encoder
 
     cfg = params.text
     ids, raw_names = read_classes(paths.CLASSES)

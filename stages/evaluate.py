@@ -47,8 +47,8 @@ def recall_csv(metrics: dict[str, Any], ks: list[int]) -> str:
 def similarity_picture(params: Params, emb: Any, labels: Any) -> str | None:
     """similarity.png from the ELG cache; why it was skipped (absent or stale cache, missing classes), or
     None. A skipped picture is removed: never one of an older model beside new metrics."""
-    from stages.core import report
     from stages.core.artifacts import check_provenance, read_class_embeddings
+    from stages.core.evaluation import report
     from stages.core.io import embedding_matrix
 
     skipped = None
@@ -71,26 +71,34 @@ def similarity_picture(params: Params, emb: Any, labels: Any) -> str | None:
 def run(params: Params) -> None:
     import torch
 
-    from stages.core import report, vision
     from stages.core.artifacts import load_manifest, write_test_embeddings
-    from stages.core.datasets.torch_dataset import ImageDataset
-    from stages.core.embedding import embed_dataset
-    from stages.core.metrics import check_ks, format_metrics, nearest_neighbours, retrieval_metrics
+    from stages.core.data.torch_dataset import ImageDataset
+    from stages.core.data.transforms import eval_geometry, eval_transform
+    from stages.core.evaluation import report
+    from stages.core.evaluation.embedding import embed_dataset
+    from stages.core.evaluation.metrics import check_ks, format_metrics, retrieval_metrics
+    from stages.core.evaluation.search import nearest_neighbours
+    from stages.core.model import encoder
     from stages.core.runtime import resolve_device
 
     ev = params.evaluate
     control = read_pretrained_metrics(paths.PRETRAINED_METRICS)
     device = resolve_device(ev.device)
-    model, model_params = vision.load_model(paths.MODEL, device)
+    model, model_params = encoder.load_model(paths.MODEL, device)
     table, root = load_manifest(paths.TEST_MANIFEST)
     check_ks(ev.ks, table.num_rows - 1)  # before embedding, not after
-    dataset = ImageDataset(table, root, vision.eval_transform(model_params.image_size, model.mean, model.std))
+    dataset = ImageDataset(table, root, eval_transform(model_params.image_size, model.mean, model.std))
     log.info("embedding %d test images with the trained model", len(dataset))
     emb = embed_dataset(model, dataset, batch_size=ev.batch_size, num_workers=ev.num_workers, device=device)
     labels = dataset.labels
-    search = {"similarity": model.similarity, "similarity_options": model.similarity_options}
     metrics = retrieval_metrics(
-        emb, query_labels=labels, ks=ev.ks, seed=params.seed, nmi=ev.nmi, nmi_restarts=ev.nmi_restarts, **search
+        emb,
+        query_labels=labels,
+        ks=ev.ks,
+        seed=params.seed,
+        nmi=ev.nmi,
+        nmi_restarts=ev.nmi_restarts,
+        similarity=model.similarity,
     )
 
     meta = {"model": model_params.model_dump(), "normalized": True, "manifest": str(paths.TEST_MANIFEST)}
@@ -106,12 +114,12 @@ def run(params: Params) -> None:
         paths.GALLERY,
         n_queries=ev.gallery_queries,
         seed=params.seed,
-        neighbours=partial(nearest_neighbours, **search),
+        neighbours=partial(nearest_neighbours, similarity=model.similarity),
     )
     shown = queries[:SLOT_IMAGES]
     with torch.inference_mode():
         maps, titles = model.spatial_maps(torch.stack([dataset[i][0] for i in shown]).to(device))
-    crop = vision.eval_geometry(model_params.image_size)  # the maps cover what the model saw
+    crop = eval_geometry(model_params.image_size)  # the maps cover what the model saw
     thumbs = [report.thumbnail(crop(images[i][0])) for i in shown]
     report.plot_slots(thumbs, maps.cpu().numpy(), titles, [names[i] for i in shown], paths.SLOTS)
     skipped = similarity_picture(params, emb, labels)

@@ -17,11 +17,12 @@ log = logging.getLogger(__name__)
 
 
 def run(params: Params) -> None:
-    from stages.core import vision
     from stages.core.artifacts import load_manifest
-    from stages.core.datasets.torch_dataset import ImageDataset
-    from stages.core.embedding import embed_dataset
-    from stages.core.metrics import check_ks, format_metrics, retrieval_metrics
+    from stages.core.data.torch_dataset import ImageDataset
+    from stages.core.data.transforms import eval_transform
+    from stages.core.evaluation.embedding import embed_dataset
+    from stages.core.evaluation.metrics import check_ks, format_metrics, retrieval_metrics
+    from stages.core.model import encoder
     from stages.core.runtime import resolve_device, seed_everything
 
     seed_everything(params.seed)
@@ -29,8 +30,8 @@ def run(params: Params) -> None:
     table, root = load_manifest(paths.TEST_MANIFEST)
     check_ks(ev.ks, table.num_rows - 1)  # before embedding, not after
     device = resolve_device(ev.device)
-    model = vision.build_model(params.model)
-    dataset = ImageDataset(table, root, vision.eval_transform(params.model.image_size, model.mean, model.std))
+    model = encoder.build_model(params.model)
+    dataset = ImageDataset(table, root, eval_transform(params.model.image_size, model.mean, model.std))
     log.info(
         "embedding %d test images with the pretrained %s (pooled features)",
         len(dataset),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from stages.core.config import Params
-from stages.core.datasets.base import fetch_dataset
+from stages.core.data.datasets.registry import fetch_dataset
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from stages.core.artifacts import manifest_class_names, write_pseudolabels
 from stages.core.config import Params
 from stages.core.errors import LangdmlError
 from stages.core.io import embedding_array, write_text
-from stages.core.prompts import clean_class_name, embed_names
+from stages.core.language.prompts import clean_class_name, embed_names
 
 log = logging.getLogger(__name__)
 
@@ -77,17 +77,17 @@ def run(params: Params) -> None:
     import torch
 
     from stages.core.artifacts import first_per_class, load_manifest
-    from stages.core.datasets.torch_dataset import ImageDataset
-    from stages.core.imagenet import (
+    from stages.core.data.torch_dataset import ImageDataset
+    from stages.core.language.encoders import create_text_encoder
+    from stages.core.language.imagenet import (
         N_IMAGENET,
         class_mean_outputs,
         create_classifier,
         imagenet_class_names,
         transform_output_size,
     )
-    from stages.core.pseudo import topk_per_class
+    from stages.core.language.pseudo import topk_per_class
     from stages.core.runtime import resolve_device
-    from stages.core.text import create_text_encoder
 
     cfg = params.pseudo_labels
     table, root = load_manifest(paths.TRAIN_MANIFEST)

@@ -11,11 +11,11 @@ from pathlib import Path
 from stages import paths
 from stages.core.artifacts import check_provenance, load_manifest, manifest_class_names
 from stages.core.config import Params
-from stages.core.datasets.torch_dataset import ImageDataset
-from stages.core.image_cache import INDEX, ImageCache
+from stages.core.data.image_cache import INDEX, ImageCache
+from stages.core.data.torch_dataset import ImageDataset
+from stages.core.data.train_images import CachedImages, DecodedImages, TrainImages
 from stages.core.io import file_digest
-from stages.core.train_images import CachedImages, DecodedImages, TrainImages
-from stages.core.training import TrainPaths, fit
+from stages.core.training.dml import TrainPaths, train_dml
 
 
 def processes(params: Params) -> int:
@@ -36,7 +36,7 @@ def run(params: Params) -> None:
         check_provenance(paths.IMAGE_CACHE / INDEX, cache.meta, expected, "cache-images")
         images = CachedImages(cache)
         inputs.append(paths.IMAGE_CACHE / INDEX)
-    fit(
+    train_dml(
         params.training,
         images,
         TrainPaths(

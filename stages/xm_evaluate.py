@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from stages import paths
 from stages.core.config import Params
-from stages.core.crossmodal import embed_sets, load_crossmodal, load_token_sets
-from stages.core.datasets.captions import image_manifest, is_precomputed
-from stages.core.datasets.torch_dataset import ImageDataset
+from stages.core.data.datasets.captions import image_manifest, is_precomputed
+from stages.core.data.torch_dataset import ImageDataset
 from stages.core.errors import LangdmlError
+from stages.core.evaluation.crossmodal import crossmodal_recall, crossmodal_recall_folds
+from stages.core.evaluation.metrics import format_metrics
+from stages.core.evaluation.report import plot_crossmodal, thumbnail
+from stages.core.evaluation.search import top_k
+from stages.core.imagetext.model import embed_sets, load_crossmodal
+from stages.core.imagetext.tokens import load_token_sets
 from stages.core.io import read_parquet, write_json
-from stages.core.metrics import crossmodal_recall, crossmodal_recall_folds, format_metrics, top_k
-from stages.core.report import plot_crossmodal, thumbnail
+from stages.core.model.similarity import SimilaritySpec
 from stages.core.runtime import resolve_device
 
 log = logging.getLogger(__name__)
@@ -39,19 +42,18 @@ def run(params: Params) -> None:
     model = load_crossmodal(paths.XM_MODEL, device)
     img = embed_sets(model.image, load_token_sets(paths.XM_FEATURES, "image").subset(img_test), device)
     cap = embed_sets(model.text, load_token_sets(paths.XM_FEATURES, "caption").subset(cap_test), device)
-    options = {"similarity": model.similarity, "similarity_options": {"alpha": model.alpha}}
-    if model.similarity == "cosine":  # one slot each: plain vectors (faiss, on the GPU with faiss-gpu)
-        img, cap, options = img[:, 0], cap[:, 0], {"similarity": "cosine"}
-    ks = xm.evaluate.ks
+    ks, similarity = xm.evaluate.ks, model.similarity
     if xm.evaluate.folds:
-        metrics = crossmodal_recall_folds(img, cap, owner, xm.evaluate.folds, ks=ks, device=str(device), **options)
+        metrics = crossmodal_recall_folds(
+            img, cap, owner, xm.evaluate.folds, ks=ks, device=str(device), similarity=similarity
+        )
     else:
-        metrics = crossmodal_recall(img, cap, owner, ks, device=str(device), **options)
+        metrics = crossmodal_recall(img, cap, owner, ks, device=str(device), similarity=similarity)
     metrics = {**metrics, "n_images": len(img), "n_captions": len(cap)}
     write_json(paths.XM_METRICS, metrics)
     log.info("cross-modal metrics: %s", format_metrics(metrics))
     texts = np.asarray(captions["text"].to_pylist(), dtype=object)[cap_test]
-    _picture(params, images.filter(img_test), meta["root"], texts, img, cap, owner, options)
+    _picture(params, images.filter(img_test), meta["root"], texts, img, cap, owner, similarity)
 
 
 def _picture(
@@ -62,7 +64,7 @@ def _picture(
     img: np.ndarray,
     cap: np.ndarray,
     owner: np.ndarray,
-    options: dict[str, Any],
+    similarity: SimilaritySpec,
 ) -> None:
     """A few seeded image and caption queries with their best results (``retrieval.png``)."""
     n = params.crossmodal.evaluate.queries
@@ -79,9 +81,8 @@ def _picture(
 
     q_img = rng.choice(len(img), min(n, len(img)), replace=False)
     q_cap = rng.choice(len(cap), min(n, len(cap)), replace=False)
-    sim, opts = options["similarity"], options.get("similarity_options", {})
-    best_caps = top_k(img[q_img], cap, min(SHOWN, len(cap)), sim, opts)
-    best_imgs = top_k(cap[q_cap], img, min(SHOWN, len(img)), sim, opts)
+    best_caps = top_k(img[q_img], cap, min(SHOWN, len(cap)), similarity)
+    best_imgs = top_k(cap[q_cap], img, min(SHOWN, len(img)), similarity)
     image_rows = [
         (load(int(q)), [str(texts[j]) for j in row], list(owner[row] == q))
         for q, row in zip(q_img, best_caps, strict=True)

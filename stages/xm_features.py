@@ -24,13 +24,14 @@ from tqdm.auto import tqdm
 
 from stages import paths
 from stages.core.config import Params
-from stages.core.crossmodal import ragged_token_sets, save_token_sets
-from stages.core.datasets.captions import FEATURE_ROW, image_manifest, is_precomputed
-from stages.core.datasets.torch_dataset import ImageDataset
+from stages.core.data.datasets.captions import FEATURE_ROW, image_manifest, is_precomputed
+from stages.core.data.torch_dataset import ImageDataset
+from stages.core.data.transforms import eval_transform
+from stages.core.imagetext.tokens import ragged_token_sets, save_token_sets
 from stages.core.io import read_parquet, replace_directory, write_json
+from stages.core.language.encoders import create_text_encoder
+from stages.core.model.backbones import create_backbone
 from stages.core.runtime import autocast, resolve_device
-from stages.core.text import create_text_encoder
-from stages.core.vision import create_backbone, eval_transform
 
 log = logging.getLogger(__name__)
 

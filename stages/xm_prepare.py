@@ -7,7 +7,7 @@ import logging
 
 from stages import paths
 from stages.core.config import Params
-from stages.core.datasets.captions import CAPTION_DATASETS, CAPTIONS_SCHEMA, IMAGES_SCHEMA
+from stages.core.data.datasets.captions import CAPTION_DATASETS, CAPTIONS_SCHEMA, IMAGES_SCHEMA
 from stages.core.io import atomic_path, write_parquet
 
 log = logging.getLogger(__name__)

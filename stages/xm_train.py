@@ -8,10 +8,10 @@ import numpy as np
 
 from stages import paths
 from stages.core.config import Params
-from stages.core.crossmodal import CrossModalData, CrossModalPaths, load_token_sets, train_crossmodal
 from stages.core.errors import LangdmlError
-from stages.core.io import file_digest, read_parquet
-from stages.core.runtime import resolve_device
+from stages.core.imagetext.objective import CrossModalData, CrossModalPaths, train_crossmodal
+from stages.core.imagetext.tokens import load_token_sets
+from stages.core.io import read_parquet
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +38,7 @@ def run(params: Params) -> None:
         caption_image_ids=captions["image_id"].to_numpy()[cap_train],
     )
     inputs = [paths.XM_IMAGES, paths.XM_CAPTIONS, *sorted(paths.XM_FEATURES.glob("*.npy"))]
-    config = {
-        "seed": params.seed,
-        "model": xm.model.model_dump(),
-        "train": xm.train.model_dump(exclude={"device", "nproc"}),  # neither changes the weights
-        "inputs": {str(p): file_digest(p) for p in inputs},
-    }
     out = CrossModalPaths(paths.XM_MODEL, paths.XM_CHECKPOINT_FILE, paths.XM_LOGS)
-    history = train_crossmodal(data, xm.model, xm.train, params.seed, resolve_device(xm.train.device), out, config)
+    history = train_crossmodal(data, xm.model, xm.train, params.seed, out, inputs).history
     final = history[-1]["loss/triplet"] if history else float("nan")
     log.info("cross-modal model -> %s (%d epochs, final triplet loss %.4f)", out.model, len(history), final)

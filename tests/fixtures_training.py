@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from stages.core.config import TrainConfig, parse_params
 from stages.core.io import embedding_array, embedding_type, write_parquet
-from stages.core.training import TrainPaths
+from stages.core.training.dml import TrainPaths
 
 # Original class ids are sparse on purpose: training must densify them.
 CLASS_IDS = (0, 2, 4, 6)

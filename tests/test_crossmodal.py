@@ -9,8 +9,9 @@ import torch
 from scipy.special import logsumexp
 
 from stages.core.errors import LangdmlError
-from stages.core.losses import hardest_negative_triplet, mmd_exp_kernel
-from stages.core.metrics import crossmodal_recall, crossmodal_recall_folds
+from stages.core.evaluation.crossmodal import crossmodal_recall, crossmodal_recall_folds
+from stages.core.model.similarity import SimilaritySpec
+from stages.core.training.set_losses import hardest_negative_triplet, mmd_exp_kernel
 
 torch.set_num_threads(1)
 
@@ -80,8 +81,7 @@ def test_sets_of_different_sizes_match_brute_force_smooth_chamfer() -> None:
             images,
             captions,
             owner,
-            similarity="smooth_chamfer",
-            similarity_options={"alpha": 16.0},
+            similarity=SimilaritySpec("smooth_chamfer", alpha=16.0),
             brute_force_pairs=pairs,
         )
         for key in want:
@@ -110,8 +110,8 @@ def test_bad_inputs_are_one_line() -> None:
         crossmodal_recall(images, captions, owner[:-1])
     with pytest.raises(LangdmlError, match="at least one caption"):
         crossmodal_recall(images, captions[:2], np.array([0, 0]))
-    with pytest.raises(LangdmlError, match="need a set similarity"):
-        crossmodal_recall(images[:, None, :], captions, owner)
+    with pytest.raises(LangdmlError, match="compare them by smooth_chamfer"):  # K = 2 slots under the cosine
+        crossmodal_recall(np.repeat(images[:, None, :], 2, axis=1), captions, owner)
 
 
 def test_hardest_negative_triplet_by_hand() -> None:
@@ -168,10 +168,10 @@ def test_sum_of_violations_by_hand() -> None:
 
 
 def test_chunked_all_pairs_top_k_merges_chunks_exactly() -> None:
-    from stages.core.metrics import _set_top_k_both
+    from stages.core.evaluation.crossmodal import _set_top_k_both
 
     images, captions, _ = _data(30, 3, (3, 2), seed=4)
     scores = smooth_chamfer_np(images, captions, 16.0)
-    i2t, t2i = _set_top_k_both(images, captions, 5, 6, alpha=16.0, chunk=7)
+    i2t, t2i = _set_top_k_both(images, captions, 5, 6, SimilaritySpec("smooth_chamfer", alpha=16.0), chunk=7)
     np.testing.assert_array_equal(i2t, np.argsort(-scores, axis=1, kind="stable")[:, :5])
     np.testing.assert_array_equal(t2i, np.argsort(-scores.T, axis=1, kind="stable")[:, :6])

@@ -11,23 +11,15 @@ import pytest
 import torch
 from fixtures_datasets import fake_npm, make_emoji_packages, tiny_jpeg
 
-import stages.core.datasets.emoji as em
+import stages.core.data.datasets.emoji as em
 from stages.core.config import CrossModalDataParams, CrossModalModelParams, CrossModalTrainParams
-from stages.core.crossmodal import (
-    CrossModalData,
-    CrossModalModel,
-    CrossModalPaths,
-    MaxPoolHead,
-    embed_sets,
-    load_crossmodal,
-    load_token_sets,
-    ragged_token_sets,
-    save_token_sets,
-    train_crossmodal,
-)
-from stages.core.datasets.captions import CAPTION_DATASETS, image_manifest, is_precomputed
+from stages.core.data.datasets.captions import CAPTION_DATASETS, image_manifest, is_precomputed
 from stages.core.errors import LangdmlError
-from stages.core.heads import DivEHead
+from stages.core.imagetext.model import CrossModalModel, MaxPoolHead, embed_sets, load_crossmodal
+from stages.core.imagetext.objective import CrossModalData, CrossModalPaths, train_crossmodal
+from stages.core.imagetext.tokens import load_token_sets, ragged_token_sets, save_token_sets
+from stages.core.model.heads import DivEHead
+from stages.core.training.live import TIMINGS
 
 torch.set_num_threads(1)
 
@@ -146,19 +138,21 @@ def _toy_data(seed: int = 0) -> CrossModalData:
 def test_training_lowers_the_loss_exports_and_resumes(tmp_path, monkeypatch) -> None:
     data = _toy_data()
     mp = CrossModalModelParams(embed_dim=16, slots=2, slot_depth=1, slot_heads=2)
-    tp = CrossModalTrainParams(epochs=6, batch_size=8, lr=3e-3)
+    tp = CrossModalTrainParams(epochs=6, batch_size=8, lr=3e-3, device="cpu")
     paths = CrossModalPaths(tmp_path / "model", tmp_path / "ckpt" / "last.pt", tmp_path / "logs")
-    history = train_crossmodal(data, mp, tp, 0, torch.device("cpu"), paths, {"run": 1})
+    history = train_crossmodal(data, mp, tp, 0, paths, []).history
     assert history[-1]["loss/triplet"] < history[0]["loss/triplet"]
-    assert set(history[0]) == {"loss/triplet", "loss/mmd", "loss/diversity", "loss/total", "lr"}
+    terms = {"loss/triplet", "loss/mmd", "loss/diversity", "loss/total"}
+    assert set(history[0]) == {"epoch", *terms, "lr/heads", "images_per_s"}
+    untimed = [{k: v for k, v in row.items() if k not in TIMINGS} for row in history]
     model = load_crossmodal(paths.model, torch.device("cpu"))
     sets = embed_sets(model.image, data.images, torch.device("cpu"))
     assert sets.shape == (12, 2, 16) and np.allclose(np.linalg.norm(sets, axis=-1), 1, atol=1e-5)
     # A finished run resumes to the end at once, and the same seed gives the same weights again.
-    again = train_crossmodal(data, mp, tp, 0, torch.device("cpu"), paths, {"run": 1})
-    assert again == history
+    again = train_crossmodal(data, mp, tp, 0, paths, [])
+    assert again.resumed_from == 6 and again.history == untimed
     # Killed after its third checkpoint, a run resumes there and ends as the uninterrupted one did.
-    import stages.core.crossmodal as xm
+    import stages.core.training.checkpoint as xm
 
     real_save, saved = xm.save_checkpoint, []
 
@@ -171,9 +165,9 @@ def test_training_lowers_the_loss_exports_and_resumes(tmp_path, monkeypatch) -> 
     monkeypatch.setattr(xm, "save_checkpoint", save_then_die)
     fresh = CrossModalPaths(tmp_path / "model2", tmp_path / "ckpt2" / "last.pt", tmp_path / "logs2")
     with pytest.raises(KeyboardInterrupt):
-        train_crossmodal(data, mp, tp, 0, torch.device("cpu"), fresh, {"run": 1})
+        train_crossmodal(data, mp, tp, 0, fresh, [])
     assert not fresh.model.exists()
-    resumed = train_crossmodal(data, mp, tp, 0, torch.device("cpu"), fresh, {"run": 1})
+    resumed = train_crossmodal(data, mp, tp, 0, fresh, []).history
     assert [r["loss/triplet"] for r in resumed] == pytest.approx([r["loss/triplet"] for r in history], rel=1e-5)
     (paths.model / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(LangdmlError, match="unreadable cross-modal model"):

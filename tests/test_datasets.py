@@ -30,12 +30,12 @@ from fixtures_datasets import (
 from PIL import Image
 
 from stages.core.artifacts import CLASSES_SCHEMA, MANIFEST_SCHEMA, first_per_class
-from stages.core.datasets import fashion_mnist as fm
-from stages.core.datasets.base import DATASETS, build_manifests
-from stages.core.datasets.cub200 import class_name
-from stages.core.datasets.fashion_mnist import fetch_fashion_mnist
-from stages.core.datasets.sop import super_class_name
-from stages.core.datasets.torch_dataset import ImageDataset
+from stages.core.data.datasets import fashion_mnist as fm
+from stages.core.data.datasets.cub200 import class_name
+from stages.core.data.datasets.fashion_mnist import fetch_fashion_mnist
+from stages.core.data.datasets.registry import DATASETS, build_manifests
+from stages.core.data.datasets.sop import super_class_name
+from stages.core.data.torch_dataset import ImageDataset
 from stages.core.errors import LangdmlError
 from stages.core.registry import RegistryError
 

@@ -29,12 +29,12 @@ WORKER = textwrap.dedent(
     torch.set_num_threads(1)
     from pathlib import Path
     from fixtures_training import CLASS_NAMES, TinyImages, tiny_params, train_paths
-    from stages.core import objective, training
-    from stages.core.train_images import DecodedImages
+    from stages.core.training import dml
+    from stages.core.data.train_images import DecodedImages
 
     root, nproc, epochs, kill_at = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     calls = 0
-    real = objective.language_matching
+    real = dml.language_matching
 
     def maybe_kill(*args, **kwargs):
         global calls
@@ -44,12 +44,12 @@ WORKER = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
         return real(*args, **kwargs)
 
-    objective.language_matching = maybe_kill
+    dml.language_matching = maybe_kill
     params = tiny_params(
         model={{"freeze_bn": True}},
         train={{"epochs": epochs, "batch_size": 8, "samples_per_class": 2, "nproc": nproc, "deterministic": True}},
     )
-    result = training.fit(params, DecodedImages(TinyImages), train_paths(root))
+    result = dml.train_dml(params, DecodedImages(TinyImages), train_paths(root))
     if os.environ.get("RANK", "0") == "0":
         print("resumed_from", result.resumed_from, flush=True)
     """
@@ -115,7 +115,7 @@ def test_two_processes_killed_then_resumed_end_like_an_uninterrupted_run(tmp_pat
 def test_the_sampler_gives_each_rank_its_share_of_the_same_global_batch() -> None:
     import numpy as np
 
-    from stages.core.sampling import ClassBalancedBatchSampler
+    from stages.core.data.sampling import ClassBalancedBatchSampler
 
     labels = np.repeat(np.arange(6), 5)
     whole = list(ClassBalancedBatchSampler(labels, 2, 8, 3, seed=4))
@@ -166,13 +166,13 @@ XM_WORKER = textwrap.dedent(
     from pathlib import Path
     from test_crossmodal_pipeline import _toy_data
     from stages.core.config import CrossModalModelParams, CrossModalTrainParams
-    from stages.core.crossmodal import CrossModalPaths, train_crossmodal
+    from stages.core.imagetext.objective import CrossModalPaths, train_crossmodal
 
     root = Path(sys.argv[1])
     mp = CrossModalModelParams(embed_dim=16, slots=2, slot_depth=1, slot_heads=2)
-    tp = CrossModalTrainParams(epochs=2, batch_size=7, lr=3e-3, warmup_epochs=1)
+    tp = CrossModalTrainParams(epochs=2, batch_size=7, lr=3e-3, warmup_epochs=1, device="cpu")
     paths = CrossModalPaths(root / "model", root / "ckpt" / "last.pt", root / "logs")
-    train_crossmodal(_toy_data(), mp, tp, 0, torch.device("cpu"), paths, {{"run": 1}})
+    train_crossmodal(_toy_data(), mp, tp, 0, paths, [])
     """
 )
 

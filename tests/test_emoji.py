@@ -12,9 +12,9 @@ import pytest
 from fixtures_datasets import EMOJI_ROWS, fake_npm, make_emoji_packages, params_for
 from PIL import Image
 
-import stages.core.datasets.emoji as em
-from stages.core.datasets.base import build_manifests, fetch_dataset
-from stages.core.datasets.torch_dataset import ImageDataset
+import stages.core.data.datasets.emoji as em
+from stages.core.data.datasets.registry import build_manifests, fetch_dataset
+from stages.core.data.torch_dataset import ImageDataset
 from stages.core.errors import LangdmlError
 
 

@@ -17,11 +17,12 @@ from torch.utils.data import Dataset, TensorDataset
 from stages import evaluate, evaluate_pretrained, paths
 from stages.core.artifacts import MANIFEST_SCHEMA
 from stages.core.config import Params, parse_params
-from stages.core.embedding import embed_dataset
 from stages.core.errors import LangdmlError
+from stages.core.evaluation.embedding import embed_dataset
+from stages.core.evaluation.metrics import retrieval_metrics
+from stages.core.evaluation.report import GALLERY_NEIGHBOURS, gallery_size, similarity_size, slot_size
 from stages.core.io import embedding_array, embedding_matrix, embedding_type, read_parquet, write_parquet
-from stages.core.metrics import retrieval_metrics
-from stages.core.report import GALLERY_NEIGHBOURS, gallery_size, similarity_size, slot_size
+from stages.core.model.similarity import SimilaritySpec
 
 torch.set_num_threads(1)
 
@@ -177,7 +178,7 @@ def _params() -> Params:
 
 
 def _save_model(params: Params, corrupt: bool = False) -> None:
-    from stages.core import vision
+    from stages.core.model import encoder as vision
 
     torch.manual_seed(0)
     model = vision.build_model(params.model)
@@ -247,7 +248,11 @@ def test_evaluate_a_set_model(workdir: Path) -> None:
     emb = embedding_matrix(table.column("embedding"))
     assert emb.shape == (14, 3, 8) and (meta["slots"], meta["dim"]) == (3, 8)
     again = retrieval_metrics(
-        emb, query_labels=table.column("label").to_numpy(), ks=(1, 2), similarity="smooth_chamfer", nmi=False
+        emb,
+        query_labels=table.column("label").to_numpy(),
+        ks=(1, 2),
+        similarity=SimilaritySpec("smooth_chamfer"),
+        nmi=False,
     )
     assert {k: metrics[k] for k in again} == pytest.approx(again)
     with Image.open(paths.SLOTS) as im:

@@ -15,40 +15,42 @@ needs_gpu = pytest.mark.skipif(
 
 @needs_gpu
 def test_gpu_index_gives_the_cpu_metrics() -> None:
-    from stages.core import metrics
+    from stages.core.evaluation import search
+    from stages.core.evaluation.metrics import retrieval_metrics
 
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((50, 64))
     y = rng.integers(0, 50, 5000)
     x = (centres[y] + rng.standard_normal((5000, 64))).astype(np.float32)
-    on_gpu = metrics.retrieval_metrics(x, query_labels=y, nmi=False)
-    cpu_count = metrics._faiss_gpu_count
+    on_gpu = retrieval_metrics(x, query_labels=y, nmi=False)
+    cpu_count = search.faiss_gpu_count
     try:
-        metrics._faiss_gpu_count = lambda: 0
-        on_cpu = metrics.retrieval_metrics(x, query_labels=y, nmi=False)
+        search.faiss_gpu_count = lambda: 0
+        on_cpu = retrieval_metrics(x, query_labels=y, nmi=False)
     finally:
-        metrics._faiss_gpu_count = cpu_count
+        search.faiss_gpu_count = cpu_count
     for key, value in on_cpu.items():
         assert on_gpu[key] == pytest.approx(value, abs=1e-6), key
 
 
 @needs_gpu
 def test_set_search_on_the_gpu_index_is_still_exact() -> None:
-    from stages.core.set_search import SmoothChamferSearch
-    from stages.core.similarity import smooth_chamfer
+    from stages.core.evaluation.search import flat_ip_searcher
+    from stages.core.evaluation.set_search import SmoothChamferSearch
+    from stages.core.model.similarity import smooth_chamfer
 
     rng = np.random.default_rng(1)
     x = rng.standard_normal((400, 4, 32)).astype(np.float32)
     x /= np.linalg.norm(x, axis=-1, keepdims=True)
-    _, ids = SmoothChamferSearch(x, exhaustive_fraction=1.0)(x[:20], 5)
+    _, ids = SmoothChamferSearch(x, flat_ip_searcher, exhaustive_fraction=1.0)(x[:20], 5)
     brute = smooth_chamfer(torch.tensor(x[:20], dtype=torch.float64), torch.tensor(x, dtype=torch.float64)).numpy()
     np.testing.assert_array_equal(ids, np.argsort(-brute, axis=1, kind="stable")[:, :5])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_batched_augmentation_on_cuda_matches_the_cpu() -> None:
-    from stages.core.augment import augment_batch, draw_augmentation
     from stages.core.config import AugmentParams
+    from stages.core.data.augment import augment_batch, draw_augmentation
 
     rng = np.random.default_rng(2)
     images = torch.from_numpy(rng.integers(0, 256, (6, 40, 40, 3), dtype=np.uint8))
@@ -62,13 +64,14 @@ def test_batched_augmentation_on_cuda_matches_the_cpu() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_crossmodal_set_recall_on_cuda_matches_the_cpu() -> None:
-    from stages.core.metrics import crossmodal_recall
+    from stages.core.evaluation.crossmodal import crossmodal_recall
+    from stages.core.model.similarity import SimilaritySpec
 
     rng = np.random.default_rng(3)
     images = rng.standard_normal((300, 4, 16)).astype(np.float32)
     owner = np.repeat(np.arange(300), 2)
     captions = images[owner] + 2.5 * rng.standard_normal((600, 4, 16)).astype(np.float32)  # recall@1 ~ 20-30%
-    kwargs = {"similarity": "smooth_chamfer", "similarity_options": {"alpha": 16.0}}
+    kwargs = {"similarity": SimilaritySpec("smooth_chamfer", alpha=16.0)}
     on_cpu = crossmodal_recall(images, captions, owner, device="cpu", **kwargs)
     on_gpu = crossmodal_recall(images, captions, owner, device="cuda", **kwargs)
     assert on_gpu == pytest.approx(on_cpu, abs=0.5)  # a near-tie may rank differently in float32 on another device

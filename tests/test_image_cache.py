@@ -18,13 +18,13 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from stages.core.artifacts import MANIFEST_SCHEMA
-from stages.core.augment import adjust_colour, augment_batch, box_theta, centre_box, crop_box, draw_augmentation
 from stages.core.config import AugmentParams
-from stages.core.datasets.torch_dataset import ImageDataset
+from stages.core.data.augment import adjust_colour, augment_batch, box_theta, centre_box, crop_box, draw_augmentation
+from stages.core.data.image_cache import IMAGES, INDEX, SUMMARY, ImageCache, SquashResize, write_image_cache
+from stages.core.data.torch_dataset import ImageDataset
+from stages.core.data.train_images import CachedImages, Pipeline
 from stages.core.errors import LangdmlError
-from stages.core.image_cache import IMAGES, INDEX, SUMMARY, ImageCache, SquashResize, write_image_cache
-from stages.core.train_images import CachedImages, Pipeline
-from stages.core.training import fit
+from stages.core.training.dml import train_dml
 
 torch.set_num_threads(1)
 
@@ -182,7 +182,7 @@ def test_fit_from_the_cache_is_reproducible(tmp_path: Path) -> None:
     for run in ("a", "b"):
         paths = train_paths(tmp_path / run)
         write_class_embeddings(paths.class_embeddings)
-        result = fit(params, CachedImages(ImageCache(folder)), paths, class_names=CLASS_NAMES)
+        result = train_dml(params, CachedImages(ImageCache(folder)), paths, class_names=CLASS_NAMES)
         assert result.epochs_trained == 2
         assert all(math.isfinite(v) for row in result.history for k, v in row.items() if k.startswith("loss/"))
         weights.append((paths.model_dir / "model.safetensors").read_bytes())

@@ -10,7 +10,7 @@ import torch
 from fixtures_training import CLASS_IDS, CLASS_NAMES, write_class_embeddings, write_pseudolabels
 
 from stages.core.errors import LangdmlError
-from stages.core.language_targets import (
+from stages.core.language.targets import (
     GUIDANCES,
     ConstantTarget,
     EmbeddingTarget,

@@ -11,9 +11,10 @@ from scipy.special import log_softmax
 
 from stages.core.config import load_params
 from stages.core.errors import LangdmlError
-from stages.core.losses import DML_LOSSES, build_dml_loss, language_matching
+from stages.core.model.similarity import SimilaritySpec
 from stages.core.registry import RegistryError
-from stages.core.similarity import make_similarity
+from stages.core.training.losses import DML_LOSSES, build_dml_loss
+from stages.core.training.matching import language_matching
 
 torch.set_num_threads(1)
 
@@ -186,9 +187,9 @@ def test_bad_direction_and_similarity_registry() -> None:
     with pytest.raises(ValueError, match="direction"):
         language_matching(HAND_EMB, HAND_LABELS, HAND_LANG, direction="sideways")
     a, b = torch.randn(3, 4), torch.randn(5, 4)
-    torch.testing.assert_close(make_similarity("cosine")(a, b), a @ b.T)
+    torch.testing.assert_close(SimilaritySpec("cosine")(a, b), a @ b.T)
     with pytest.raises(RegistryError, match="cosine, smooth_chamfer"):
-        make_similarity("nope")
+        SimilaritySpec("nope")(a, b)
 
 
 DEFAULT_LOSS_KWARGS = load_params(Path(__file__).resolve().parents[1] / "params.yaml").losses

@@ -7,14 +7,9 @@ import pytest
 from sklearn.metrics import normalized_mutual_info_score
 
 from stages.core.errors import LangdmlError
-from stages.core.metrics import (
-    class_centroids,
-    cosine_similarity_matrix,
-    kmeans_assign,
-    nearest_neighbours,
-    normalized_mutual_info,
-    retrieval_metrics,
-)
+from stages.core.evaluation.metrics import class_centroids, cosine_similarity_matrix, retrieval_metrics
+from stages.core.evaluation.nmi import kmeans_assign, normalized_mutual_info
+from stages.core.evaluation.search import nearest_neighbours
 
 
 def _on_circle(degrees: list[float]) -> np.ndarray:

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from fixtures_datasets import fake_npm, make_emoji_packages
 
-import stages.core.datasets.emoji as em
+import stages.core.data.datasets.emoji as em
 
 REPO = Path(__file__).resolve().parents[1]
 COPY = ["dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", "stages"]

@@ -23,8 +23,8 @@ from typer.testing import CliRunner
 from stages import paths, prepare
 from stages.cli import app
 from stages.core.artifacts import load_manifest
-from stages.core.datasets import fashion_mnist as fm
-from stages.core.datasets.torch_dataset import ImageDataset
+from stages.core.data.datasets import fashion_mnist as fm
+from stages.core.data.torch_dataset import ImageDataset
 from stages.core.errors import LangdmlError
 from stages.core.io import read_parquet
 

@@ -15,13 +15,13 @@ from PIL import Image
 from torch import nn
 
 from stages import paths
-from stages.core import imagenet
 from stages.core.config import parse_params
 from stages.core.errors import LangdmlError
 from stages.core.io import embedding_matrix, read_parquet, write_parquet
-from stages.core.pseudo import ClassAverager, average_per_class, topk_per_class
+from stages.core.language import imagenet
+from stages.core.language.encoders import TextEncoder
+from stages.core.language.pseudo import ClassAverager, average_per_class, topk_per_class
 from stages.core.registry import RegistryError
-from stages.core.text import TextEncoder
 
 torch.set_num_threads(1)
 
@@ -215,7 +215,7 @@ class Letters(TextEncoder):
 
 def test_class_mean_outputs_streams_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from stages.core.artifacts import load_manifest
-    from stages.core.datasets.torch_dataset import ImageDataset
+    from stages.core.data.torch_dataset import ImageDataset
 
     monkeypatch.chdir(tmp_path)
     _manifest(tmp_path)
@@ -231,7 +231,7 @@ def test_class_mean_outputs_streams_batches(tmp_path: Path, monkeypatch: pytest.
 def stub_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Letters:
     """cwd = tmp_path with a tiny manifest; the stage gets PixelNet (its transform resizes to the
     requested image_size, 4 px by default) and the Letters encoder; image sizes asked for go to .sizes."""
-    import stages.core.text
+    import stages.core.language.encoders
 
     monkeypatch.chdir(tmp_path)
     _manifest(tmp_path)
@@ -244,7 +244,7 @@ def stub_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Letters:
         return PixelNet(), lambda im: _to_tensor(im.resize((side, side)))
 
     monkeypatch.setattr(imagenet, "create_classifier", classifier)
-    monkeypatch.setattr(stages.core.text, "create_text_encoder", lambda *a, **k: encoder)
+    monkeypatch.setattr(stages.core.language.encoders, "create_text_encoder", lambda *a, **k: encoder)
     return encoder
 
 

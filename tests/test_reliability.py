@@ -19,13 +19,13 @@ from fixtures_training import CLASS_NAMES, TinyImages, tiny_params, train_paths,
 from typer.testing import CliRunner
 
 from stages.cli import app
-from stages.core import objective
 from stages.core.config import load_params, parse_params
-from stages.core.datasets.base import build_manifests
+from stages.core.data.datasets.registry import build_manifests
+from stages.core.data.train_images import DecodedImages
 from stages.core.errors import LangdmlError
 from stages.core.io import read_parquet
-from stages.core.train_images import DecodedImages
-from stages.core.training import fit
+from stages.core.training import dml
+from stages.core.training.dml import train_dml
 from stages.lock import stage_lock
 
 torch.set_num_threads(1)
@@ -35,7 +35,7 @@ def _fit(root: Path, **overrides):
     paths = train_paths(root)
     if not paths.class_embeddings.exists():
         write_class_embeddings(paths.class_embeddings)
-    return fit(tiny_params(**overrides), DecodedImages(TinyImages), paths, class_names=CLASS_NAMES), paths
+    return train_dml(tiny_params(**overrides), DecodedImages(TinyImages), paths, class_names=CLASS_NAMES), paths
 
 
 # --- logs survive a failed run; timings are not metrics; stale temporaries; file modes -------------------
@@ -45,8 +45,8 @@ def test_a_failed_run_keeps_the_previous_logs(tmp_path: Path, monkeypatch: pytes
     _, paths = _fit(tmp_path, train={"epochs": 1})
     before = {p: p.read_bytes() for p in paths.log_dir.rglob("*") if p.is_file()}
     assert paths.log_dir / "metrics.json" in before
-    real = objective.language_matching
-    monkeypatch.setattr(objective, "language_matching", lambda *a, **k: real(*a, **k) * float("nan"))
+    real = dml.language_matching
+    monkeypatch.setattr(dml, "language_matching", lambda *a, **k: real(*a, **k) * float("nan"))
     with pytest.raises(LangdmlError, match="non-finite language loss at epoch 1/1, step 1"):
         _fit(tmp_path, train={"epochs": 1}, omega=2.0)  # a new config: starts fresh, fails in its first step
     after = {p: p.read_bytes() for p in paths.log_dir.rglob("*") if p.is_file()}
@@ -57,8 +57,8 @@ def test_a_non_finite_loss_never_updates_the_weights(tmp_path: Path, monkeypatch
     steps: list[int] = []
     real_step = torch.optim.AdamW.step
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: steps.append(1) or real_step(self, *a, **k))
-    real = objective.language_matching
-    monkeypatch.setattr(objective, "language_matching", lambda *a, **k: real(*a, **k) * float("inf"))
+    real = dml.language_matching
+    monkeypatch.setattr(dml, "language_matching", lambda *a, **k: real(*a, **k) * float("inf"))
     with pytest.raises(LangdmlError, match="step 1;"):
         _fit(tmp_path, train={"epochs": 1, "log_every": 100})
     assert steps == []  # checked before the first update, not every log_every steps
@@ -140,7 +140,7 @@ def test_yaml_syntax_error_keeps_line_and_column(tmp_path: Path) -> None:
 
 
 def test_ks_beyond_the_gallery_fail_before_embedding() -> None:
-    from stages.core.metrics import check_ks
+    from stages.core.evaluation.metrics import check_ks
 
     with pytest.raises(LangdmlError, match=r"evaluate\.ks has 5000, but each query has only 999 other images"):
         check_ks([1, 5000], 999)
@@ -148,8 +148,8 @@ def test_ks_beyond_the_gallery_fail_before_embedding() -> None:
 
 
 def test_corrupt_parquet_and_safetensors_are_one_line(tmp_path: Path) -> None:
-    from stages.core import vision
     from stages.core.artifacts import read_class_embeddings
+    from stages.core.model import encoder as vision
 
     bad = tmp_path / "class_embeddings.parquet"
     bad.write_bytes(os.urandom(300))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.core.report import (
+from stages.core.evaluation.report import (
     CORRECT_COLOUR,
     WRONG_COLOUR,
     GalleryRow,

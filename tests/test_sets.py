@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.core.heads import DivEHead, SlotCrossAttention
-from stages.core.language_targets import EmbeddingTarget
-from stages.core.losses import DML_LOSSES, build_dml_loss, language_matching, slot_diversity
-from stages.core.metrics import retrieval_metrics
-from stages.core.set_search import SmoothChamferSearch
-from stages.core.similarity import cosine, make_similarity, smooth_chamfer, smooth_chamfer_upper_bound
+from stages.core.evaluation.metrics import retrieval_metrics
+from stages.core.evaluation.search import flat_ip_searcher, smooth_chamfer_searcher
+from stages.core.evaluation.set_search import SmoothChamferSearch
+from stages.core.language.targets import EmbeddingTarget
+from stages.core.model.heads import DivEHead, SlotCrossAttention
+from stages.core.model.similarity import SimilaritySpec, cosine, smooth_chamfer, smooth_chamfer_upper_bound
+from stages.core.training.losses import DML_LOSSES, build_dml_loss
+from stages.core.training.matching import language_matching
+from stages.core.training.set_losses import slot_diversity
 
 
 def _unit(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -145,6 +149,9 @@ def test_slot_diversity_by_hand() -> None:
 # --- losses and language targets on sets --------------------------------------------------------------
 
 
+CHAMFER = SimilaritySpec("smooth_chamfer", alpha=16.0)
+
+
 @pytest.mark.parametrize("name", DML_LOSSES.names())
 def test_every_loss_runs_on_sets_and_single_slot_sets_match_the_vector_loss(name: str) -> None:
     emb = _unit(16, 8, seed=10, dtype=torch.float32)
@@ -152,13 +159,13 @@ def test_every_loss_runs_on_sets_and_single_slot_sets_match_the_vector_loss(name
     torch.manual_seed(0)
     as_vectors = build_dml_loss(name, 4, 8)
     torch.manual_seed(0)
-    as_sets = build_dml_loss(name, 4, 8, slots=1)  # the same proxies: the set build draws the RNG once
+    as_sets = build_dml_loss(name, 4, 8, similarity=CHAMFER, slots=1)  # the same proxies: one RNG draw
     torch.manual_seed(1)  # the distance-weighted miner samples
     expected = as_vectors(emb, labels)
     torch.manual_seed(1)
     torch.testing.assert_close(as_sets(emb[:, None], labels), expected, atol=1e-4, rtol=1e-4)
     sets = _unit(16, 4, 8, seed=11, dtype=torch.float32).requires_grad_(True)
-    loss = build_dml_loss(name, 4, 8, slots=4)(sets, labels)
+    loss = build_dml_loss(name, 4, 8, similarity=CHAMFER, slots=4)(sets, labels)
     loss.backward()
     assert torch.isfinite(loss) and sets.grad is not None and torch.isfinite(sets.grad).all()
     with pytest.raises(ValueError, match="set distance"):
@@ -169,7 +176,7 @@ def test_language_matching_on_sets_and_plg_as_sets() -> None:
     labels = torch.tensor([0, 0, 1, 2, 3, 3])
     lang = torch.rand(6, 6, generator=torch.Generator().manual_seed(1))
     vectors = _unit(6, 8, seed=12, dtype=torch.float32)
-    centred = make_similarity("smooth_chamfer", alpha=16.0, centered=True)
+    centred = SimilaritySpec("smooth_chamfer", alpha=16.0, centered=True)
     torch.testing.assert_close(
         language_matching(vectors[:, None], labels, lang, similarity=centred), language_matching(vectors, labels, lang)
     )
@@ -222,8 +229,9 @@ def _brute_force(q: np.ndarray, yq: np.ndarray, g: np.ndarray | None, yg: np.nda
 def test_set_retrieval_equals_brute_force(shortlist: int, alpha: float) -> None:
     x, y = _clustered_sets(240, 3, 12, 12, seed=15, noise=1.3)
     ks = (1, 2, 4, 8)
-    options = {"alpha": alpha, "shortlist": shortlist}
-    m = retrieval_metrics(x, query_labels=y, ks=ks, similarity="smooth_chamfer", similarity_options=options, nmi=False)
+    options = {"similarity": SimilaritySpec("smooth_chamfer", alpha=alpha)}
+    options["searcher"] = partial(smooth_chamfer_searcher, alpha=alpha, shortlist=shortlist)
+    m = retrieval_metrics(x, query_labels=y, ks=ks, nmi=False, **options)
     ref = _brute_force(x, y, None, None, ks, alpha)
     for key, value in ref.items():
         assert m[key] == pytest.approx(value, abs=1e-12), key
@@ -234,9 +242,8 @@ def test_set_retrieval_equals_brute_force(shortlist: int, alpha: float) -> None:
         query_labels=y[:80],
         gallery_labels=y[80:],
         ks=ks,
-        similarity="smooth_chamfer",
-        similarity_options=options,
         nmi=False,
+        **options,
     )
     ref = _brute_force(q, y[:80], g, y[80:], ks, alpha)
     for key, value in ref.items():
@@ -245,7 +252,7 @@ def test_set_retrieval_equals_brute_force(shortlist: int, alpha: float) -> None:
 
 def test_set_search_certifies_most_queries_at_the_first_shortlist_and_returns_exact_scores() -> None:
     x, _ = _clustered_sets(300, 4, 16, 20, seed=16, noise=0.8)
-    search = SmoothChamferSearch(x, alpha=16.0, shortlist=64, exhaustive_fraction=1.0)
+    search = SmoothChamferSearch(x, flat_ip_searcher, alpha=16.0, shortlist=64, exhaustive_fraction=1.0)
     scores, ids = search(x[:50], 10)
     brute = smooth_chamfer(torch.from_numpy(x[:50]).double(), torch.from_numpy(x).double()).numpy()
     for i in range(50):
@@ -253,7 +260,7 @@ def test_set_search_certifies_most_queries_at_the_first_shortlist_and_returns_ex
         np.testing.assert_array_equal(ids[i], order)
         np.testing.assert_allclose(scores[i], brute[i, order], atol=1e-12)
     assert search.stats["queries"] == 50 and search.stats["certified_first"] >= 40
-    fallback = SmoothChamferSearch(x, alpha=16.0, shortlist=64, exhaustive_fraction=0.0)
+    fallback = SmoothChamferSearch(x, flat_ip_searcher, alpha=16.0, shortlist=64, exhaustive_fraction=0.0)
     again, again_ids = fallback(x[:50], 10)
     np.testing.assert_array_equal(again_ids, ids)
     np.testing.assert_allclose(again, scores, atol=1e-12)

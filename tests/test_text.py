@@ -16,9 +16,7 @@ from stages.core import hub
 from stages.core.config import parse_params
 from stages.core.errors import LangdmlError
 from stages.core.io import embedding_matrix, read_parquet, write_parquet
-from stages.core.prompts import average_templates, clean_class_name, embed_names, fill_template
-from stages.core.registry import RegistryError
-from stages.core.text import (
+from stages.core.language.encoders import (
     TEXT_ENCODERS,
     GloveEncoder,
     TextEncoder,
@@ -28,6 +26,8 @@ from stages.core.text import (
     l2_normalize,
     pool_hidden,
 )
+from stages.core.language.prompts import average_templates, clean_class_name, embed_names, fill_template
+from stages.core.registry import RegistryError
 
 torch.set_num_threads(1)
 
@@ -356,7 +356,7 @@ def _classes(path: Path, names: list[str | None]) -> None:
 
 
 def test_embed_text_stage_end_to_end(minilm: TextEncoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import stages.core.text
+    import stages.core.language.encoders
     from stages import embed_text
     from stages.core.artifacts import class_embeddings_schema
 
@@ -368,7 +368,7 @@ def test_embed_text_stage_end_to_end(minilm: TextEncoder, tmp_path: Path, monkey
         calls.append((spec, pooling))
         return minilm
 
-    monkeypatch.setattr(stages.core.text, "create_text_encoder", fake_create)
+    monkeypatch.setattr(stages.core.language.encoders, "create_text_encoder", fake_create)
     params = parse_params({"text": {"templates": ["a photo of a {}", "a picture of a {}"], "device": "cpu"}})
     embed_text.run(params)
 
@@ -397,12 +397,12 @@ def test_embed_text_stage_end_to_end(minilm: TextEncoder, tmp_path: Path, monkey
 
 
 def test_embed_text_stage_glove_names_only(glove: TextEncoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import stages.core.text
+    import stages.core.language.encoders
     from stages import embed_text
 
     monkeypatch.chdir(tmp_path)
     _classes(paths.CLASSES, ["Coat", "Bag"])
-    monkeypatch.setattr(stages.core.text, "create_text_encoder", lambda *a, **k: glove)
+    monkeypatch.setattr(stages.core.language.encoders, "create_text_encoder", lambda *a, **k: glove)
     embed_text.run(parse_params({"text": {"encoder": "glove:6B-50d"}}))
     table, meta = read_parquet(paths.CLASS_EMBEDDINGS)
     assert meta["templates"] == ["{}"] and meta["dim"] == 50

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -27,13 +28,13 @@ from PIL import Image
 from safetensors.torch import load_file
 from torchvision import transforms as T
 
-from stages.core import checkpoint, objective, training
+from stages.core.data.sampling import ClassBalancedBatchSampler, SeededSamples
+from stages.core.data.train_images import DecodedImages
 from stages.core.errors import LangdmlError
-from stages.core.losses import DMLLoss
-from stages.core.sampling import ClassBalancedBatchSampler, SeededSamples
-from stages.core.train_images import DecodedImages
-from stages.core.training import fit
-from stages.core.vision import load_model
+from stages.core.model.encoder import load_model
+from stages.core.training import checkpoint, dml, fit
+from stages.core.training.dml import train_dml
+from stages.core.training.losses import DMLLoss
 
 torch.set_num_threads(1)
 TESTS = Path(__file__).parent
@@ -46,7 +47,7 @@ def run_fit(root: Path, **overrides):
     paths = train_paths(root)
     if not paths.class_embeddings.exists():
         write_class_embeddings(paths.class_embeddings)
-    return fit(tiny_params(**overrides), IMAGES, paths, class_names=CLASS_NAMES), paths
+    return train_dml(tiny_params(**overrides), IMAGES, paths, class_names=CLASS_NAMES), paths
 
 
 # --- sampler and per-item seeding ---------------------------------------------------------------
@@ -167,10 +168,10 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(
         real_forward = DMLLoss.forward
         monkeypatch.setattr(DMLLoss, "forward", lambda self, e, y: poison(real_forward(self, e, y)))
     else:
-        real = objective.language_matching
-        monkeypatch.setattr(objective, "language_matching", lambda *a, **k: poison(real(*a, **k)))
+        real = dml.language_matching
+        monkeypatch.setattr(dml, "language_matching", lambda *a, **k: poison(real(*a, **k)))
     with pytest.raises(LangdmlError) as err:
-        fit(tiny_params(train={"epochs": 3}), IMAGES, paths, class_names=CLASS_NAMES)
+        train_dml(tiny_params(train={"epochs": 3}), IMAGES, paths, class_names=CLASS_NAMES)
     msg = str(err.value)
     assert "\n" not in msg
     assert f"non-finite {part} loss at epoch 2/3, step 2" in msg
@@ -179,10 +180,10 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(
 
 def test_missing_cache_and_too_few_classes_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="run `langdml pseudo-labels`"):
-        fit(tiny_params(language={"guidance": "plg"}), IMAGES, train_paths(tmp_path))
+        train_dml(tiny_params(language={"guidance": "plg"}), IMAGES, train_paths(tmp_path))
     with pytest.raises(LangdmlError, match="only 4 classes"):
-        fit(tiny_params(train={"batch_size": 10, "samples_per_class": 2}), IMAGES, train_paths(tmp_path))
-    result = fit(tiny_params(omega=0.0, train={"epochs": 1}), IMAGES, train_paths(tmp_path))  # no cache needed
+        train_dml(tiny_params(train={"batch_size": 10, "samples_per_class": 2}), IMAGES, train_paths(tmp_path))
+    result = train_dml(tiny_params(omega=0.0, train={"epochs": 1}), IMAGES, train_paths(tmp_path))  # no cache needed
     assert result.history[0]["loss/language"] == 0.0
 
 
@@ -248,12 +249,12 @@ SCRIPT = textwrap.dedent(
     torch.set_num_threads(1)
     from pathlib import Path
     from fixtures_training import CLASS_NAMES, TinyImages, tiny_params, train_paths, write_class_embeddings
-    from stages.core import objective, training
-    from stages.core.train_images import DecodedImages
+    from stages.core.training import dml
+    from stages.core.data.train_images import DecodedImages
 
     root, kill_at, workers = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     calls = 0
-    real = objective.language_matching
+    real = dml.language_matching
 
     def maybe_kill(*args, **kwargs):
         global calls
@@ -262,12 +263,12 @@ SCRIPT = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
         return real(*args, **kwargs)
 
-    objective.language_matching = maybe_kill
+    dml.language_matching = maybe_kill
     paths = train_paths(root)
     if not paths.class_embeddings.exists():
         write_class_embeddings(paths.class_embeddings)
     params = tiny_params(train={{"epochs": 3, "deterministic": True, "num_workers": workers, "loss": "margin"}})
-    result = training.fit(params, DecodedImages(TinyImages), paths, class_names=CLASS_NAMES)
+    result = dml.train_dml(params, DecodedImages(TinyImages), paths, class_names=CLASS_NAMES)
     print("resumed_from", result.resumed_from)
     """
 )
@@ -333,34 +334,48 @@ def test_step_meter_and_logs_follow_whatever_terms_the_objective_returns(tmp_pat
     """A new loss term is one more dict entry: the step sums it with its weight, the meter averages it,
     the log row names it and the non-finite stop reports it, with no change to any of them."""
 
-    class WithExtra(objective.Objective):
+    class WithExtra(dml.DMLObjective):
         def forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
             terms = super().forward(images, labels)
             return {**terms, "extra": terms["dml"].detach() * 0 + self.extra_value}
 
-    from stages.core.losses import build_dml_loss
-    from stages.core.vision import build_model
+    from stages.core.model.encoder import build_model
+    from stages.core.model.similarity import COSINE
+    from stages.core.training.losses import build_dml_loss
 
     config = tiny_params()
     model = build_model(config.model)
-    obj = WithExtra(model, build_dml_loss("multisimilarity", 4, 16), [], omega=0.0, language_kwargs={})
+    obj = WithExtra(
+        model, build_dml_loss("multisimilarity", 4, 16), [], omega=0.0, language_kwargs={}, image_similarity=COSINE
+    )
     obj.weights["extra"] = 2.0
     obj.extra_value = 0.25
-    opt = torch.optim.SGD(obj.parameters(), lr=0.0)
-    step = training.TrainStep(obj, opt, torch.device("cpu"))
-    x, y = torch.randn(8, 3, 32, 32), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
-    out = step(x, y)
+    opt = torch.optim.SGD([{**g, "lr": 0.0} for g in obj.param_groups()], lr=0.0)
+    step = fit.TrainStep(obj, opt, torch.device("cpu"))
+    batch = (torch.randn(8, 3, 32, 32), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+    out = step(batch)
     assert list(out) == ["dml", "language", "extra", "total"]
     assert out["total"] == pytest.approx(float(out["dml"] + 2.0 * 0.25))
-    meter = training.EpochMeter(torch.device("cpu"))
-    meter.add(out, 0)
+    meter = fit.EpochMeter(torch.device("cpu"))
+    meter.add(out)
     assert set(meter.epoch_means()) == {"dml", "language", "extra", "total"}
     obj.extra_value = float("inf")
-    with pytest.raises(training.NonFiniteLoss) as bad:  # before the weights are touched
-        step(x, y)
-    meter.add({**bad.value.terms, "total": torch.tensor(float("nan"))}, 1)
-    with pytest.raises(LangdmlError, match="non-finite extra loss at epoch 1/1, step 2"):
-        meter.check(0, 1)
+    with pytest.raises(fit.NonFiniteLoss):  # before the weights are touched
+        step(batch)
+
+    class Batches:
+        def __len__(self) -> int:
+            return 2
+
+        def epoch(self, epoch: int) -> list:
+            return [batch, batch]
+
+    obj.extra_value = 0.25
+    row = fit._train_epoch(step, Batches(), 0, fit.LoopOptions(epochs=1, batch_size=8), show=False)
+    assert {"loss/extra", "loss/total", "lr/backbone", "lr/head"} <= set(row)
+    obj.extra_value = float("inf")
+    with pytest.raises(LangdmlError, match="non-finite extra loss at epoch 1/1, step 1"):
+        fit._train_epoch(step, Batches(), 0, fit.LoopOptions(epochs=1, batch_size=8), show=False)
 
 
 def test_dive_head_trains_with_a_diversity_term_and_exports_a_set_model(tmp_path: Path) -> None:
@@ -370,7 +385,7 @@ def test_dive_head_trains_with_a_diversity_term_and_exports_a_set_model(tmp_path
     assert {"loss/dml", "loss/language", "loss/diversity", "loss/total"} <= set(first)
     assert 0 < first["loss/diversity"] <= 1
     model, mp = load_model(paths.model_dir)
-    assert mp.head == "dive" and model.slots == 2 and model.similarity == "smooth_chamfer"
+    assert mp.head == "dive" and model.slots == 2 and model.similarity.name == "smooth_chamfer"
     with torch.no_grad():
         emb = model(torch.randn(3, 3, 32, 32))
     assert emb.shape == (3, 2, 16)
@@ -395,3 +410,94 @@ def test_train_refuses_a_stale_language_cache(tmp_path: Path, monkeypatch: pytes
     assert "\n" not in line and "text.encoder = 'sentence-transformers:all-MiniLM-L6-v2'" in line
     assert "'glove:6B-50d'" in line and "re-run `langdml embed-text`" in line
     assert paths.MODEL_WEIGHTS.read_bytes() == before
+
+
+class _ToyObjective(torch.nn.Module):
+    """The smallest task the loop can run: a linear map fitted to fixed targets, with a warm-up flag."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(3, 2)
+        self.weights = {"mse": 1.0}
+        self.gradient_scales: dict[str, float] = {}
+        self.epochs_seen: list[int] = []
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": list(self.parameters()), "name": "toy"}]
+
+    def inputs(self, batch, device):
+        return tuple(t.to(device) for t in batch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epochs_seen.append(epoch)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"mse": torch.nn.functional.mse_loss(self.layer(x), y)}
+
+
+class _ToyBatches:
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.batches = [(torch.randn(4, 3, generator=g), torch.randn(4, 2, generator=g)) for _ in range(3)]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def epoch(self, epoch: int) -> list:
+        return self.batches
+
+
+def _toy_fit(root: Path, epochs: int, evaluate=None, every: int = 0, schedule: str = "cosine_step"):
+    from stages.core.training.optim import ScheduleSpec, build_optimizer, build_schedule
+
+    run = fit.start_run("cpu", 0)
+    objective = _ToyObjective()
+    optimizer = build_optimizer("adamw", objective.param_groups(), 0.1, 0.0)
+    batches = _ToyBatches()
+    sched = build_schedule(schedule, optimizer, ScheduleSpec(epochs, len(batches)))
+    exported: list[int] = []
+    result = fit.fit(
+        run,
+        objective,
+        batches,
+        optimizer,
+        sched,
+        fit.LoopOptions(epochs=epochs, batch_size=4, clip=0.5, evaluate_every=every),
+        fit.CheckpointSpec(root / "ckpt" / "last.pt", {"params": {"toy": 1}}),
+        root / "logs",
+        lambda: exported.append(1),
+        evaluate=evaluate,
+    )
+    return result, objective, optimizer, exported
+
+
+def test_one_loop_runs_any_objective_with_its_schedule_hook_and_evaluation(tmp_path: Path) -> None:
+    """The loop knows nothing of DML or image-text: a toy objective gets its per-step cosine schedule,
+    clipping, per-epoch ``set_epoch``, the evaluation hook every 2 epochs and after the last, the export,
+    and a resume that continues the schedule where it stopped."""
+    calls: list[int] = []
+
+    def evaluate(epoch: int) -> dict[str, float]:
+        calls.append(epoch)
+        return {"test/score": float(epoch)}
+
+    result, objective, optimizer, exported = _toy_fit(tmp_path / "a", 5, evaluate, every=2)
+    assert calls == [1, 3, 4] and exported == [1]
+    assert objective.epochs_seen == [0, 1, 2, 3, 4]
+    assert [r.get("test/score") for r in result.history] == [None, 1.0, None, 3.0, 4.0]
+    assert result.history[-1]["loss/mse"] < result.history[0]["loss/mse"]
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine per step: 0 after the last
+    assert result.history[0]["lr/toy"] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 3 / 15)))
+    # Interrupted during epoch 3, then resumed: the same weights and schedule as the uninterrupted run.
+    def interrupt(epoch: int) -> dict[str, float]:
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return {}
+
+    with pytest.raises(KeyboardInterrupt):
+        _toy_fit(tmp_path / "b", 5, interrupt, every=1)
+    assert torch.load(tmp_path / "b" / "ckpt" / "last.pt", weights_only=True)["epoch"] == 2
+    resumed, again, _, _ = _toy_fit(tmp_path / "b", 5)
+    assert resumed.resumed_from == 2
+    for a, b in zip(objective.state_dict().values(), again.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)

@@ -9,23 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.core import vision
 from stages.core.config import AugmentParams, ModelParams
-from stages.core.efficientnet_lite import LITE0_FEATURES, LITE0_MEAN
+from stages.core.data.transforms import eval_transform, train_transform
 from stages.core.errors import LangdmlError
-from stages.core.heads import LinearHead
+from stages.core.model import encoder as vision
+from stages.core.model.backbones import BACKBONES, create_backbone
+from stages.core.model.efficientnet_lite import LITE0_FEATURES, LITE0_MEAN
+from stages.core.model.encoder import EmbeddingModel, build_model, load_model, save_model
+from stages.core.model.heads import LinearHead, global_pool
 from stages.core.registry import RegistryError
-from stages.core.vision import (
-    BACKBONES,
-    EmbeddingModel,
-    build_model,
-    create_backbone,
-    eval_transform,
-    global_pool,
-    load_model,
-    save_model,
-    train_transform,
-)
 
 torch.set_num_threads(1)
 TINY = ModelParams(backbone="timm:test_resnet", pretrained=False, embed_dim=16, image_size=32)

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 def registries() -> dict[str, list[str]]:
     """Names registered in each family (imports the modules that fill the registries)."""
-    from stages.core.crossmodal import SET_HEADS
-    from stages.core.datasets.base import DATASETS
-    from stages.core.datasets.captions import CAPTION_DATASETS
-    from stages.core.heads import HEADS
-    from stages.core.imagenet import IMAGENET_CLASSIFIERS
-    from stages.core.language_targets import GUIDANCES
-    from stages.core.losses import DML_LOSSES
-    from stages.core.metrics import SEARCHERS
-    from stages.core.optim import OPTIMIZERS, SCHEDULERS
-    from stages.core.similarity import SIMILARITIES
-    from stages.core.text import TEXT_ENCODERS
-    from stages.core.vision import BACKBONES
+    from stages.core.data.datasets.captions import CAPTION_DATASETS
+    from stages.core.data.datasets.registry import DATASETS
+    from stages.core.evaluation.search import SEARCHERS
+    from stages.core.imagetext.model import SET_HEADS
+    from stages.core.language.encoders import TEXT_ENCODERS
+    from stages.core.language.imagenet import IMAGENET_CLASSIFIERS
+    from stages.core.language.targets import GUIDANCES
+    from stages.core.model.backbones import BACKBONES
+    from stages.core.model.heads import HEADS
+    from stages.core.model.similarity import SIMILARITIES
+    from stages.core.training.losses import DML_LOSSES
+    from stages.core.training.optim import OPTIMIZERS, SCHEDULERS
 
     return {
         "datasets (dataset.name)": DATASETS.names(),

@@ -50,18 +50,30 @@ def registered(registry_path: str, *, require_arg: bool = False) -> Any:
     return Annotated[str, AfterValidator(check)]
 
 
-DatasetName = registered("stages.core.datasets.base:DATASETS")
-TextEncoderSpec = registered("stages.core.text:TEXT_ENCODERS", require_arg=True)
-ClassifierSpec = registered("stages.core.imagenet:IMAGENET_CLASSIFIERS")
-BackboneSpec = registered("stages.core.vision:BACKBONES")
-HeadName = registered("stages.core.heads:HEADS")
-GuidanceName = registered("stages.core.language_targets:GUIDANCES")
-LossName = registered("stages.core.losses:DML_LOSSES")
-SimilarityName = registered("stages.core.similarity:SIMILARITIES")
-OptimizerName = registered("stages.core.optim:OPTIMIZERS")
-CaptionDatasetName = registered("stages.core.datasets.captions:CAPTION_DATASETS")
-SetHeadName = registered("stages.core.crossmodal:SET_HEADS")
-SchedulerName = registered("stages.core.optim:SCHEDULERS")
+DatasetName = registered("stages.core.data.datasets.registry:DATASETS")
+TextEncoderSpec = registered("stages.core.language.encoders:TEXT_ENCODERS", require_arg=True)
+ClassifierSpec = registered("stages.core.language.imagenet:IMAGENET_CLASSIFIERS")
+BackboneSpec = registered("stages.core.model.backbones:BACKBONES")
+HeadName = registered("stages.core.model.heads:HEADS")
+GuidanceName = registered("stages.core.language.targets:GUIDANCES")
+LossName = registered("stages.core.training.losses:DML_LOSSES")
+OptimizerName = registered("stages.core.training.optim:OPTIMIZERS")
+CaptionDatasetName = registered("stages.core.data.datasets.captions:CAPTION_DATASETS")
+SetHeadName = registered("stages.core.imagetext.model:SET_HEADS")
+SchedulerName = registered("stages.core.training.optim:SCHEDULERS")
+
+
+def _language_similarity(name: str) -> str:
+    """``head`` or a registered similarity (the language term's S_img)."""
+    if name == "head":
+        return name
+    registry = _lookup("stages.core.model.similarity:SIMILARITIES")
+    if name not in registry:
+        raise ValueError(f"must be head or one of: {', '.join(registry.names())}")
+    return name
+
+
+LanguageSimilarity = Annotated[str, AfterValidator(_language_similarity)]
 
 
 class DatasetParams(_Section):
@@ -142,7 +154,7 @@ class LanguageParams(_Section):
     target_temperature: PositiveFloat | None = None  # the language side's softmax temperature; null = temperature
     same_class: Literal["fill", "exclude"] = "fill"  # fill: 1 + gamma on both sides (paper); exclude: left out
     direction: Literal["backward", "forward"] = "backward"
-    similarity: SimilarityName = "cosine"  # S_img; for sets: cosine of the slot means, or centred smooth-Chamfer
+    similarity: LanguageSimilarity = "head"  # S_img: the head's own similarity (centred), or one by name
     plg_similarity: Literal["rankwise", "smooth_chamfer"] = "rankwise"  # PLG: rank-wise mean, or names as a set
 
     def matching_kwargs(self) -> dict[str, Any]:
@@ -258,7 +270,10 @@ class CrossModalTrainParams(_Section):
     warmup_epochs: NonNegInt = 1  # epochs that sum every negative's violation before the hardest take over
     mmd: Annotated[float, Field(ge=0)] = 0.01
     diversity: Annotated[float, Field(ge=0)] = 0.01
-    clip: PositiveFloat = 1.0  # gradient-norm clipping
+    clip: PositiveFloat | None = 1.0  # gradient-norm clipping; null = off
+    optimizer: OptimizerName = "adamw"
+    scheduler: SchedulerName = "cosine_step"  # cosine per step, no warm-up (DivE's train.py)
+    amp: bool = True  # bf16 autocast on CUDA (the official code trains with AMP); no effect on the CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
     nproc: PositiveInt = 1  # processes (DDP via torchrun); batch_size is the global batch
 
@@ -283,7 +298,7 @@ Omega = Annotated[float, Field(ge=0)]
 
 def _check_losses(v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Each ``losses.<name>`` section names a registered loss and only keywords its factory takes."""
-    check_loss_kwargs = _lookup("stages.core.losses:check_loss_kwargs")
+    check_loss_kwargs = _lookup("stages.core.training.losses:check_loss_kwargs")
     for name, kwargs in v.items():
         try:
             check_loss_kwargs(name, kwargs or {})

@@ -2,15 +2,14 @@
 
 Every pluggable family (dataset adapters, text encoders, backbones, ImageNet classifiers, DML losses,
 similarities, language guidances, optimisers, schedulers) is one ``Registry``; code looks things up by
-name instead of branching on strings, and an unknown name fails with the list of known ones. A
-registry may name the modules that fill it, imported on first lookup, so importing a registry never
-imports every implementation (and a stage's import closure stays what it uses).
+name instead of branching on strings, and an unknown name fails with the list of known ones. A registry
+is filled where its entries are defined (decorators) or, where those live in several modules, by one
+module that imports them all (``data/datasets/registry.py``): never by lazy imports that run in a circle.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 from stages.core.errors import LangdmlError
@@ -39,11 +38,9 @@ def parse_spec(spec: str, *, kind: str = "spec", require_arg: bool = False) -> t
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str, modules: Sequence[str] = ()) -> None:
+    def __init__(self, kind: str) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
-        self._modules = tuple(modules)
-        self._loaded = not self._modules
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator: ``@REG.register("name")`` adds a factory under ``name``."""
@@ -56,25 +53,16 @@ class Registry(Generic[T]):
 
         return add
 
-    def _load(self) -> None:
-        if not self._loaded:
-            self._loaded = True
-            for module in self._modules:
-                importlib.import_module(module)
-
     def get(self, name: str) -> T:
-        self._load()
         try:
             return self._items[name]
         except KeyError:
             raise RegistryError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}") from None
 
     def names(self) -> list[str]:
-        self._load()
         return sorted(self._items)
 
     def __contains__(self, name: object) -> bool:
-        self._load()
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:

@@ -1,0 +1,198 @@
+"""The image-text objective (DivE's task) for the shared loop: batches of captions with an image view
+each, both set heads, and the named terms ``triplet``, ``mmd`` and ``diversity``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from stages.core.config import CrossModalModelParams, CrossModalTrainParams
+from stages.core.errors import LangdmlError
+from stages.core.imagetext.model import CrossModalModel, save_crossmodal
+from stages.core.imagetext.tokens import TokenSets
+from stages.core.training import checkpoint as ckpt
+from stages.core.training import distributed
+from stages.core.training.fit import CheckpointSpec, LoopOptions, TrainResult, fit, start_run
+from stages.core.training.optim import ScheduleSpec, build_optimizer, build_schedule
+from stages.core.training.set_losses import hardest_negative_triplet, mmd_exp_kernel, slot_diversity
+
+
+@dataclass
+class CrossModalData:
+    """Training inputs: image files' and captions' token sets, and which image id each row shows."""
+
+    images: TokenSets
+    image_ids: np.ndarray  # per image file (several files may show one image id)
+    captions: TokenSets
+    caption_image_ids: np.ndarray
+
+
+def _views(image_ids: np.ndarray) -> dict[int, np.ndarray]:
+    """Image id -> the rows of its files (its views)."""
+    order = np.argsort(image_ids, kind="stable")
+    ids, starts = np.unique(image_ids[order], return_index=True)
+    return {int(i): rows for i, rows in zip(ids, np.split(order, starts[1:]), strict=True)}
+
+
+class CaptionBatches:
+    """(image file rows, caption rows) per global step: captions in a seeded random order, each with one
+    file of its image drawn at random (the views of an image id). A last batch smaller than ``min_size`` is
+    dropped: a lone caption has no negative, and under DDP every process needs a row."""
+
+    def __init__(
+        self, caption_image_ids: np.ndarray, image_ids: np.ndarray, batch_size: int, seed: int, min_size: int = 2
+    ) -> None:
+        if set(caption_image_ids.tolist()) - set(image_ids.tolist()):
+            raise LangdmlError("some training captions show an image with no image file; re-run `langdml xm-prepare`")
+        self.caption_image_ids = caption_image_ids
+        self.views = _views(image_ids)
+        self.batch_size, self.seed, self.min_size = batch_size, seed, min_size
+        self.starts = range(0, len(caption_image_ids) - (min_size - 1), batch_size)
+        if len(self.starts) <= 0:
+            raise LangdmlError("the training split has fewer than 2 captions; nothing to train on")
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.caption_image_ids))
+        for start in self.starts:
+            caps = order[start : start + self.batch_size]
+            imgs = np.array([rng.choice(self.views[int(i)]) for i in self.caption_image_ids[caps]])
+            yield imgs, caps
+
+
+class CrossModalObjective(nn.Module):
+    """Both set heads and DivE's terms. ``forward(images, captions, image_ids, caption_image_ids)`` returns
+    the unweighted terms: the heads embed this process's rows; under DDP their outputs are gathered into
+    the global batch (:func:`distributed.gather_rows`), whose ``*_ids`` say which image each row shows, so
+    every term is the one-process value while only this rank's rows carry gradient (hence the world-size
+    gradient scales: DDP averages the ranks' gradients)."""
+
+    def __init__(
+        self,
+        model: CrossModalModel,
+        data: CrossModalData,
+        *,
+        margin: float,
+        warmup_epochs: int,
+        mmd: float,
+        diversity: float,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.data = data
+        self.margin = margin
+        self.warmup_epochs = warmup_epochs
+        self.weights = {"triplet": 1.0, "mmd": float(mmd), "diversity": float(diversity)}
+        self.gradient_scales: dict[str, float] = {}
+        self.ctx = distributed.Context()
+        self.hardest = warmup_epochs == 0
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": list(self.model.parameters()), "name": "heads"}]
+
+    def set_epoch(self, epoch: int) -> None:
+        """VSE0 (every negative) during the warm-up epochs, the hardest negative after."""
+        self.hardest = epoch >= self.warmup_epochs
+
+    def distribute(self, ctx: distributed.Context) -> None:
+        self.ctx = ctx
+        self.gradient_scales = {name: float(ctx.world) for name in self.weights}
+
+    def inputs(self, batch: tuple[np.ndarray, np.ndarray], device: torch.device) -> tuple[Any, ...]:
+        imgs, caps = batch
+        mine = np.array_split(np.arange(len(caps)), self.ctx.world)[self.ctx.rank]  # this rank's contiguous share
+        return (
+            self.data.images.batch(imgs[mine], device),
+            self.data.captions.batch(caps[mine], device),
+            torch.as_tensor(self.data.image_ids[imgs], device=device),
+            torch.as_tensor(self.data.caption_image_ids[caps], device=device),
+        )
+
+    def forward(
+        self,
+        image_batch: tuple[torch.Tensor, torch.Tensor],
+        text_batch: tuple[torch.Tensor, torch.Tensor],
+        image_ids: torch.Tensor,
+        caption_image_ids: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        img = self.model.image.forward_tokens(*image_batch)
+        txt = self.model.text.forward_tokens(*text_batch)
+        img_emb, txt_emb = self._gather(img["embeddings"]), self._gather(txt["embeddings"])
+        img_res, txt_res = self._gather(img["residual"]), self._gather(txt["residual"])
+        positive = image_ids[:, None] == caption_image_ids[None, :]
+        dim = img_emb.shape[-1]
+        return {
+            "triplet": hardest_negative_triplet(
+                self.model.score(img_emb, txt_emb), positive, self.margin, self.hardest
+            ),
+            "mmd": mmd_exp_kernel(img_emb.reshape(-1, dim), txt_emb.reshape(-1, dim)),
+            "diversity": (slot_diversity(img_res) + slot_diversity(txt_res)) / 2,
+        }
+
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        return distributed.gather_rows(x, self.ctx)
+
+
+@dataclass(frozen=True)
+class CrossModalPaths:
+    model: Path
+    checkpoint: Path
+    logs: Path
+
+
+# crossmodal.train params that never change the weights: out of the fingerprint.
+NEUTRAL_TRAIN_KEYS = frozenset({"device", "nproc"})
+
+
+def fingerprint_params(seed: int, mp: CrossModalModelParams, tp: CrossModalTrainParams) -> dict[str, Any]:
+    """The params (by their dvc.yaml names) that decide the weights of the image-text model."""
+    return {
+        "seed": seed,
+        "crossmodal.model": mp.model_dump(),
+        "crossmodal.train": tp.model_dump(exclude=set(NEUTRAL_TRAIN_KEYS)),
+    }
+
+
+def train_crossmodal(
+    data: CrossModalData,
+    mp: CrossModalModelParams,
+    tp: CrossModalTrainParams,
+    seed: int,
+    paths: CrossModalPaths,
+    input_files: list[Path],
+) -> TrainResult:
+    """Train both set heads through the shared loop (checkpoint every epoch, resume, export).
+
+    Under torchrun (``crossmodal.train.nproc``) every process draws the same global batches and embeds its
+    contiguous share; the terms are computed on the gathered global batch, so a run depends on the global
+    batch size, not on the process count."""
+    run = start_run(tp.device, seed)
+    batches = CaptionBatches(data.caption_image_ids, data.image_ids, tp.batch_size, seed, max(2, run.ctx.world))
+    model = CrossModalModel(data.images.channels, data.captions.channels, mp)
+    objective = CrossModalObjective(
+        model, data, margin=tp.margin, warmup_epochs=tp.warmup_epochs, mmd=tp.mmd, diversity=tp.diversity
+    ).to(run.device)
+    optimizer = build_optimizer(tp.optimizer, objective.param_groups(), tp.lr, tp.weight_decay)
+    schedule = build_schedule(tp.scheduler, optimizer, ScheduleSpec(tp.epochs, len(batches)))
+    config = ckpt.fingerprint_config(fingerprint_params(seed, mp, tp), run.device.type, input_files)
+    return fit(
+        run,
+        objective,
+        batches,
+        optimizer,
+        schedule,
+        LoopOptions(epochs=tp.epochs, batch_size=tp.batch_size, amp=tp.amp, clip=tp.clip, params="crossmodal.train"),
+        CheckpointSpec(paths.checkpoint, config),
+        paths.logs,
+        lambda: save_crossmodal(model, paths.model),
+        outputs=[paths.model],
+    )

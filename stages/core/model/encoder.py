@@ -1,0 +1,123 @@
+"""The image encoder: a registered backbone, a registered head, L2-normalised embeddings; save and load.
+
+``load_model`` rebuilds the architecture without pretrained weights and loads our own safetensors, so
+evaluation never needs a model hub.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from stages.core.config import ModelParams
+from stages.core.errors import LangdmlError, first_line
+from stages.core.io import atomic_path, write_json
+from stages.core.model.backbones import Backbone, create_backbone
+from stages.core.model.heads import HEADS, global_pool
+from stages.core.model.similarity import SimilaritySpec
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+CONFIG_FORMAT = 1
+
+
+class EmbeddingModel(nn.Module):
+    """Backbone -> a registered head -> L2-normalised embeddings (B x D, or B x K x D for a set head);
+    ``pooled`` is the head-less control."""
+
+    def __init__(
+        self, backbone: Backbone, head: nn.Module, pooling: str, embed_dim: int, freeze_bn: bool = False
+    ) -> None:
+        super().__init__()
+        if pooling not in ("avg", "avg+max"):
+            raise LangdmlError(f"model.pooling must be avg or avg+max, got {pooling!r}")
+        self.backbone = backbone.module
+        self.head = head
+        self.similarity: SimilaritySpec = head.similarity
+        self.slots: int | None = head.slots
+        self.pooling = pooling
+        self.freeze_bn = freeze_bn
+        self.channels = backbone.channels
+        self.embed_dim = embed_dim
+        self.mean = tuple(backbone.mean)
+        self.std = tuple(backbone.std)
+
+    def train(self, mode: bool = True) -> EmbeddingModel:
+        """With ``freeze_bn`` BatchNorm keeps its ImageNet running statistics (paper's ResNet50 setting)."""
+        super().train(mode)
+        if self.freeze_bn:
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        return global_pool(self.backbone(x), self.pooling)
+
+    def encode(self, x: torch.Tensor) -> dict[str, Any]:
+        """The head's dict: ``embeddings`` and what the head exposes (slot residuals, attention maps)."""
+        return self.head(self.backbone(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode(x)["embeddings"]
+
+    def spatial_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+        """The head's maps over the feature grid (B x M x h x w) and their titles: a set head's slot
+        attention, the linear head's feature norm."""
+        return self.head.maps(self.backbone(x))
+
+
+def build_model(model_params: ModelParams) -> EmbeddingModel:
+    backbone = create_backbone(model_params.backbone, model_params.pretrained)
+    head = HEADS.get(model_params.head)(backbone.channels, model_params)
+    return EmbeddingModel(backbone, head, model_params.pooling, model_params.embed_dim, model_params.freeze_bn)
+
+
+def save_model(model: EmbeddingModel, model_params: ModelParams, directory: str | Path) -> None:
+    """Weights (safetensors) and ``config.json`` (the ModelParams), each written atomically."""
+    from safetensors.torch import save_model as st_save
+
+    directory = Path(directory)
+    with atomic_path(directory / WEIGHTS_NAME) as tmp:
+        st_save(model, str(tmp))
+    write_json(
+        directory / CONFIG_NAME,
+        {
+            "format": CONFIG_FORMAT,
+            "model": model_params.model_dump(),
+            "embed_dim": model.embed_dim,
+            "channels": model.channels,
+            "mean": list(model.mean),
+            "std": list(model.std),
+        },
+    )
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[EmbeddingModel, ModelParams]:
+    """Rebuild the architecture (no pretrained download) and load the saved weights; eval mode."""
+    from safetensors.torch import load_model as st_load
+
+    directory = Path(directory)
+    cfg_path, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    for p in (cfg_path, weights):
+        if not p.is_file():
+            raise LangdmlError(f"{p} does not exist (run `langdml train` first)")
+    try:
+        cfg: dict[str, Any] = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as err:
+        raise LangdmlError(f"{cfg_path} is unreadable ({err}); re-run `langdml train`") from None
+    if cfg.get("format") != CONFIG_FORMAT:
+        raise LangdmlError(f"{cfg_path}: unsupported model format {cfg.get('format')!r}; re-run `langdml train`")
+    model_params = ModelParams(**cfg["model"])
+    model = build_model(model_params.model_copy(update={"pretrained": False}))
+    try:
+        st_load(model, str(weights), strict=True)
+    except RuntimeError as err:
+        raise LangdmlError(f"{weights} does not match {cfg_path}: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # safetensors' own errors (truncated file, bad header) have no common base
+        raise LangdmlError(f"{weights} is unreadable ({first_line(err)}); re-run `langdml train`") from None
+    return model.to(device).eval(), model_params

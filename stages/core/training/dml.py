@@ -1,0 +1,250 @@
+"""The DML task for the shared loop: the image encoder, the base loss, the language targets, the terms.
+
+:class:`DMLObjective` owns the image encoder, the base DML loss (with its learnable parameters), the
+language targets and the weight of each term; ``forward(images, labels)`` returns the unweighted terms
+by name (``dml``, ``language`` and, for a set head, ``diversity``), as pytorch-metric-learning's
+``MultipleLosses`` and open_clip's loss dict do. :func:`train_dml` builds it with its class-balanced
+batches and hands both to :func:`stages.core.training.fit.fit`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from stages.core.config import TrainConfig
+from stages.core.data.sampling import ClassBalancedBatchSampler
+from stages.core.data.train_images import Pipeline, TrainImages, move_images
+from stages.core.errors import LangdmlError
+from stages.core.language.targets import LanguageSources, LanguageTarget, build_language_targets, cache_files
+from stages.core.model.encoder import EmbeddingModel, build_model, save_model
+from stages.core.model.similarity import SimilaritySpec
+from stages.core.training import checkpoint as ckpt
+from stages.core.training.distributed import Context, gather_all
+from stages.core.training.fit import CheckpointSpec, LoopOptions, TrainResult, fit, start_run
+from stages.core.training.losses import DMLLoss, build_dml_loss
+from stages.core.training.matching import language_matching
+from stages.core.training.optim import ScheduleSpec, build_optimizer, build_schedule
+from stages.core.training.set_losses import slot_diversity
+
+log = logging.getLogger(__name__)
+
+# Train params that never change the weights: out of the fingerprint (the global batch, not the process
+# count, decides a run, so a checkpoint of one process count resumes under another).
+NEUTRAL_TRAIN_KEYS = frozenset({"num_workers", "log_every", "device", "nproc"})
+
+
+class DMLObjective(nn.Module):
+    def __init__(
+        self,
+        model: EmbeddingModel,
+        dml: DMLLoss,
+        targets: list[LanguageTarget],
+        *,
+        omega: float,
+        language_kwargs: dict[str, Any],
+        image_similarity: SimilaritySpec,
+        diversity: float = 0.0,
+        to_device: Callable[[Any, torch.device], torch.Tensor] | None = None,
+        lr: float = 1e-5,
+        head_lr: float = 1e-3,
+    ) -> None:
+        """``image_similarity`` is S_img of the language term; ``diversity`` weighs DivE's slot-diversity
+        term, which exists only for a head that exposes slot residuals (a set head); ``to_device`` turns a
+        loader batch's images into the model's input (decoding or on-device augmentation)."""
+        super().__init__()
+        self.model = model
+        self.dml = dml
+        self.targets = targets
+        self.language_kwargs = dict(language_kwargs)
+        self.image_similarity = image_similarity
+        self.lr, self.head_lr = lr, head_lr
+        self.weights: dict[str, float] = {"dml": 1.0, "language": float(omega), "diversity": float(diversity)}
+        # Backward-only factors per term: under DDP the global-batch terms are scaled by the world size
+        # (see stages/core/training/distributed.py); the reported values stay unscaled.
+        self.gradient_scales: dict[str, float] = {}
+        self.world = 1
+        self._encode: Callable[[torch.Tensor], dict[str, Any]] = model.encode
+        object.__setattr__(self, "_to_device", to_device or move_images)
+
+    def distribute(self, ctx: Context) -> None:
+        """Global-batch base loss and language term across the processes (call before DDP wraps it)."""
+        self.world = ctx.world
+        self.dml.distribute()
+        self.gradient_scales = {"dml": float(ctx.world), "language": float(ctx.world)}
+
+    def compile_model(self) -> None:
+        """``torch.compile`` the encoder's forward; state dicts keep the plain module's keys."""
+        object.__setattr__(self, "_encode", torch.compile(self.model.encode))
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Backbone (lr), head (head_lr), the loss's own parameters (their lr, else head_lr)."""
+        groups: list[dict[str, Any]] = [
+            {"params": list(self.model.backbone.parameters()), "lr": self.lr, "name": "backbone"},
+            {"params": list(self.model.head.parameters()), "lr": self.head_lr, "name": "head"},
+        ]
+        groups += [{"lr": self.head_lr, **g} for g in self.dml.param_groups()]
+        return groups
+
+    def inputs(self, batch: tuple[Any, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = batch
+        return self._to_device(x, device), y.to(device, non_blocking=True)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Unweighted loss terms; the losses run in float32 even when the encoder ran under autocast."""
+        out = self._encode(images)
+        with torch.autocast(images.device.type, enabled=False):
+            emb = out["embeddings"].float()
+            terms = {"dml": self.dml(emb, labels) / self.world, "language": self._language(emb, labels)}
+            if "residual" in out:
+                terms["diversity"] = slot_diversity(out["residual"].float())
+            return terms
+
+    def _language(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean matching loss over the targets (``both`` has two); zero without guidance."""
+        if not self.targets:
+            return torch.zeros((), device=emb.device)
+        if self.world > 1:
+            emb, labels = gather_all(emb, labels)
+        losses = [
+            language_matching(emb, labels, t(labels), similarity=self.image_similarity, **self.language_kwargs)
+            for t in self.targets
+        ]
+        return torch.stack(losses).mean()
+
+
+class LoaderBatches:
+    """A DataLoader over the class-balanced sampler; ``epoch(e)`` reseeds the sampler for epoch e."""
+
+    def __init__(self, loader: DataLoader, sampler: ClassBalancedBatchSampler) -> None:
+        self.loader, self.sampler = loader, sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def epoch(self, epoch: int) -> DataLoader:
+        self.sampler.set_epoch(epoch)
+        return self.loader
+
+
+@dataclass(frozen=True)
+class TrainPaths:
+    checkpoint: Path
+    model_dir: Path
+    log_dir: Path
+    class_embeddings: Path
+    pseudolabels: Path
+
+
+def fingerprint_params(config: TrainConfig) -> dict[str, Any]:
+    """The params (by their dvc.yaml names) that decide the weights. ``epochs`` is left out unless the
+    schedule depends on it, so raising ``epochs`` continues a finished run instead of starting over."""
+    neutral = set(NEUTRAL_TRAIN_KEYS)
+    if config.train.scheduler not in ("cosine", "cosine_step"):
+        neutral.add("epochs")
+    return {
+        "seed": config.seed,
+        "omega": config.omega,
+        "model": config.model.model_dump(),
+        "language": config.language.model_dump(),
+        "train": config.train.model_dump(exclude=neutral),
+        "losses": {k: dict(v or {}) for k, v in config.losses.items()},
+    }
+
+
+def image_similarity(config: TrainConfig, model: EmbeddingModel) -> SimilaritySpec:
+    """S_img of the language term, centred: the head's own similarity, or ``language.similarity`` by name."""
+    name = config.language.similarity
+    spec = model.similarity if name == "head" else SimilaritySpec(name, alpha=config.model.alpha)
+    return spec.centred()
+
+
+def train_dml(
+    config: TrainConfig,
+    images: TrainImages,
+    paths: TrainPaths,
+    *,
+    input_files: Sequence[Path] = (),
+    class_names: dict[int, str] | None = None,
+    cache_params: dict[str, dict[str, Any]] | None = None,
+) -> TrainResult:
+    """Train (or resume, or just re-export) and write the model from ``images`` (decoded per epoch or
+    from the decoded-image cache, :mod:`stages.core.data.train_images`). ``cache_params``
+    (``class_embeddings`` / ``pseudolabels`` -> params) are checked against the caches' metadata."""
+    tp, mp, lp = config.train, config.model, config.language
+    # Everything below is built in a fixed order, so the seeded RNG draws are too (on every rank).
+    run = start_run(tp.device, config.seed, tp.deterministic)
+    model = build_model(mp)
+    data = images.build(Pipeline(mp.image_size, model.mean, model.std, tp.augment))
+    labels = data.labels
+    if len(labels) == 0:
+        raise LangdmlError("the training manifest has no images; check dataset params and re-run `langdml prepare`")
+    class_ids = np.unique(labels)
+    steps = max(1, len(labels) // tp.batch_size)
+    sampler = ClassBalancedBatchSampler(
+        labels, tp.samples_per_class, tp.batch_size, steps, config.seed, rank=run.ctx.rank, world=run.ctx.world
+    )
+    plg_sets = SimilaritySpec("smooth_chamfer", alpha=mp.alpha, centered=True)
+    sources = LanguageSources(
+        class_ids,
+        paths.class_embeddings,
+        paths.pseudolabels,
+        config.seed,
+        class_names,
+        plg_set_similarity=plg_sets if lp.plg_similarity == "smooth_chamfer" else None,
+        class_embeddings_params=(cache_params or {}).get("class_embeddings"),
+        pseudolabels_params=(cache_params or {}).get("pseudolabels"),
+    )
+    targets = build_language_targets(lp.guidance, config.omega, sources, run.device)
+    files = [*input_files, *cache_files(lp.guidance, config.omega, sources)]
+    spec = CheckpointSpec(paths.checkpoint, ckpt.fingerprint_config(fingerprint_params(config), run.device.type, files))
+    dml = build_dml_loss(
+        tp.loss, len(class_ids), mp.embed_dim, config.loss_kwargs(), similarity=model.similarity, slots=mp.slots
+    )
+    objective = DMLObjective(
+        model,
+        dml,
+        targets,
+        omega=config.omega,
+        language_kwargs=lp.matching_kwargs(),
+        image_similarity=image_similarity(config, model),
+        diversity=tp.diversity,
+        to_device=data.to_device,
+        lr=tp.lr,
+        head_lr=tp.effective_head_lr,
+    ).to(run.device)
+    if run.cuda:
+        model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(tp.optimizer, objective.param_groups(), tp.lr, tp.weight_decay)
+    schedule = build_schedule(tp.scheduler, optimizer, ScheduleSpec(tp.epochs, steps, tp.milestones, tp.lr_decay))
+    loader = DataLoader(
+        data.dataset,
+        batch_sampler=sampler,
+        collate_fn=data.collate,
+        num_workers=tp.num_workers,
+        pin_memory=run.cuda,
+        persistent_workers=tp.num_workers > 0,
+        # Own generator: creating an iterator must not consume the global RNG we checkpoint.
+        generator=run.generator,
+    )
+    return fit(
+        run,
+        objective,
+        LoaderBatches(loader, sampler),
+        optimizer,
+        schedule,
+        LoopOptions(epochs=tp.epochs, batch_size=tp.batch_size, log_every=tp.log_every, amp=tp.amp),
+        spec,
+        paths.log_dir,
+        lambda: save_model(model, mp, paths.model_dir),
+        outputs=[paths.model_dir],
+        compile_model=objective.compile_model if tp.compile else None,
+    )
