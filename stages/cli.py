@@ -6,6 +6,7 @@ imported inside the commands, so ``langdml --help`` stays fast.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
@@ -24,6 +25,20 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+# OS errors that say something about the machine (a full disk, a read-only or forbidden folder), not about
+# langdml: one line naming the file and the cause. Outputs are written to temporaries and renamed, so none
+# is left half-written.
+ENVIRONMENT_ERRORS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EMFILE, errno.ENFILE, errno.EIO}
+)
+
+
+def environment_message(err: OSError) -> str:
+    where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f) or "a file"
+    name = errno.errorcode.get(err.errno or 0, "?")
+    return f"cannot write or lock {where}: {err.strerror} [{name}]; nothing half-written was kept"
+
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Parameter file to read.")]
 log = logging.getLogger("langdml")
@@ -51,6 +66,10 @@ def _run_stage(module: str, params_path: Path) -> None:
             stage.run(params)
     except LangdmlError as err:
         _fail(command, err)
+    except OSError as err:
+        if err.errno not in ENVIRONMENT_ERRORS:
+            raise
+        _fail(command, LangdmlError(environment_message(err)))
     except KeyboardInterrupt:
         typer.echo(
             f"langdml {command}: interrupted; finished outputs are kept and nothing half-written is left "

@@ -40,6 +40,19 @@ def read_pretrained_metrics(path: Path) -> dict[str, Any]:
     return {f"pretrained/{k}": v for k, v in control.items()}
 
 
+def check_control(control: dict[str, Any], labels: Any) -> None:
+    """The control must be of this test split: the same number of test images and classes (run by hand after
+    a change of ``dataset``, ``langdml evaluate`` would otherwise merge another dataset's control)."""
+    images = control.get("pretrained/n_queries", 0) + control.get("pretrained/n_skipped_queries", 0)
+    classes = control.get("pretrained/n_classes")
+    n_classes = len(set(labels.tolist()))
+    if images != len(labels) or classes != n_classes:
+        raise LangdmlError(
+            f"{paths.PRETRAINED_METRICS} is of another test split ({images} images, {classes} classes; this one has "
+            f"{len(labels)} and {n_classes}); run `langdml evaluate-pretrained` (or `dvc repro`)"
+        )
+
+
 def recall_csv(metrics: dict[str, Any], ks: list[int]) -> str:
     return "k,recall\n" + "".join(f"{k},{metrics[f'recall@{k}']:.6f}\n" for k in sorted(set(ks)))
 
@@ -87,6 +100,7 @@ def run(params: Params) -> None:
     model, model_params = encoder.load_model(paths.MODEL, device)
     table, root = load_manifest(paths.TEST_MANIFEST)
     check_ks(ev.ks, table.num_rows - 1)  # before embedding, not after
+    check_control(control, table.column("label").to_numpy())
     dataset = ImageDataset(table, root, eval_transform(model_params.image_size, model.mean, model.std))
     log.info("embedding %d test images with the trained model", len(dataset))
     emb = embed_dataset(model, dataset, batch_size=ev.batch_size, num_workers=ev.num_workers, device=device)

@@ -49,7 +49,8 @@ def pseudolabel_rows(
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|")
+    """Text safe inside one Markdown table cell: pipes escaped, line breaks (which would end the row) as spaces."""
+    return " ".join(text.split()).replace("|", "\\|")
 
 
 def markdown_report(

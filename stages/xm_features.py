@@ -12,8 +12,6 @@ ResNet-50 (2,048 channels) would take 123k x 49 x 2048 x 2 B = 24.7 GB; the prec
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +25,9 @@ from stages.core.config import Params
 from stages.core.data.datasets.captions import FEATURE_ROW, image_manifest, is_precomputed
 from stages.core.data.torch_dataset import ImageDataset
 from stages.core.data.transforms import eval_transform
+from stages.core.errors import LangdmlError
 from stages.core.imagetext.tokens import ragged_token_sets, save_token_sets
-from stages.core.io import read_parquet, replace_directory, write_json
+from stages.core.io import read_parquet, replace_directory, staging_directory, write_json
 from stages.core.language.encoders import create_text_encoder
 from stages.core.model.backbones import create_backbone
 from stages.core.runtime import autocast, resolve_device
@@ -60,6 +59,13 @@ def precomputed_tokens(images: pa.Table, root: str) -> np.ndarray:
     out = np.empty((len(refs), *first.shape[1:]), dtype=np.float16)
     for i, (name, row) in enumerate(tqdm(refs, desc="precomputed features", unit="image")):
         out[i] = files[name][int(row)]
+    bad = ~np.isfinite(out.reshape(len(out), -1)).all(axis=1)
+    if bad.any():
+        name, row = refs[int(np.argmax(bad))]
+        raise LangdmlError(
+            f"precomp: {int(bad.sum())} image(s) have NaN or inf in their region features (or values beyond "
+            f"float16), e.g. row {row} of {name}; fix the feature file, then run `langdml xm-features` again"
+        )
     return out
 
 
@@ -73,13 +79,11 @@ def run(params: Params) -> None:
         grid = image_tokens(params, images, meta["root"])
     encoder = create_text_encoder(f.text_encoder, device=resolve_device(f.device))
     texts = ragged_token_sets(encoder.tokens(captions["text"].to_pylist(), f.batch_size, f.max_tokens))
-    paths.XM.mkdir(parents=True, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".features-", dir=paths.XM)
-    try:
-        save_token_sets(Path(staging), "image", ragged_token_sets(list(grid)))
-        save_token_sets(Path(staging), "caption", texts)
+    with staging_directory(paths.XM_FEATURES) as staging:
+        save_token_sets(staging, "image", ragged_token_sets(list(grid)))
+        save_token_sets(staging, "caption", texts)
         write_json(
-            f"{staging}/features.json",
+            staging / "features.json",
             {
                 "crossmodal.features": f.model_dump(exclude={"batch_size", "device"}),
                 "image_tokens": list(grid.shape),
@@ -89,7 +93,5 @@ def run(params: Params) -> None:
             },
         )
         replace_directory(staging, paths.XM_FEATURES)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     mb = (grid.nbytes + texts.tokens.nbytes) / 2**20
     log.info("features: images %s, captions %s (float16, %.1f MB)", grid.shape, texts.tokens.shape, mb)

@@ -78,7 +78,7 @@ def test_coco_karpathy_split_restval_joins_train_val_is_left_out(tmp_path) -> No
     assert out.captions["text"].to_pylist()[0] == "a.jpg 0"  # stripped
     assert out.captions["split"].to_pylist().count("test") == 5
     (root / "val2014" / "d.jpg").unlink()
-    with pytest.raises(LangdmlError, match=r"coco: 1 image file\(s\) missing .* 'val2014/d.jpg'"):
+    with pytest.raises(LangdmlError, match=r"coco: 1 image\(s\) of the test split do not exist .* 'val2014/d.jpg'"):
         CAPTION_DATASETS.get("coco")(CrossModalDataParams(name="coco", root=str(root)))
     (root / "dataset_coco.json").write_text("{not json")
     with pytest.raises(LangdmlError, match="cannot read Karpathy's split file"):

@@ -488,6 +488,7 @@ def test_one_loop_runs_any_objective_with_its_schedule_hook_and_evaluation(tmp_p
     assert result.history[-1]["loss/mse"] < result.history[0]["loss/mse"]
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine per step: 0 after the last
     assert result.history[0]["lr/toy"] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 3 / 15)))
+
     # Interrupted during epoch 3, then resumed: the same weights and schedule as the uninterrupted run.
     def interrupt(epoch: int) -> dict[str, float]:
         if epoch == 2:

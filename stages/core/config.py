@@ -15,6 +15,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stages.core.errors import LangdmlError
+from stages.core.io import read_text
 from stages.core.registry import parse_spec
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -241,6 +242,7 @@ class CrossModalDataParams(_Section):
     split_seed: NonNegInt | None = 0  # emoji: seeded random split of the concepts
     train_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.5  # emoji
     max_images: PositiveInt | None = 400  # a seeded sample of N image ids per split; null = all
+    verify_images: bool = True  # decode every image file once; unreadable ones are left out and counted
 
 
 class CrossModalFeatureParams(_Section):
@@ -400,7 +402,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not p.is_file():
         raise LangdmlError(f"{p}: parameter file not found (run from the repository root or pass --params)")
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = yaml.safe_load(read_text(p))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

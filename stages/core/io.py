@@ -65,6 +65,34 @@ def replace_directory(new: str | os.PathLike[str], final: str | os.PathLike[str]
     shutil.rmtree(old, ignore_errors=True)
 
 
+def read_text(path: str | os.PathLike[str]) -> str:
+    """A UTF-8 text file's contents; a byte that is not UTF-8 is one line naming the file, line and byte."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise LangdmlError(
+            f"{path}: not UTF-8 text: byte 0x{data[err.start]:02x} at line {line} (offset {err.start}); "
+            "save the file as UTF-8"
+        ) from None
+
+
+@contextlib.contextmanager
+def staging_directory(final: str | os.PathLike[str], tag: str = "partial") -> Iterator[Path]:
+    """An empty folder ``.<name>.<tag>`` beside ``final``, with the usual mode (``mkdtemp``'s is 0700), removed
+    afterwards whatever happens. Its name is fixed, so what a killed run left there is removed by the next
+    run before it starts (one writer per stage: the stage lock)."""
+    final = Path(final)
+    path = final.parent / f".{final.name}.{tag}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def file_digest(path: str | os.PathLike[str]) -> str:
     """SHA-256 of a file's bytes: what a cache or checkpoint records of the inputs it was made from."""
     h = hashlib.sha256()

@@ -6,6 +6,7 @@ Every batch and every per-image augmentation seed comes from a NumPy generator s
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +15,8 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from stages.core.errors import LangdmlError
+
+log = logging.getLogger(__name__)
 
 
 class ClassBalancedBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -38,6 +41,17 @@ class ClassBalancedBatchSampler(Sampler[list[tuple[int, int]]]):
         self.num_batches = num_batches
         self.seed = seed
         self.epoch = 0
+        small = int((counts < m).sum())
+        if small and rank == 0:
+            log.info(
+                "%d of %d training classes have fewer than train.samples_per_class = %d images (e.g. class %s with "
+                "%d); their images repeat within a batch",
+                small,
+                len(classes),
+                m,
+                classes[np.argmax(counts < m)],
+                int(counts[np.argmax(counts < m)]),
+            )
         if len(classes) < self.classes_per_batch:
             raise LangdmlError(
                 f"train.batch_size / train.samples_per_class = {self.classes_per_batch} classes per batch, "

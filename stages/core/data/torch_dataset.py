@@ -53,7 +53,7 @@ class ImageDataset(Dataset):
         try:
             with Image.open(source) as im:
                 return to_rgb(im)
-        except (OSError, UnidentifiedImageError, ValueError) as err:
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
             where = f"row {index} (embedded bytes)" if blob is not None else str(source)
             raise LangdmlError(f"cannot read image {where}: {err}") from None
 

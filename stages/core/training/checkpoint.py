@@ -79,6 +79,9 @@ def load_checkpoint(path: Path, expected: str, config: dict[str, Any]) -> dict[s
     except Exception as err:  # a truncated or foreign file must not stop a fresh run
         log.warning("checkpoint %s is unreadable (%s): starting fresh", path, str(err).splitlines()[0][:120])
         return None
+    if not isinstance(state, dict) or not isinstance(state.get("config", {}), dict):
+        log.warning("checkpoint %s is not a langdml checkpoint (%s): starting fresh", path, type(state).__name__)
+        return None
     if state.get("fingerprint") != expected:
         old = state.get("config", {})
         flat_old, flat_new = _flat(old), _flat(config)

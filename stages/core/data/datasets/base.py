@@ -143,7 +143,7 @@ def choose_train_classes(
     return chosen
 
 
-def _check_images(root: Path, paths: Sequence[str]) -> list[str | None]:
+def check_images(root: Path, paths: Sequence[str]) -> list[str | None]:
     """Fully decode each image in a thread pool (Pillow releases the GIL); the error text, or None."""
     from PIL import Image
 
@@ -165,23 +165,27 @@ def inside(root: Path, path: Path) -> bool:
     return path.resolve().is_relative_to(root.resolve())
 
 
-def _check_paths(dataset: str, root: Path, split: str, images: Images) -> None:
-    if images.paths is None:
-        return
-    counts = Counter(images.paths)
+def check_paths(
+    dataset: str, root: Path, split: str, paths: Sequence[str], file_of: Callable[[str], str] = str
+) -> None:
+    """The one path check of every adapter (DML and captions): no entry listed twice in a split, every file
+    inside the dataset root (``..``, an absolute path and symlinks resolved), every file there.
+    ``file_of`` maps an entry to its file (``train_ims.npy#17`` -> ``train_ims.npy``)."""
+    counts = Counter(paths)
     dupes = [p for p, n in counts.items() if n > 1]
     if dupes:
         raise LangdmlError(
             f"{dataset}: duplicate entries: {len(dupes)} image(s) listed more than once in the "
             f"{split} split, e.g. {dupes[0]!r}"
         )
-    outside = [p for p in images.paths if not inside(root, root / p)]
+    files = sorted({file_of(p) for p in paths})
+    outside = [p for p in files if not inside(root, root / p)]
     if outside:
         raise LangdmlError(
             f"{dataset}: {len(outside)} image path(s) of the {split} split lead outside dataset.root {root}, "
             f"e.g. {outside[0]!r}; every image must lie under the dataset's folder"
         )
-    missing = [p for p in images.paths if not (root / p).is_file()]
+    missing = [p for p in files if not (root / p).is_file()]
     if missing:
         raise LangdmlError(
             f"{dataset}: {len(missing)} image(s) of the {split} split do not exist under {root}, "
@@ -198,7 +202,8 @@ def assemble(
 ) -> Manifests:
     """Cap, validate, drop unreadable images and build the three tables (see the module docstring)."""
     for split in SPLITS:  # paths first: a path outside the root also garbles names derived from it
-        _check_paths(dataset, root, split, splits[split])
+        if splits[split].paths is not None:
+            check_paths(dataset, root, split, splits[split].paths)
     info = {c.id: c for c in classes}
     for c in classes:  # the text encoders need a name: fail here, not one stage later
         try:
@@ -240,7 +245,7 @@ def assemble(
         images = splits[split]
         images = images.take(first_per_class(images.labels, params.max_per_class))
         if images.paths is not None and params.verify_images and images.paths:
-            errors = _check_images(root, images.paths)
+            errors = check_images(root, images.paths)
             bad = [(p, e) for p, e in zip(images.paths, errors, strict=True) if e is not None]
             if bad:
                 n_skipped += len(bad)

@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from stages.core.config import CrossModalDataParams
+from stages.core.data.datasets.base import check_images, check_paths
 from stages.core.errors import LangdmlError
 from stages.core.registry import Registry
 
@@ -78,10 +79,22 @@ CaptionAdapter = Callable[[CrossModalDataParams], CaptionManifests]
 CAPTION_DATASETS: Registry[CaptionAdapter] = Registry("caption dataset")
 
 
+def _file_of(path: str) -> str:
+    return path.split(FEATURE_ROW)[0]
+
+
 def _tables(
-    name: str, root: Path, files: list[tuple[int, str, str]], captions: list[tuple[int, str, str]], cap: int | None
+    name: str,
+    root: Path,
+    files: list[tuple[int, str, str]],
+    captions: list[tuple[int, str, str]],
+    source: CrossModalDataParams,
 ) -> CaptionManifests:
-    """Check and build the two tables from (image id, path, split) and (image id, text, split) rows."""
+    """Check and build the two tables from (image id, path, split) and (image id, text, split) rows: paths
+    confined to the root (the DML adapters' check), empty captions and (``verify_images``) unreadable image
+    files left out and counted in one log line each; an image left with no file or no caption is dropped
+    with its captions only if its files were unreadable, otherwise it is an error."""
+    cap = source.max_images
     if cap is not None:  # a seeded random sample of each split's image ids (dataset order is often topical)
         keep: set[int] = set()
         rng = np.random.default_rng(0)
@@ -90,20 +103,35 @@ def _tables(
             keep.update(ids[j] for j in rng.permutation(len(ids))[:cap])
         files = [f for f in files if f[0] in keep]
         captions = [c for c in captions if c[0] in keep]
-    for split in ("train", "test"):
-        if not any(s == split for _, _, s in files):
-            raise LangdmlError(f"{name}: the {split} split has no images")
+    _require_splits(name, files)
     split_of = {i: s for i, _, s in files}
+    stray = [c for c in captions if c[0] not in split_of]
+    if stray:
+        raise LangdmlError(f"{name}: caption {stray[0][1]!r} belongs to image id {stray[0][0]}, which has no file")
+    for split in ("train", "test"):
+        check_paths(name, root, split, [p for _, p, s in files if s == split], file_of=_file_of)
+    empty = [c for c in captions if not c[1].strip()]
+    if empty:
+        log.info("%s: %d empty caption(s) left out, e.g. one of image id %d", name, len(empty), empty[0][0])
+        captions = [c for c in captions if c[1].strip()]
+    if source.verify_images and files and FEATURE_ROW not in files[0][1]:
+        errors = check_images(root, [p for _, p, _ in files])
+        bad = [(f, e) for f, e in zip(files, errors, strict=True) if e is not None]
+        if bad:
+            (_, path, _), why = bad[0]
+            log.info("%s: %d unreadable image file(s) left out, e.g. %s (%s)", name, len(bad), path, why)
+            files = [f for f, e in zip(files, errors, strict=True) if e is None]
+            kept = {i for i, _, _ in files}
+            lost = set(split_of) - kept
+            if lost:
+                log.info("%s: %d image(s) without a readable file left out with their captions", name, len(lost))
+                captions = [c for c in captions if c[0] in kept]
+                split_of = {i: s for i, s in split_of.items() if i in kept}
+            _require_splits(name, files)
     owned = {i for i, _, _ in captions}
     bare = sorted(set(split_of) - owned)
     if bare:
         raise LangdmlError(f"{name}: {len(bare)} image(s) have no caption, e.g. image id {bare[0]}")
-    stray = [c for c in captions if c[0] not in split_of]
-    if stray:
-        raise LangdmlError(f"{name}: caption {stray[0][1]!r} belongs to image id {stray[0][0]}, which has no file")
-    missing = sorted({p.split(FEATURE_ROW)[0] for _, p, _ in files if not (root / p.split(FEATURE_ROW)[0]).is_file()})
-    if missing:
-        raise LangdmlError(f"{name}: {len(missing)} image file(s) missing under {root}, e.g. {missing[0]!r}")
     images = pa.table(
         {"image_id": [f[0] for f in files], "path": [f[1] for f in files], "split": [f[2] for f in files]},
         schema=IMAGES_SCHEMA,
@@ -118,6 +146,12 @@ def _tables(
         schema=CAPTIONS_SCHEMA,
     )
     return CaptionManifests(name, root, images, caps)
+
+
+def _require_splits(name: str, files: list[tuple[int, str, str]]) -> None:
+    for split in ("train", "test"):
+        if not any(s == split for _, _, s in files):
+            raise LangdmlError(f"{name}: the {split} split has no images")
 
 
 @CAPTION_DATASETS.register("emoji")
@@ -145,7 +179,7 @@ def emoji_captions(source: CrossModalDataParams) -> CaptionManifests:
             if keywords != concept.label:
                 texts.append(keywords)
         captions += [(i, t, split) for t in texts]
-    return _tables("emoji", root, files, captions, source.max_images)
+    return _tables("emoji", root, files, captions, source)
 
 
 def _karpathy(name: str, split_file: str, folder: Callable[[dict], str]) -> CaptionAdapter:
@@ -172,7 +206,7 @@ def _karpathy(name: str, split_file: str, folder: Callable[[dict], str]) -> Capt
                 captions += [(i, s["raw"].strip(), split) for s in entry["sentences"]]
         except (KeyError, TypeError) as err:
             raise LangdmlError(f"{name}: {path}: image entry {i} lacks {err}; is it Karpathy's split file?") from None
-        return _tables(name, root, files, captions, source.max_images)
+        return _tables(name, root, files, captions, source)
 
     return adapter
 
@@ -187,6 +221,8 @@ def precomp(source: CrossModalDataParams) -> CaptionManifests:
     files: list[tuple[int, str, str]] = []
     captions: list[tuple[int, str, str]] = []
     test = "testall" if (root / "testall_ims.npy").is_file() else "test"
+    channels: dict[str, int] = {}
+    per_split: dict[str, int] = {}
     for split, stem in (("train", "train"), ("test", test)):
         ims, caps = root / f"{stem}_ims.npy", root / f"{stem}_caps.txt"
         try:
@@ -203,7 +239,16 @@ def precomp(source: CrossModalDataParams) -> CaptionManifests:
                 "channels and a whole number of captions per image"
             )
         per_image = len(lines) // shape[0]
+        channels[ims.name], per_split[split] = int(shape[2]), per_image
         offset = len({i for i, _, _ in files})
         files += [(offset + r, f"{ims.name}{FEATURE_ROW}{r}", split) for r in range(shape[0])]
         captions += [(offset + j // per_image, text, split) for j, text in enumerate(lines)]
-    return _tables("precomp", root, files, captions, source.max_images)
+    if len(set(channels.values())) > 1:
+        raise LangdmlError(
+            "precomp: the splits' region features differ in width ("
+            + ", ".join(f"{k}: {v} channels" for k, v in channels.items())
+            + "); train and test must come from one feature extractor"
+        )
+    if len(set(per_split.values())) > 1:
+        log.info("precomp: captions per image differ between splits: %s", per_split)
+    return _tables("precomp", root, files, captions, source)

@@ -18,6 +18,7 @@ from stages.core.data.datasets.base import (
     require_root,
 )
 from stages.core.errors import LangdmlError
+from stages.core.io import read_text
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ N_TRAIN_CLASSES = 100
 def read_id_table(path: Path, dataset: str) -> dict[int, str]:
     """``<int id> <value>`` per line (the CUB annotation format); a malformed or repeated id is an error."""
     table: dict[int, str] = {}
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         key, _, value = line.strip().partition(" ")

@@ -26,7 +26,6 @@ import logging
 import shutil
 import subprocess
 import tarfile
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ from stages.core.data.datasets.base import (
     seeded_class_split,
 )
 from stages.core.errors import LangdmlError
-from stages.core.io import replace_directory, write_json
+from stages.core.io import replace_directory, staging_directory, write_json
 
 log = logging.getLogger(__name__)
 
@@ -191,14 +190,11 @@ def fetch_emoji(root: Path) -> Path:
             pass
         log.info("emoji: %s holds other package versions; fetching again", root)
     root.parent.mkdir(parents=True, exist_ok=True)
-    with (
-        tempfile.TemporaryDirectory(prefix=".emoji-npm-", dir=root.parent) as downloads,
-        tempfile.TemporaryDirectory(prefix=f".{root.name}-", dir=root.parent) as staging,
-    ):
-        out = Path(staging) / "emoji"
+    with staging_directory(root, "npm") as downloads, staging_directory(root) as staging:
+        out = staging / "emoji"
         for vendor in VENDORS:
             package = SOURCES[vendor]
-            tarball = npm_pack(package, Path(downloads))
+            tarball = npm_pack(package, downloads)
             wanted = {
                 "package/LICENSE": f"licenses/{package.name}.LICENSE",
                 "package/README.md": f"licenses/{package.name}.README.md",
@@ -209,7 +205,7 @@ def fetch_emoji(root: Path) -> Path:
             log.info("emoji: %d files from %s", n, package.spec)
             tarball.unlink()
         labels = SOURCES["emojibase"]
-        tarball = npm_pack(labels, Path(downloads))
+        tarball = npm_pack(labels, downloads)
         _members(
             tarball,
             {"package/en/data.json": LABELS_JSON, "package/LICENSE": f"licenses/{labels.name}.LICENSE"},

@@ -20,6 +20,7 @@ from stages.core.data.datasets.base import (
     require_root,
 )
 from stages.core.errors import LangdmlError
+from stages.core.io import read_text
 
 SPLIT_FILES = {"train": "Ebay_train.txt", "test": "Ebay_test.txt"}
 HEADER = ["image_id", "class_id", "super_class_id", "path"]
@@ -32,7 +33,7 @@ def super_class_name(paths: pl.Expr) -> pl.Expr:
 
 def read_ebay(path: Path) -> pl.DataFrame:
     """(class_id, path) in file order; the header and every line's shape are checked."""
-    lines = [line.split() for line in path.read_text().splitlines() if line.strip()]
+    lines = [line.split() for line in read_text(path).splitlines() if line.strip()]
     if not lines or lines[0] != HEADER:
         raise LangdmlError(f"sop: {path.name} must start with the header line '{' '.join(HEADER)}'")
     for lineno, parts in enumerate(lines[1:], 2):
