@@ -219,7 +219,7 @@ def gallery_figure(
     ``neighbours(emb, query_ids, k)`` finds them (default: exact cosine search, N x D embeddings; pass
     a set search for N x K x D).
     """
-    from stages.core.evaluation.metrics import nearest_neighbours
+    from stages.core.evaluation.search import nearest_neighbours
 
     find = neighbours or nearest_neighbours
     queries = pick_gallery_queries(labels, n_queries, seed)
