@@ -19,7 +19,13 @@ from tqdm.auto import tqdm
 
 from stages.core.errors import LangdmlError
 from stages.core.evaluation.nmi import KMEANS_RESTARTS, kmeans_assign, normalized_mutual_info
-from stages.core.evaluation.search import SearcherFactory, search_excluding_self, searcher_for
+from stages.core.evaluation.search import (
+    SearcherFactory,
+    drop_self,
+    search_excluding_self,
+    searcher_for,
+    self_search,
+)
 from stages.core.model.similarity import COSINE, SimilaritySpec
 from stages.core.vectors import l2_normalize
 
@@ -140,7 +146,13 @@ def retrieval_metrics(
     n, n_gallery = len(xq), len(xg) - (1 if leave_one_out else 0)
     k_max = min(n_gallery, max(ks[-1], int(r.max())))
     chunk = min(n, chunk_size or max(1, NEIGHBOUR_BUDGET // (k_max + 1)))
-    search = searcher(xg, k_max + 1) if searcher is not None else searcher_for(similarity, xg, k_max + 1)
+    # Leave-one-out under the cosine: the symmetric self-search (half the arithmetic) finds every row's
+    # neighbours at once; otherwise each chunk of queries searches the gallery.
+    symmetric = leave_one_out and searcher is None and not similarity.sets
+    if symmetric:
+        table = self_search(xq, k_max + 1)[1]
+    else:
+        search = searcher(xg, k_max + 1) if searcher is not None else searcher_for(similarity, xg, k_max + 1)
     log.info("k-NN of %d queries in %d gallery items: %d neighbours, %d queries per chunk", n, len(xg), k_max, chunk)
 
     # Per-query values, summed once at the end: the result does not depend on the chunking.
@@ -156,8 +168,10 @@ def retrieval_metrics(
         q_ids = np.arange(start, stop)[keep]
         k = min(n_gallery, max(ks[-1], int(r[q_ids].max())))
         depth = np.minimum(np.maximum(r[q_ids], ks[-1]), k)  # what this query's metrics read: R or the largest k
-        if leave_one_out:
-            _, ids = search_excluding_self(search, xq[q_ids], q_ids, k, depth)
+        if symmetric:
+            ids = drop_self(table[q_ids, : k + 1], q_ids)
+        elif leave_one_out:
+            ids = search_excluding_self(search, xq[q_ids], q_ids, k, depth)
         else:
             _, ids = search(np.ascontiguousarray(xq[q_ids], dtype=np.float32), k, depth)
         hits_all[q_ids], map_all[q_ids], rp_all[q_ids] = _chunk_scores(yg[ids] == yq[q_ids, None], r[q_ids], ks)

@@ -75,18 +75,23 @@ def searcher_for(similarity: SimilaritySpec, database: np.ndarray, max_k: int, *
 
 def search_excluding_self(
     search: Searcher, queries: np.ndarray, query_ids: np.ndarray, k: int, depth: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` nearest database rows of each query, without the query's own row.
+) -> np.ndarray:
+    """The ids of the ``k`` nearest database rows of each query, without the query's own row.
 
-    Searches ``k + 1`` (``depth + 1`` exact) and drops the entry whose id is the query's id; a query that
-    is not among its own ``k + 1`` results (many exact duplicates ahead of it) drops its last entry
-    instead. Needs ``k + 1 <= len(database)``.
+    Searches ``k + 1`` (``depth + 1`` exact) and drops the query's own id (:func:`drop_self`). Needs
+    ``k + 1 <= len(database)``.
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    scores, ids = search(queries, k + 1, None if depth is None else np.minimum(depth + 1, k + 1))
+    _, ids = search(queries, k + 1, None if depth is None else np.minimum(depth + 1, k + 1))
+    return drop_self(ids, query_ids)
+
+
+def drop_self(ids: np.ndarray, query_ids: np.ndarray) -> np.ndarray:
+    """``ids`` (Q x (k + 1)) without the entry that is the query's own id; a query that is not among its own
+    ``k + 1`` results (many exact duplicates ahead of it) drops its last entry instead."""
     keep = ids != query_ids[:, None]
     keep[:, -1] &= ~keep.all(axis=1)
-    return scores[keep].reshape(len(ids), k), ids[keep].reshape(len(ids), k)
+    return ids[keep].reshape(len(ids), ids.shape[1] - 1)
 
 
 def nearest_neighbours(
@@ -100,11 +105,46 @@ def nearest_neighbours(
     k = min(k, len(x) - 1)
     qids = np.asarray(query_ids, dtype=np.int64)
     search = searcher_for(similarity, x, k + 1)
-    _, ids = search_excluding_self(search, x[qids], qids, k)
-    return ids
+    return search_excluding_self(search, x[qids], qids, k)
 
 
 def top_k(query: np.ndarray, gallery: np.ndarray, k: int, similarity: SimilaritySpec = COSINE) -> np.ndarray:
     """Gallery ids (len(query) x k) of each query's k best, best first, by the searcher of ``similarity``."""
     q, g = similarity.layout(query), similarity.layout(gallery)
     return searcher_for(similarity, g, k)(q, k)[1]
+
+
+# Rows (and columns) of one block of the symmetric self-search: two 1024 x 1024 float32 blocks, 8 MB.
+SELF_BLOCK = 1024
+
+
+def self_search(x: np.ndarray, k: int, block: int = SELF_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's ``k`` best rows of ``x`` itself by inner product (N x k scores and ids, best first, the
+    row itself included as it scores), exactly as a flat index searched with all rows would give them.
+
+    The similarity is symmetric, so only the blocks of the upper triangle are multiplied: block (I, J)
+    updates the running top-k of rows I with S and of rows J with S^T, half the arithmetic of a full
+    search. The running top-k are faiss' own heaps, fed every row's candidates in increasing id order as a
+    flat index feeds them, so exact ties keep the lower id as they do there."""
+    import torch
+
+    faiss = load_faiss()
+    n = len(x)
+    k = min(k, n)
+    scores = np.empty((n, k), dtype=np.float32)
+    ids = np.empty((n, k), dtype=np.int64)
+    heaps = faiss.float_minheap_array_t()
+    heaps.nh, heaps.k = n, k
+    heaps.val, heaps.ids = faiss.swig_ptr(scores), faiss.swig_ptr(ids)
+    heaps.heapify()
+    rows = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    for i0 in range(0, n, block):
+        xi = rows[i0 : i0 + block]
+        for j0 in range(i0, n, block):
+            s = (xi @ rows[j0 : j0 + block].T).numpy()
+            heaps.addn(s.shape[1], faiss.swig_ptr(s), j0, i0, s.shape[0])
+            if j0 > i0:
+                t = np.ascontiguousarray(s.T)
+                heaps.addn(t.shape[1], faiss.swig_ptr(t), i0, j0, t.shape[0])
+    heaps.reorder()
+    return scores, ids
