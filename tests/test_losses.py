@@ -226,7 +226,14 @@ def test_wrong_loss_kwarg_and_unknown_loss_are_one_line_errors() -> None:
         build_dml_loss("arcface-typo", 4, 8)
 
 
-@pytest.mark.parametrize("name", DML_LOSSES.names())
+def _pml_losses() -> list[str]:
+    """The registered losses built on pytorch-metric-learning (the others compare by the head's spec)."""
+    import inspect
+
+    return [n for n in DML_LOSSES.names() if "similarity" not in inspect.signature(DML_LOSSES.get(n)).parameters]
+
+
+@pytest.mark.parametrize("name", _pml_losses())
 def test_every_loss_and_miner_take_a_pml_distance(name: str) -> None:
     """The plug for a set similarity: the distance reaches the loss and its miner, and the loss still trains."""
     from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
@@ -241,3 +248,60 @@ def test_every_loss_and_miner_take_a_pml_distance(name: str) -> None:
     loss = dml(emb, torch.arange(16) % 4)
     loss.backward()
     assert torch.isfinite(loss) and emb.grad is not None
+
+
+def _official_multisimilarity(emb: np.ndarray, labels: np.ndarray, a=2.0, b=40.0, margin=0.1, thresh=0.5) -> float:
+    """An independent reference: the official criteria/multisimilarity.py read literally (dim = 0: the
+    bounds and log-sum-exps run down each column j), in float64 loops."""
+    s = emb.astype(np.float64) @ emb.astype(np.float64).T
+    n = len(labels)
+    pos_s, neg_s = [], []
+    for j in range(n):
+        pos = [i for i in range(n) if labels[i] == labels[j] and i != j]
+        neg = [i for i in range(n) if labels[i] != labels[j]]
+        pos_bound = min(s[i, j] for i in pos) if pos else np.finfo(np.float64).max
+        neg_bound = max(s[i, j] for i in neg) if neg else np.finfo(np.float64).min
+        mined_pos = [i for i in pos if s[i, j] - margin < neg_bound]
+        mined_neg = [i for i in neg if s[i, j] + margin > pos_bound]
+        pos_s.append(np.log1p(sum(np.exp(-a * (s[i, j] - thresh)) for i in mined_pos)))
+        neg_s.append(np.log1p(sum(np.exp(b * (s[i, j] - thresh)) for i in mined_neg)))
+    softplus = lambda v: np.log1p(np.exp(v))  # noqa: E731
+    return softplus(np.mean(pos_s)) / a + softplus(np.mean(neg_s)) / b
+
+
+@pytest.mark.parametrize(
+    ("n", "classes", "dim", "seed"), [(12, 3, 8, 0), (30, 6, 16, 1), (40, 20, 4, 2), (16, 2, 32, 3)]
+)
+def test_multisimilarity_roth_equals_the_official_formula(n: int, classes: int, dim: int, seed: int) -> None:
+    from stages.core.training.losses import multisimilarity_roth
+
+    rng = np.random.default_rng(seed)
+    emb = rng.standard_normal((n, dim))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    labels = rng.permutation(np.arange(n) % classes)
+    ours = multisimilarity_roth(torch.tensor(emb, dtype=torch.float64), torch.tensor(labels))
+    assert ours.item() == pytest.approx(_official_multisimilarity(emb, labels), abs=1e-5)
+    loss = build_dml_loss("multisimilarity_roth", classes, dim, {"alpha": 2.0, "beta": 40.0})
+    assert loss(torch.tensor(emb, dtype=torch.float32), torch.tensor(labels)).item() == pytest.approx(
+        ours.item(), abs=1e-5
+    )
+    # Not pytorch-metric-learning's form: the softplus of batch means is another number.
+    pml = build_dml_loss("multisimilarity", classes, dim, {"alpha": 2.0, "beta": 40.0, "base": 0.5})
+    assert abs(pml(torch.tensor(emb, dtype=torch.float32), torch.tensor(labels)).item() - ours.item()) > 1e-3
+
+
+def test_multisimilarity_roth_on_sets_by_the_heads_similarity() -> None:
+    from stages.core.model.similarity import SimilaritySpec
+
+    rng = np.random.default_rng(5)
+    vectors = torch.nn.functional.normalize(torch.tensor(rng.standard_normal((12, 8)), dtype=torch.float32), dim=-1)
+    labels = torch.arange(12) % 4
+    chamfer = SimilaritySpec("smooth_chamfer", alpha=16.0)
+    on_sets = build_dml_loss("multisimilarity_roth", 4, 8, similarity=chamfer, slots=1)
+    torch.testing.assert_close(
+        on_sets(vectors[:, None], labels), build_dml_loss("multisimilarity_roth", 4, 8)(vectors, labels)
+    )
+    sets = torch.nn.functional.normalize(torch.randn(12, 3, 8), dim=-1).requires_grad_(True)
+    loss = build_dml_loss("multisimilarity_roth", 4, 8, similarity=chamfer, slots=3)(sets, labels)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(sets.grad).all()

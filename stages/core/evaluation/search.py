@@ -202,12 +202,19 @@ def self_search(x: np.ndarray, k: int, block: int = SELF_BLOCK) -> tuple[np.ndar
     n = len(x)
     heaps = _Heaps(n, min(k, n))
     rows = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    for i0 in range(0, n, block):
-        xi = rows[i0 : i0 + block]
-        for j0 in range(i0, n, block):
-            s = xi @ rows[j0 : j0 + block].T
-            heaps.feed(s, i0, j0, transposed=False)
-            if j0 > i0:
-                heaps.feed(s, i0, j0, transposed=True)
-    heaps.heaps.reorder()
+    # faiss' OpenMP threads would spin between the heap updates and steal the cores of torch's products
+    # (twice the time on 2 cores): the heap updates, a small share of the work, run on one thread.
+    faiss_threads = heaps.faiss.omp_get_max_threads()
+    heaps.faiss.omp_set_num_threads(1)
+    try:
+        for i0 in range(0, n, block):
+            xi = rows[i0 : i0 + block]
+            for j0 in range(i0, n, block):
+                s = xi @ rows[j0 : j0 + block].T
+                heaps.feed(s, i0, j0, transposed=False)
+                if j0 > i0:
+                    heaps.feed(s, i0, j0, transposed=True)
+        heaps.heaps.reorder()
+    finally:
+        heaps.faiss.omp_set_num_threads(faiss_threads)
     return heaps.scores, heaps.ids

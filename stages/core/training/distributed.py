@@ -59,6 +59,13 @@ def device_for(ctx: Context, device: torch.device) -> torch.device:
     return torch.device("cuda", ctx.local_rank) if device.type == "cuda" and ctx.distributed else device
 
 
+def world_size() -> int:
+    """Processes in the DDP group (1 outside one)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def gather_all(x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The global batch on every rank (this rank's rows first, with gradient; the others' without)."""
     from pytorch_metric_learning.utils import distributed as pml_dist

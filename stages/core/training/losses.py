@@ -70,6 +70,88 @@ def set_distance(like: Any, slots: int, similarity: SimilaritySpec) -> Any:
     return SetSimilarity() if like.is_inverted else SetL2()
 
 
+class SpecLoss(nn.Module):
+    """A base loss that compares embeddings by the head's :class:`SimilaritySpec` itself (sets included),
+    instead of through a pytorch-metric-learning distance; ``forward(embeddings, labels)``."""
+
+    def __init__(self, similarity: SimilaritySpec = COSINE) -> None:
+        super().__init__()
+        self.similarity = similarity
+
+
+def multisimilarity_roth(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float = 2.0,
+    beta: float = 40.0,
+    margin: float = 0.1,
+    threshold: float = 0.5,
+    similarity: SimilaritySpec = COSINE,
+) -> torch.Tensor:
+    """Multisimilarity in the form of Roth et al.'s official code (ExplainableML/LanguageGuidance_for_DML,
+    ``criteria/multisimilarity.py``), which the paper's omegas were tuned with:
+
+        L = softplus(mean_a P_a) / alpha + softplus(mean_a N_a) / beta,
+        P_a = log(1 + sum_{p in P*(a)} exp(-alpha (s_ap - lambda))),
+        N_a = log(1 + sum_{n in N*(a)} exp(beta (s_an - lambda)))
+
+    with the official mining: P*(a) = positives (self excluded) with s_ap - margin < max_n s_an, N*(a) =
+    negatives with s_an + margin > min_p s_ap (an anchor with none adds 0). Reduction: the mean over the B
+    anchors INSIDE the softplus (pytorch-metric-learning's ``MultiSimilarityLoss`` averages per-anchor
+    losses instead). S is ``similarity`` (the head's; the cosine, as the official ``smat``, for a linear
+    head)."""
+    sims = similarity(embeddings, embeddings)
+    same = labels[:, None] == labels[None, :]
+    pos = same & ~torch.eye(len(labels), dtype=torch.bool, device=sims.device)
+    neg = ~same
+    hardest_pos = sims.masked_fill(~pos, torch.inf).amin(dim=1, keepdim=True)
+    hardest_neg = sims.masked_fill(~neg, -torch.inf).amax(dim=1, keepdim=True)
+    pos_terms = _log1p_sum_exp(-alpha * (sims - threshold), pos & (sims - margin < hardest_neg))
+    neg_terms = _log1p_sum_exp(beta * (sims - threshold), neg & (sims + margin > hardest_pos))
+    return F.softplus(pos_terms.mean()) / abs(alpha) + F.softplus(neg_terms.mean()) / abs(beta)
+
+
+class MultiSimilarityRoth(SpecLoss):
+    """:func:`multisimilarity_roth` with its parameters (``losses.multisimilarity_roth``)."""
+
+    def __init__(
+        self,
+        alpha: float = 2.0,
+        beta: float = 40.0,
+        margin: float = 0.1,
+        threshold: float = 0.5,
+        similarity: SimilaritySpec = COSINE,
+    ) -> None:
+        super().__init__(similarity)
+        self.alpha, self.beta, self.margin, self.threshold = alpha, beta, margin, threshold
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        options = {"alpha": self.alpha, "beta": self.beta, "margin": self.margin, "threshold": self.threshold}
+        return multisimilarity_roth(embeddings, labels, similarity=self.similarity, **options)
+
+
+def _log1p_sum_exp(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per row: log(1 + sum over the masked entries of exp(value)), stably (0 for a row with none)."""
+    masked = values.masked_fill(~mask, -torch.inf)
+    return torch.logsumexp(torch.cat([masked, masked.new_zeros(len(masked), 1)], dim=1), dim=1)
+
+
+class _GatheredLoss(nn.Module):
+    """A :class:`SpecLoss` over the global batch under DDP: the other ranks' embeddings gathered without
+    gradient; multiplied by the world size, as pytorch-metric-learning's wrapper returns it."""
+
+    def __init__(self, loss: SpecLoss) -> None:
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, pairs: Any = None) -> torch.Tensor:
+        from stages.core.training.distributed import gather_all, world_size
+
+        emb, lab = gather_all(embeddings, labels)
+        return self.loss(emb, lab) * world_size()
+
+
 class DMLLoss(nn.Module):
     """A PML loss with its optional miner; labels must be dense 0..C-1 (proxies index by them).
 
@@ -92,11 +174,14 @@ class DMLLoss(nn.Module):
 
         # Not registered as submodules: the state dict keeps the plain loss's keys, so a checkpoint resumes
         # under any process count.
-        object.__setattr__(self, "_loss_fn", DistributedLossWrapper(self.loss))
+        wrapped = _GatheredLoss(self.loss) if isinstance(self.loss, SpecLoss) else DistributedLossWrapper(self.loss)
+        object.__setattr__(self, "_loss_fn", wrapped)
         if self.miner is not None:
             object.__setattr__(self, "_miner_fn", DistributedMinerWrapper(self.miner))
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.loss, SpecLoss):  # compares by the head's similarity itself, sets included
+            return self._loss_fn(embeddings, labels)
         if embeddings.ndim == 3:
             if not isinstance(self.loss.distance, _SetDistanceMixin):
                 raise ValueError("set embeddings (B x K x D) need a set distance (losses.set_distance)")
@@ -119,8 +204,9 @@ DMLFactory = Callable[..., DMLLoss]
 DML_LOSSES: Registry[DMLFactory] = Registry("DML loss")
 
 
-# Arguments every factory receives from the code, not from ``losses.<name>`` in params.yaml.
-_INJECTED = ("num_classes", "embed_dim", "distance")
+# Arguments every factory receives from the code, not from ``losses.<name>`` in params.yaml (``similarity``:
+# the head's spec, for the losses that compare by it themselves).
+_INJECTED = ("num_classes", "embed_dim", "distance", "similarity")
 
 
 def check_loss_kwargs(name: str, kwargs: dict[str, Any]) -> None:
@@ -149,6 +235,8 @@ def build_dml_loss(
     kwargs = dict(kwargs or {})
     check_loss_kwargs(name, kwargs)
     factory = DML_LOSSES.get(name)
+    if "similarity" in inspect.signature(factory).parameters:  # a SpecLoss: sets need no adapter
+        return factory(num_classes, embed_dim, similarity=similarity, **kwargs)
     if not similarity.sets:
         return factory(num_classes, embed_dim, distance=distance, **kwargs)
     with torch.random.fork_rng(devices=[]):  # a throwaway build: it must not move the RNG (proxies' init)
@@ -177,6 +265,20 @@ def _multisimilarity(
         losses.MultiSimilarityLoss(alpha, beta, base, **_with(distance)),
         miners.MultiSimilarityMiner(epsilon, **_with(distance)),
     )
+
+
+@DML_LOSSES.register("multisimilarity_roth")
+def _multisimilarity_roth(
+    num_classes: int,
+    embed_dim: int,
+    alpha: float = 2.0,
+    beta: float = 40.0,
+    margin: float = 0.1,
+    threshold: float = 0.5,
+    similarity: SimilaritySpec = COSINE,
+) -> DMLLoss:
+    """Roth et al.'s own multisimilarity (official defaults: alpha 2, beta 40, margin 0.1, threshold 0.5)."""
+    return DMLLoss(MultiSimilarityRoth(alpha, beta, margin, threshold, similarity))
 
 
 @DML_LOSSES.register("margin")
