@@ -173,6 +173,40 @@ def xm_evaluate(params: ParamsOpt = Path("params.yaml")) -> None:
     _run_stage("xm_evaluate", params)
 
 
+@app.command()
+def recipe(
+    name: Annotated[str | None, typer.Argument(help="e.g. roth22/cub200-rn512-ms-plg; none: list them")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", "-S", help="key=value on top of the recipe")] = None,
+    docs: Annotated[bool, typer.Option("--docs", help="print docs/recipes.md")] = False,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Write a paper's official run (a named recipe, docs/recipes.md) into params.yaml; then `dvc exp run`."""
+    import yaml
+
+    from stages.core.recipe import apply_recipe, recipe_names, recipes_markdown
+
+    if docs:
+        typer.echo(recipes_markdown(), nl=False)
+        return
+    if name is None:
+        for known in recipe_names():
+            typer.echo(known)
+        return
+    try:
+        overrides = {}
+        for item in set_ or []:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise LangdmlError(f"--set {item!r}: expected key=value")
+            overrides[key] = yaml.safe_load(value)
+        changed = apply_recipe(params, name, overrides)
+    except LangdmlError as err:
+        _fail("recipe", err)
+    for line in changed:
+        typer.echo(line)
+    typer.echo(f"{params}: {len(changed)} value(s) set by {name}; run `dvc exp run` (DVC tracks every one of them)")
+
+
 @app.command("list")
 def list_registries() -> None:
     """List every registry: datasets, text encoders, classifiers, backbones, losses, guidances, ..."""

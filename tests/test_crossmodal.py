@@ -121,7 +121,8 @@ def test_hardest_negative_triplet_by_hand() -> None:
     # (0,a): hardest caption of 0 is c 0.8 -> 0.2-0.9+0.8 = 0.1; hardest image of a is 1 (0.3) -> 0.2-0.9+0.3 < 0.
     # (0,b): 0.2-0.5+0.8 = 0.5; image side 0.2-0.5+0.6 = 0.3.
     # (1,c): hardest caption of 1 is b 0.6 -> 0.2-0.7+0.6 = 0.1; image side 0.2-0.7+0.8 = 0.3.
-    assert hardest_negative_triplet(sim, positive, margin=0.2).item() == pytest.approx(0.1 + 0.5 + 0.3 + 0.1 + 0.3)
+    # Means over the 3 positive pairs in each direction: i2t (0.1 + 0.5 + 0.1) / 3, t2i (0 + 0.3 + 0.3) / 3.
+    assert hardest_negative_triplet(sim, positive, margin=0.2).item() == pytest.approx(0.7 / 3 + 0.6 / 3)
     all_positive = hardest_negative_triplet(sim, torch.ones(2, 3, dtype=torch.bool))
     assert all_positive.item() == 0.0
 
@@ -147,24 +148,56 @@ def test_mmd_exp_kernel_by_hand_and_gradient() -> None:
     assert mmd_exp_kernel(y, y).item() == pytest.approx(0.0)
 
 
-def test_sum_of_violations_by_hand() -> None:
+def test_vse0_mean_of_violations_by_hand() -> None:
     sim = torch.tensor([[0.9, 0.5, 0.8], [0.3, 0.6, 0.7]])
     positive = torch.tensor([[True, True, False], [False, False, True]])
     # (0,a): captions c -> 0.1; images 1 -> [0.2-0.9+0.3]_+ = 0.  (0,b): c -> 0.5; images 1 -> 0.3.
     # (1,c): captions a -> [0.2-0.7+0.3]_+ = 0, b -> 0.1; images 0 -> 0.3.
+    # Means over the (pair, negative) combinations: i2t 4 of them (0.1, 0.5, 0, 0.1), t2i 3 (0, 0.3, 0.3).
     got = hardest_negative_triplet(sim, positive, margin=0.2, hardest=False)
-    assert got.item() == pytest.approx(0.1 + 0.5 + 0.3 + 0.1 + 0.3)
+    assert got.item() == pytest.approx(0.7 / 4 + 0.6 / 3)
     rng = torch.Generator().manual_seed(0)
     big = torch.rand(5, 7, generator=rng)
     pos = torch.zeros(5, 7, dtype=torch.bool)
     pos[torch.arange(7) % 5, torch.arange(7)] = True
-    want = 0.0
+    i2t, t2i = [], []
     for i in range(5):
         for c in range(7):
             if pos[i, c]:
-                want += sum(max(0.0, 0.2 - big[i, c] + big[i, o]) for o in range(7) if not pos[i, o])
-                want += sum(max(0.0, 0.2 - big[i, c] + big[o, c]) for o in range(5) if not pos[o, c])
-    assert hardest_negative_triplet(big, pos, hardest=False).item() == pytest.approx(float(want), rel=1e-5)
+                i2t += [max(0.0, 0.2 - big[i, c] + big[i, o]) for o in range(7) if not pos[i, o]]
+                t2i += [max(0.0, 0.2 - big[i, c] + big[o, c]) for o in range(5) if not pos[o, c]]
+    want = float(np.mean(i2t) + np.mean(t2i))
+    assert hardest_negative_triplet(big, pos, hardest=False).item() == pytest.approx(want, rel=1e-5)
+
+
+def _official_triplet(sim: np.ndarray, per_image: int, margin: float, max_violation: bool) -> float:
+    """An independent reading of DivE's AsymmetricTripletLoss (loss.py) on a batch of B images whose T
+    captions are columns i*T .. i*T+T-1: i2t, for each image and each of its captions, the hinge against the
+    other images' captions, max-violation or all, then the mean; t2i, for each caption, against the other
+    images, then the mean; their sum."""
+    b, n = sim.shape
+    i2t, t2i = [], []
+    for i in range(b):
+        own = range(i * per_image, (i + 1) * per_image)
+        others = [c for c in range(n) if c not in own]
+        for c in own:
+            hinge = [max(0.0, margin + sim[i, o] - sim[i, c]) for o in others]
+            i2t += [max(hinge)] if max_violation else hinge
+    for c in range(n):
+        i = c // per_image
+        hinge = [max(0.0, margin + sim[o, c] - sim[i, c]) for o in range(b) if o != i]
+        t2i += [max(hinge)] if max_violation else hinge
+    return float(np.mean(i2t) + np.mean(t2i))
+
+
+@pytest.mark.parametrize("per_image", [1, 2, 5])
+@pytest.mark.parametrize("hardest", [True, False])
+def test_hardest_negative_triplet_equals_the_official_reduction(per_image: int, hardest: bool) -> None:
+    rng = np.random.default_rng(per_image)
+    sim = rng.uniform(-1, 1, size=(6, 6 * per_image))
+    positive = np.repeat(np.eye(6, dtype=bool), per_image, axis=1)
+    got = hardest_negative_triplet(torch.tensor(sim), torch.tensor(positive), margin=0.2, hardest=hardest)
+    assert got.item() == pytest.approx(_official_triplet(sim, per_image, 0.2, hardest), abs=1e-6)
 
 
 def test_chunked_all_pairs_top_k_merges_chunks_exactly() -> None:

@@ -143,7 +143,7 @@ def test_training_lowers_the_loss_exports_and_resumes(tmp_path, monkeypatch) -> 
     history = train_crossmodal(data, mp, tp, 0, paths, []).history
     assert history[-1]["loss/triplet"] < history[0]["loss/triplet"]
     terms = {"loss/triplet", "loss/mmd", "loss/diversity", "loss/total"}
-    assert set(history[0]) == {"epoch", *terms, "lr/heads", "images_per_s"}
+    assert set(history[0]) == {"epoch", *terms, "lr/image", "lr/text", "lr/text_set", "images_per_s"}
     untimed = [{k: v for k, v in row.items() if k not in TIMINGS} for row in history]
     model = load_crossmodal(paths.model, torch.device("cpu"))
     sets = embed_sets(model.image, data.images, torch.device("cpu"))
@@ -193,3 +193,41 @@ def test_precomp_layout_rows_and_captions(tmp_path) -> None:
     (tmp_path / "testall_caps.txt").write_text("a\nb\nc\n")
     with pytest.raises(LangdmlError, match="whole number of captions per image"):
         CAPTION_DATASETS.get("precomp")(CrossModalDataParams(name="precomp", root=str(tmp_path)))
+
+
+def test_batches_are_images_with_all_their_captions_and_one_view_each() -> None:
+    from stages.core.imagetext.objective import ImageBatches
+
+    data = _toy_data()
+    batches = ImageBatches(data.caption_image_ids, data.image_ids, batch_size=4, seed=3)
+    assert len(batches) == 2  # 6 images: 4 + 2
+    epoch = list(batches.epoch(0))
+    shown = np.concatenate([data.image_ids[files] for files, _ in epoch])
+    assert sorted(shown.tolist()) == list(range(6))  # every image once per epoch
+    for files, caps in epoch:
+        ids = data.image_ids[files]
+        assert len(set(ids.tolist())) == len(ids)
+        assert sorted(data.caption_image_ids[caps].tolist()) == sorted(np.repeat(ids, 2).tolist())  # all captions
+    again = list(ImageBatches(data.caption_image_ids, data.image_ids, batch_size=4, seed=3).epoch(0))
+    assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(epoch, again, strict=True))
+    assert len(ImageBatches(data.caption_image_ids, data.image_ids, batch_size=5, seed=3)) == 1  # a lone image: dropped
+
+
+def test_parameter_groups_have_dives_learning_rate_scales() -> None:
+    from stages.core.imagetext.objective import CrossModalObjective
+
+    data = _toy_data()
+    mp = CrossModalModelParams(embed_dim=16, slots=2, slot_depth=1, slot_heads=2)
+    model = CrossModalModel(data.images.channels, data.captions.channels, mp)
+    scales = {"image": 0.1, "text": 1.0, "text_set": 0.1}
+    objective = CrossModalObjective(
+        model, data, margin=0.2, warmup_epochs=0, mmd=0.01, diversity=0.01, lr=1e-3, lr_scales=scales
+    )
+    groups = {g["name"]: g for g in objective.param_groups()}
+    assert {name: g["lr"] for name, g in groups.items()} == pytest.approx(
+        {"image": 1e-4, "text": 1e-3, "text_set": 1e-4}
+    )
+    counted = sum(p.numel() for g in groups.values() for p in g["params"])
+    assert counted == sum(p.numel() for p in model.parameters())  # every parameter in exactly one group
+    assert any(p is model.text.queries for p in groups["text_set"]["params"])
+    assert any(p is model.text.local.weight for p in groups["text"]["params"])

@@ -170,7 +170,7 @@ XM_WORKER = textwrap.dedent(
 
     root = Path(sys.argv[1])
     mp = CrossModalModelParams(embed_dim=16, slots=2, slot_depth=1, slot_heads=2)
-    tp = CrossModalTrainParams(epochs=2, batch_size=7, lr=3e-3, warmup_epochs=1, device="cpu")
+    tp = CrossModalTrainParams(epochs=2, batch_size=5, lr=3e-3, warmup_epochs=1, device="cpu")
     paths = CrossModalPaths(root / "model", root / "ckpt" / "last.pt", root / "logs")
     train_crossmodal(_toy_data(), mp, tp, 0, paths, [])
     """
@@ -179,7 +179,8 @@ XM_WORKER = textwrap.dedent(
 
 @pytest.mark.slow
 def test_crossmodal_two_processes_equal_one(tmp_path: Path) -> None:
-    """12 captions in global batches of 7 and 5: uneven shares (4 + 3, 3 + 2), a warm-up and a hardest epoch."""
+    """6 images (12 captions) in global batches of 5 images: uneven shares (3 + 2 images, 5 + 5 captions), a
+    warm-up and a hardest epoch."""
     script = tmp_path / "xm_worker.py"
     script.write_text(XM_WORKER.format(tests=str(TESTS)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -265,11 +265,14 @@ class CrossModalModelParams(_SlotHeadsCheck):
 
 class CrossModalTrainParams(_Section):
     epochs: PositiveInt = 30
-    batch_size: Annotated[int, Field(ge=2)] = 128
+    batch_size: Annotated[int, Field(ge=2)] = 64  # images per batch, each with all its captions (DivE: 200)
     lr: PositiveFloat = 1e-3
+    image_lr_scale: PositiveFloat = 0.1  # DivE's img_pie_lr_scale: the image tower (no CNN on cached features)
+    text_lr_scale: PositiveFloat = 1.0  # DivE's txt_lr_scale: the text tower but its set module
+    text_set_lr_scale: PositiveFloat = 0.1  # DivE's txt_pie_lr_scale: the text tower's set prediction module
     weight_decay: Annotated[float, Field(ge=0)] = 1e-4
     margin: PositiveFloat = 0.2  # VSE++ hardest-negative triplet margin
-    warmup_epochs: NonNegInt = 1  # epochs that sum every negative's violation before the hardest take over
+    warmup_epochs: NonNegInt = 0  # epochs that average every negative's violation (VSE0) before the hardest
     mmd: Annotated[float, Field(ge=0)] = 0.01
     diversity: Annotated[float, Field(ge=0)] = 0.01
     clip: PositiveFloat | None = 1.0  # gradient-norm clipping; null = off
@@ -329,6 +332,7 @@ class TrainConfig(_Section):
 
 
 class Params(_Section):
+    recipe: str | None = None  # the recipe last written in (`langdml recipe NAME`), for the record; no stage reads it
     seed: Seed = 0
     omega: Omega = 1.0
     dataset: DatasetParams = DatasetParams()

@@ -46,6 +46,10 @@ class MaxPoolHead(nn.Module):
             nn.Linear(embed_dim, embed_dim // 2), nn.ReLU(), nn.Linear(embed_dim // 2, embed_dim)
         )
 
+    def set_module(self) -> list[nn.Parameter]:
+        """No set prediction module: one pooled vector."""
+        return []
+
     def forward_tokens(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, Any]:
         local = self.local(tokens)
         local = local + self.local_mlp(local)

@@ -1,5 +1,6 @@
-"""The image-text objective (DivE's task) for the shared loop: batches of captions with an image view
-each, both set heads, and the named terms ``triplet``, ``mmd`` and ``diversity``."""
+"""The image-text objective (DivE's task) for the shared loop, as kdwonn/DivE trains it: batches of images
+with all their captions, DivE's parameter groups, both set heads, and the named terms ``triplet`` (the
+max-violation triplet with the official mean reduction), ``mmd`` and ``diversity`` (both modalities, summed)."""
 
 from __future__ import annotations
 
@@ -40,33 +41,41 @@ def _views(image_ids: np.ndarray) -> dict[int, np.ndarray]:
     return {int(i): rows for i, rows in zip(ids, np.split(order, starts[1:]), strict=True)}
 
 
-class CaptionBatches:
-    """(image file rows, caption rows) per global step: captions in a seeded random order, each with one
-    file of its image drawn at random (the views of an image id). A last batch smaller than ``min_size`` is
-    dropped: a lone caption has no negative, and under DDP every process needs a row."""
+class ImageBatches:
+    """DivE's batches (kdwonn/DivE ``data.py``): ``batch_size`` images in a seeded random order, each with one
+    of its files drawn at random (the views of an image id) and ALL its captions, so a dataset with T captions
+    per image gives B x T captions per batch and an epoch is one pass over the images. A last batch of fewer
+    than ``min_size`` images is dropped: a lone image has no negative, and under DDP every process needs one."""
 
     def __init__(
-        self, caption_image_ids: np.ndarray, image_ids: np.ndarray, batch_size: int, seed: int, min_size: int = 2
+        self,
+        caption_image_ids: np.ndarray,
+        image_ids: np.ndarray,
+        batch_size: int,
+        seed: int,
+        min_size: int = 2,
     ) -> None:
         if set(caption_image_ids.tolist()) - set(image_ids.tolist()):
             raise LangdmlError("some training captions show an image with no image file; re-run `langdml xm-prepare`")
-        self.caption_image_ids = caption_image_ids
         self.views = _views(image_ids)
-        self.batch_size, self.seed, self.min_size = batch_size, seed, min_size
-        self.starts = range(0, len(caption_image_ids) - (min_size - 1), batch_size)
+        self.captions = _views(caption_image_ids)
+        self.ids = np.array(sorted(set(self.views) & set(self.captions)), dtype=np.int64)
+        self.batch_size, self.seed = batch_size, seed
+        self.starts = range(0, len(self.ids) - (min_size - 1), batch_size)
         if len(self.starts) <= 0:
-            raise LangdmlError("the training split has fewer than 2 captions; nothing to train on")
+            raise LangdmlError("the training split has fewer than 2 captioned images; nothing to train on")
 
     def __len__(self) -> int:
         return len(self.starts)
 
     def epoch(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(image file rows, caption rows) per step: B files, then the captions of those images in order."""
         rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self.caption_image_ids))
+        order = self.ids[rng.permutation(len(self.ids))]
         for start in self.starts:
-            caps = order[start : start + self.batch_size]
-            imgs = np.array([rng.choice(self.views[int(i)]) for i in self.caption_image_ids[caps]])
-            yield imgs, caps
+            chosen = order[start : start + self.batch_size]
+            files = np.array([rng.choice(self.views[int(i)]) for i in chosen])
+            yield files, np.concatenate([self.captions[int(i)] for i in chosen])
 
 
 class CrossModalObjective(nn.Module):
@@ -85,9 +94,13 @@ class CrossModalObjective(nn.Module):
         warmup_epochs: int,
         mmd: float,
         diversity: float,
+        lr: float = 1e-3,
+        lr_scales: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
+        self.lr = lr
+        self.lr_scales = {"image": 1.0, "text": 1.0, "text_set": 1.0, **(lr_scales or {})}
         self.data = data
         self.margin = margin
         self.warmup_epochs = warmup_epochs
@@ -97,7 +110,16 @@ class CrossModalObjective(nn.Module):
         self.hardest = warmup_epochs == 0
 
     def param_groups(self) -> list[dict[str, Any]]:
-        return [{"params": list(self.model.parameters()), "name": "heads"}]
+        """DivE's groups (``train.py``): the image tower at ``image_lr_scale`` (officially every image-encoder
+        parameter but the CNN, which cached features do not have), the text tower's set prediction module
+        at ``text_set_lr_scale`` and the rest of the text tower at ``text_lr_scale``, times the lr."""
+        text_set = {id(p) for p in self.model.text.set_module()}
+        groups = [
+            ("image", list(self.model.image.parameters()), self.lr_scales["image"]),
+            ("text", [p for p in self.model.text.parameters() if id(p) not in text_set], self.lr_scales["text"]),
+            ("text_set", self.model.text.set_module(), self.lr_scales["text_set"]),
+        ]
+        return [{"params": params, "lr": self.lr * scale, "name": name} for name, params, scale in groups if params]
 
     def set_epoch(self, epoch: int) -> None:
         """VSE0 (every negative) during the warm-up epochs, the hardest negative after."""
@@ -109,10 +131,10 @@ class CrossModalObjective(nn.Module):
 
     def inputs(self, batch: tuple[np.ndarray, np.ndarray], device: torch.device) -> tuple[Any, ...]:
         imgs, caps = batch
-        mine = np.array_split(np.arange(len(caps)), self.ctx.world)[self.ctx.rank]  # this rank's contiguous share
+        world, rank = self.ctx.world, self.ctx.rank  # each rank embeds its contiguous share of both
         return (
-            self.data.images.batch(imgs[mine], device),
-            self.data.captions.batch(caps[mine], device),
+            self.data.images.batch(np.array_split(imgs, world)[rank], device),
+            self.data.captions.batch(np.array_split(caps, world)[rank], device),
             torch.as_tensor(self.data.image_ids[imgs], device=device),
             torch.as_tensor(self.data.caption_image_ids[caps], device=device),
         )
@@ -135,7 +157,7 @@ class CrossModalObjective(nn.Module):
                 self.model.score(img_emb, txt_emb), positive, self.margin, self.hardest
             ),
             "mmd": mmd_exp_kernel(img_emb.reshape(-1, dim), txt_emb.reshape(-1, dim)),
-            "diversity": (slot_diversity(img_res) + slot_diversity(txt_res)) / 2,
+            "diversity": slot_diversity(img_res) + slot_diversity(txt_res),  # summed, as DivE's uniformity terms
         }
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,10 +198,17 @@ def train_crossmodal(
     contiguous share; the terms are computed on the gathered global batch, so a run depends on the global
     batch size, not on the process count."""
     run = start_run(tp.device, seed)
-    batches = CaptionBatches(data.caption_image_ids, data.image_ids, tp.batch_size, seed, max(2, run.ctx.world))
+    batches = ImageBatches(data.caption_image_ids, data.image_ids, tp.batch_size, seed, max(2, run.ctx.world))
     model = CrossModalModel(data.images.channels, data.captions.channels, mp)
     objective = CrossModalObjective(
-        model, data, margin=tp.margin, warmup_epochs=tp.warmup_epochs, mmd=tp.mmd, diversity=tp.diversity
+        model,
+        data,
+        margin=tp.margin,
+        warmup_epochs=tp.warmup_epochs,
+        mmd=tp.mmd,
+        diversity=tp.diversity,
+        lr=tp.lr,
+        lr_scales={"image": tp.image_lr_scale, "text": tp.text_lr_scale, "text_set": tp.text_set_lr_scale},
     ).to(run.device)
     optimizer = build_optimizer(tp.optimizer, objective.param_groups(), tp.lr, tp.weight_decay)
     schedule = build_schedule(tp.scheduler, optimizer, ScheduleSpec(tp.epochs, len(batches)))

@@ -138,6 +138,11 @@ class DivEHead(nn.Module):
         self.norm_slots = nn.LayerNorm(embed_dim)
         self.norm_global = nn.LayerNorm(embed_dim)
 
+    def set_module(self) -> list[nn.Parameter]:
+        """The set prediction module (DivE's ``spm``: slot queries, the slot block, the output norms), which
+        the official image-text training gives its own learning rate."""
+        return [self.queries, *self.block.parameters(), *self.norm_slots.parameters(), *self.norm_global.parameters()]
+
     def forward_tokens(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, Any]:
         """``tokens`` B x N x C (grid cells, regions or words), ``mask`` B x N with True at padding."""
         local = self.local(tokens)

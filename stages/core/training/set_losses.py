@@ -28,30 +28,36 @@ def slot_diversity(residual: torch.Tensor) -> torch.Tensor:
 def hardest_negative_triplet(
     sim: torch.Tensor, positive: torch.Tensor, margin: float = 0.2, hardest: bool = True
 ) -> torch.Tensor:
-    """VSE++'s max-violation triplet loss in both directions, summed over the positive pairs (as VSE++ and
-    DivE sum over the batch): for each positive (image i, caption c),
-    ``[m - s(i, c) + max_{c' not of i} s(i, c')]_+ + [m - s(i, c) + max_{i' not of c} s(i', c)]_+``.
+    """VSE++'s max-violation triplet loss in both directions with DivE's reduction (kdwonn/DivE ``loss.py``,
+    ``AsymmetricTripletLoss.triplet_ranking_loss``, ``reduction='mean'``): the MEAN over the positive pairs
+    (image i, caption c) of ``[m - s(i, c) + max_{c' not of i} s(i, c')]_+`` (image to text), plus the mean
+    over them of ``[m - s(i, c) + max_{i' not of c} s(i', c)]_+`` (text to image). With every image's T
+    captions in the batch, the first is the official mean over T x B, the second over the B x T captions.
 
     ``sim`` is images x captions, ``positive`` the same-shape mask (every caption of an image in the batch
-    is a positive, so an image that appears twice is no negative of its own captions). A row or column
-    with no negative adds nothing. ``hardest=False`` sums the violations of every negative instead (VSE0),
-    what VSE-infinity trains with in its first epoch before the hardest negatives take over.
+    is a positive). A pair with no negative in a direction adds 0 there. ``hardest=False`` (VSE0, the
+    official ``max_violation`` off, e.g. during ``warm_epoch``) averages the violations over every
+    (positive pair, negative) combination of each direction instead.
     """
     if sim.shape != positive.shape:
         raise ValueError(f"sim {tuple(sim.shape)} and positive {tuple(positive.shape)} must have the same shape")
+    n_pos = positive.sum().clamp_min(1)
     if not hardest:
         pair = sim.unsqueeze(2)  # [i, c, 1]: the positive pair's score
         caption_side = F.relu(margin - pair + sim.unsqueeze(1))  # [i, c, c']: other captions of image i
         image_side = F.relu(margin - pair + sim.T.unsqueeze(0))  # [i, c, i']: other images of caption c
         is_pair = positive.unsqueeze(2)
-        return (caption_side * (is_pair & ~positive.unsqueeze(1))).sum() + (
-            image_side * (is_pair & ~positive.T.unsqueeze(0))
-        ).sum()
+        caption_mask = is_pair & ~positive.unsqueeze(1)
+        image_mask = is_pair & ~positive.T.unsqueeze(0)
+        return (caption_side * caption_mask).sum() / caption_mask.sum().clamp_min(1) + (
+            image_side * image_mask
+        ).sum() / image_mask.sum().clamp_min(1)
     negatives = sim.masked_fill(positive, -math.inf)
     hard_caption = negatives.max(dim=1, keepdim=True).values  # per image
     hard_image = negatives.max(dim=0, keepdim=True).values  # per caption
-    cost = F.relu(margin - sim + hard_caption) + F.relu(margin - sim + hard_image)
-    return cost.masked_fill(~positive, 0).sum()
+    i2t = F.relu(margin - sim + hard_caption).masked_fill(~positive, 0).sum() / n_pos
+    t2i = F.relu(margin - sim + hard_image).masked_fill(~positive, 0).sum() / n_pos
+    return i2t + t2i
 
 
 def mmd_exp_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
