@@ -5,6 +5,7 @@ scratch folder that links to everything in data/ except what `xm-train` and `xm-
 same grid through DVC is `dvc exp run --queue -S crossmodal.model.head=maxpool,dive -S seed=0,1,2`.
 
     python benchmarks/crossmodal_table.py --seeds 0 1 2
+    python benchmarks/crossmodal_table.py --set crossmodal.train.image_lr_scale=1.0   # an ablation
 """
 
 from __future__ import annotations
@@ -48,11 +49,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--slots", type=int, default=4, help="K of the DivE rows")
+    ap.add_argument("--set", nargs="*", default=[], help="key=value params for every run (an ablation)")
     args = ap.parse_args()
     for name in ("prepared", "features"):
         if not (REPO / "data" / "crossmodal" / name).exists():
             raise SystemExit(f"data/crossmodal/{name} is missing: run `dvc repro` first")
     base = yaml.safe_load((REPO / "params.yaml").read_text())
+    for item in args.set:
+        key, _, value = item.partition("=")
+        *parents, leaf = key.split(".")
+        node = base
+        for part in parents:
+            node = node[part]
+        node[leaf] = yaml.safe_load(value)
     configs = [
         ("maxpool, K = 1", {"head": "maxpool"}),
         (f"DivE, K = {args.slots}", {"head": "dive", "slots": args.slots}),

@@ -40,6 +40,20 @@ def read_pretrained_metrics(path: Path) -> dict[str, Any]:
     return {f"pretrained/{k}": v for k, v in control.items()}
 
 
+def read_best_epoch(path: Path) -> dict[str, Any]:
+    """``best_epoch/...``: the official protocol's summary of the test metrics taken during training
+    (``train.evaluate_every``); nothing when there are none."""
+    from stages.core.evaluation.per_epoch import best_epoch
+
+    if not path.is_file():
+        return {}
+    try:
+        rows = json.loads(path.read_text())["epochs"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise LangdmlError(f"{path}: unreadable ({err}); re-run `langdml train`") from None
+    return best_epoch(rows)
+
+
 def check_control(control: dict[str, Any], labels: Any) -> None:
     """The control must be of this test split: the same number of test images and classes (run by hand after
     a change of ``dataset``, ``langdml evaluate`` would otherwise merge another dataset's control)."""
@@ -139,5 +153,5 @@ def run(params: Params) -> None:
     skipped = similarity_picture(params, emb, labels)
     if skipped:
         log.info("similarity.png skipped: %s", skipped)
-    write_json(paths.METRICS, {**metrics, **control})
+    write_json(paths.METRICS, {**metrics, **read_best_epoch(paths.TEST_PER_EPOCH), **control})
     log.info("metrics: %s", format_metrics(metrics))

@@ -36,6 +36,7 @@ IMAGE_CACHE = DATA / "image_cache"  # train.image_cache: images.npy + index.parq
 MODEL = DATA / "model"
 MODEL_WEIGHTS = MODEL / "model.safetensors"
 MODEL_CONFIG = MODEL / "config.json"
+TEST_PER_EPOCH = MODEL / "test_per_epoch.json"  # train.evaluate_every: the test metrics during training
 CHECKPOINT = DATA / "checkpoint"
 CHECKPOINT_FILE = CHECKPOINT / "last.pt"
 TRAIN_LOGS = DATA / "train"

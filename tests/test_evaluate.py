@@ -326,3 +326,22 @@ def test_cli_error_is_one_line(workdir: Path) -> None:
     assert result.exit_code == 1
     out = result.output.strip()
     assert out.count("\n") == 0 and "langdml evaluate: error:" in out and "evaluate-pretrained" in out
+
+
+def test_best_epoch_summary_is_read_from_the_training_test_metrics(tmp_path: Path) -> None:
+    path = tmp_path / "test_per_epoch.json"
+    assert evaluate.read_best_epoch(path) == {}
+    rows = [
+        {"epoch": 1.0, "test/recall@1": 0.5, "test/map@r": 0.2},
+        {"epoch": 2.0, "test/recall@1": 0.7, "test/map@r": 0.3},
+        {"epoch": 3.0, "test/recall@1": 0.6, "test/map@r": 0.35},
+    ]
+    path.write_text(json.dumps({"every": 1, "epochs": rows}))
+    assert evaluate.read_best_epoch(path) == {
+        "best_epoch/epoch": 2,
+        "best_epoch/recall@1": 0.7,
+        "best_epoch/map@r": 0.3,
+    }
+    path.write_text("{broken")
+    with pytest.raises(LangdmlError, match=r"test_per_epoch\.json: unreadable"):
+        evaluate.read_best_epoch(path)

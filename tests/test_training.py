@@ -502,3 +502,32 @@ def test_one_loop_runs_any_objective_with_its_schedule_hook_and_evaluation(tmp_p
     assert resumed.resumed_from == 2
     for a, b in zip(objective.state_dict().values(), again.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_per_epoch_test_metrics_follow_the_official_protocol_and_leave_training_untouched(tmp_path: Path) -> None:
+    """train.evaluate_every: test metrics after every epoch, logged as test/<metric>; the best epoch is the
+    official summary (best_epoch/...); and evaluating moves no random number, so the weights equal a run
+    that never evaluated."""
+    from stages.core.data.transforms import eval_transform
+    from stages.core.evaluation.per_epoch import best_epoch, per_epoch_metrics
+
+    def evaluation(model):
+        dataset = TinyImages(eval_transform(32, model.mean, model.std))
+        return per_epoch_metrics(model, dataset, device=torch.device("cpu"), seed=0)
+
+    paths = train_paths(tmp_path / "evaluated")
+    write_class_embeddings(paths.class_embeddings)
+    params = tiny_params(train={"epochs": 3, "evaluate_every": 1})
+    result = train_dml(params, IMAGES, paths, class_names=CLASS_NAMES, evaluation=evaluation)
+    assert [int(r["epoch"]) for r in result.history if "test/recall@1" in r] == [1, 2, 3]
+    assert {"test/map@r", "test/nmi", "test/recall@8"} <= set(result.history[0])
+    rows = (paths.log_dir / "plots" / "metrics" / "test" / "recall@1.tsv").read_text().splitlines()
+    assert len(rows) == 4  # a DVC plot: header + one row per epoch
+    summary = best_epoch(result.history)
+    best = max(result.history, key=lambda r: r["test/recall@1"])
+    assert summary["best_epoch/epoch"] == int(best["epoch"]) and summary["best_epoch/map@r"] == best["test/map@r"]
+    plain, plain_paths = run_fit(tmp_path / "plain", train={"epochs": 3})
+    a = load_file(paths.model_dir / "model.safetensors")
+    b = load_file(plain_paths.model_dir / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert best_epoch(plain.history) == {}

@@ -207,6 +207,7 @@ class TrainParams(_Section):
     deterministic: bool = False
     diversity: Annotated[float, Field(ge=0)] = 0.01  # weight of DivE's slot-diversity term (set heads only)
     nproc: PositiveInt = 1  # processes (DDP via torchrun); batch_size is the global batch
+    evaluate_every: NonNegInt = 0  # test metrics every N epochs (the official protocol); 0 = the final model only
     augment: AugmentParams = AugmentParams()
     image_cache: ImageCacheParams = ImageCacheParams()
 

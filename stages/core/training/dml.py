@@ -29,7 +29,7 @@ from stages.core.model.encoder import EmbeddingModel, build_model, save_model
 from stages.core.model.similarity import SimilaritySpec
 from stages.core.training import checkpoint as ckpt
 from stages.core.training.distributed import Context, gather_all
-from stages.core.training.fit import CheckpointSpec, LoopOptions, TrainResult, fit, start_run
+from stages.core.training.fit import CheckpointSpec, EpochHook, LoopOptions, TrainResult, fit, start_run
 from stages.core.training.losses import DMLLoss, build_dml_loss
 from stages.core.training.matching import language_matching
 from stages.core.training.optim import ScheduleSpec, build_optimizer, build_schedule
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 # Train params that never change the weights: out of the fingerprint (the global batch, not the process
 # count, decides a run, so a checkpoint of one process count resumes under another).
-NEUTRAL_TRAIN_KEYS = frozenset({"num_workers", "log_every", "device", "nproc"})
+NEUTRAL_TRAIN_KEYS = frozenset({"num_workers", "log_every", "device", "nproc", "evaluate_every"})
 
 
 class DMLObjective(nn.Module):
@@ -175,10 +175,12 @@ def train_dml(
     input_files: Sequence[Path] = (),
     class_names: dict[int, str] | None = None,
     cache_params: dict[str, dict[str, Any]] | None = None,
+    evaluation: Callable[[EmbeddingModel], EpochHook] | None = None,
 ) -> TrainResult:
     """Train (or resume, or just re-export) and write the model from ``images`` (decoded per epoch or
     from the decoded-image cache, :mod:`stages.core.data.train_images`). ``cache_params``
-    (``class_embeddings`` / ``pseudolabels`` -> params) are checked against the caches' metadata."""
+    (``class_embeddings`` / ``pseudolabels`` -> params) are checked against the caches' metadata.
+    ``evaluation(model)`` makes the per-epoch hook (every ``train.evaluate_every`` epochs)."""
     tp, mp, lp = config.train, config.model, config.language
     # Everything below is built in a fixed order, so the seeded RNG draws are too (on every rank).
     run = start_run(tp.device, config.seed, tp.deterministic)
@@ -241,10 +243,17 @@ def train_dml(
         LoaderBatches(loader, sampler),
         optimizer,
         schedule,
-        LoopOptions(epochs=tp.epochs, batch_size=tp.batch_size, log_every=tp.log_every, amp=tp.amp),
+        LoopOptions(
+            epochs=tp.epochs,
+            batch_size=tp.batch_size,
+            log_every=tp.log_every,
+            amp=tp.amp,
+            evaluate_every=tp.evaluate_every if evaluation is not None else 0,
+        ),
         spec,
         paths.log_dir,
         lambda: save_model(model, mp, paths.model_dir),
         outputs=[paths.model_dir],
+        evaluate=evaluation(model) if evaluation is not None and tp.evaluate_every else None,
         compile_model=objective.compile_model if tp.compile else None,
     )

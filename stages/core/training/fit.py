@@ -108,6 +108,7 @@ class TrainResult:
     epochs_trained: int
     resumed_from: int
     history: list[dict[str, float]] = field(default_factory=list)
+    main: bool = True  # this process wrote the outputs (rank 0)
 
 
 class NonFiniteLoss(Exception):
@@ -220,7 +221,8 @@ def fit(
         if schedule is not None and not schedule.per_step:
             schedule.scheduler.step()
         if evaluate is not None and ctx.main and _evaluation_due(epoch, options):
-            row.update(evaluate(epoch))
+            with torch.random.fork_rng(devices=[]):  # evaluating never moves the training's random numbers
+                row.update(evaluate(epoch))
         history.append(row)
         rng_states = distributed.gather_objects(ckpt.rng_state(), ctx)  # every rank's, for an exact resume
         if ctx.main:
@@ -248,7 +250,7 @@ def fit(
             log.info("checkpoint already finished all %d epochs: re-exported the model", options.epochs)
     distributed.barrier(ctx)
     distributed.teardown(ctx)
-    return TrainResult(epochs_trained=options.epochs - start, resumed_from=start, history=history)
+    return TrainResult(epochs_trained=options.epochs - start, resumed_from=start, history=history, main=ctx.main)
 
 
 def _evaluation_due(epoch: int, options: LoopOptions) -> bool:
