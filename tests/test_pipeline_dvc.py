@@ -140,3 +140,28 @@ def test_dvc_repro_then_sweep_reruns_only_train_and_evaluate(tmp_path: Path, mon
     eval_diff = diff["data/eval/metrics.json"]
     assert set(eval_diff) >= {"recall@1", "map@r", "pretrained/recall@1"}
     assert eval_diff["pretrained/recall@1"]["diff"] == 0  # the control is not re-run by a sweep
+    # A paper's recipe in one word, scaled down to a tiny CUB-layout folder and offline models: it trains with
+    # Roth et al.'s multisimilarity, evaluates every epoch and reports the best epoch beside the final model.
+    from fixtures_datasets import make_cub
+
+    make_cub(repo / "data/raw/cub", per_class=6)
+    scaled = [
+        "dataset.root=data/raw/cub",
+        "model.backbone=efficientnet-lite0",
+        "model.image_size=32",
+        "model.embed_dim=16",
+        "pseudo_labels.classifier=efficientnet-lite0",
+        "pseudo_labels.image_size=64",
+        "text.encoder=sentence-transformers:all-MiniLM-L6-v2",
+        "train.epochs=2",
+        "train.batch_size=4",
+    ]
+    recipe = [f"{bindir}/langdml", "recipe", "roth22/cub200-rn512-ms-plg", *(a for kv in scaled for a in ("-S", kv))]
+    _run(recipe, repo, env)
+    written = yaml.safe_load((repo / "params.yaml").read_text())
+    assert written["recipe"] == "roth22/cub200-rn512-ms-plg@1" and written["train"]["loss"] == "multisimilarity_roth"
+    _run([f"{bindir}/dvc", "exp", "run"], repo, env)
+    metrics = json.loads((repo / "data/eval/metrics.json").read_text())
+    assert {"recall@1", "best_epoch/epoch", "best_epoch/recall@1", "best_epoch/map@r"} <= set(metrics)
+    per_epoch = (repo / "data/train/plots/metrics/test/recall@1.tsv").read_text().splitlines()
+    assert len(per_epoch) == 3  # header + epochs 1 and 2

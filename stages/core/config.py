@@ -187,6 +187,19 @@ class ImageCacheParams(_Section):
         return self.side if self.side is not None else eval_resize(image_size)
 
 
+class S2SDParams(_Section):
+    """S2SD (criteria/s2sd.py of the language-guidance code); off by default."""
+
+    enabled: bool = False
+    target_dims: Annotated[list[PositiveInt], Field(min_length=1)] = [1024, 1536, 2048]
+    temperature: PositiveFloat = 1.0  # --loss_s2sd_T
+    weight: Annotated[float, Field(ge=0)] = 0.0  # --loss_s2sd_w (the official default, 0)
+    feat_distill: bool = True  # --loss_s2sd_feat_distill
+    feat_weight: Annotated[float, Field(ge=0)] = 50.0  # --loss_s2sd_feat_w
+    feat_delay: NonNegInt = 1000  # --loss_s2sd_feat_distill_delay, in iterations
+    pool_aggr: bool = False  # --loss_s2sd_pool_aggr: average + max pooled features
+
+
 class TrainParams(_Section):
     epochs: PositiveInt = 2
     batch_size: PositiveInt = 40
@@ -208,6 +221,7 @@ class TrainParams(_Section):
     diversity: Annotated[float, Field(ge=0)] = 0.01  # weight of DivE's slot-diversity term (set heads only)
     nproc: PositiveInt = 1  # processes (DDP via torchrun); batch_size is the global batch
     evaluate_every: NonNegInt = 0  # test metrics every N epochs (the official protocol); 0 = the final model only
+    s2sd: S2SDParams = S2SDParams()
     augment: AugmentParams = AugmentParams()
     image_cache: ImageCacheParams = ImageCacheParams()
 

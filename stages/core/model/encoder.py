@@ -59,8 +59,10 @@ class EmbeddingModel(nn.Module):
         return global_pool(self.backbone(x), self.pooling)
 
     def encode(self, x: torch.Tensor) -> dict[str, Any]:
-        """The head's dict: ``embeddings`` and what the head exposes (slot residuals, attention maps)."""
-        return self.head(self.backbone(x))
+        """The head's dict (``embeddings`` and what the head exposes: slot residuals, attention maps) and the
+        backbone's feature map as ``features`` (S2SD's auxiliary heads read it)."""
+        fmap = self.backbone(x)
+        return {**self.head(fmap), "features": fmap}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.encode(x)["embeddings"]

@@ -33,6 +33,7 @@ from stages.core.training.fit import CheckpointSpec, EpochHook, LoopOptions, Tra
 from stages.core.training.losses import DMLLoss, build_dml_loss
 from stages.core.training.matching import language_matching
 from stages.core.training.optim import ScheduleSpec, build_optimizer, build_schedule
+from stages.core.training.s2sd import S2SD
 from stages.core.training.set_losses import slot_diversity
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ class DMLObjective(nn.Module):
         to_device: Callable[[Any, torch.device], torch.Tensor] | None = None,
         lr: float = 1e-5,
         head_lr: float = 1e-3,
+        s2sd: S2SD | None = None,
+        s2sd_weights: tuple[float, float] = (0.0, 0.0),
     ) -> None:
         """``image_similarity`` is S_img of the language term; ``diversity`` weighs DivE's slot-diversity
         term, which exists only for a head that exposes slot residuals (a set head); ``to_device`` turns a
@@ -68,6 +71,10 @@ class DMLObjective(nn.Module):
         self.image_similarity = image_similarity
         self.lr, self.head_lr = lr, head_lr
         self.weights: dict[str, float] = {"dml": 1.0, "language": float(omega), "diversity": float(diversity)}
+        self.s2sd = s2sd
+        if s2sd is not None:  # (L_source + mean L_target) / 2 + w * distill + feat_w * features (criteria/s2sd.py)
+            weight, feat_weight = s2sd_weights
+            self.weights.update(dml=0.5, s2sd_target=0.5, s2sd_distill=float(weight), s2sd_features=float(feat_weight))
         # Backward-only factors per term: under DDP the global-batch terms are scaled by the world size
         # (see stages/core/training/distributed.py); the reported values stay unscaled.
         self.gradient_scales: dict[str, float] = {}
@@ -92,6 +99,8 @@ class DMLObjective(nn.Module):
             {"params": list(self.model.head.parameters()), "lr": self.head_lr, "name": "head"},
         ]
         groups += [{"lr": self.head_lr, **g} for g in self.dml.param_groups()]
+        if self.s2sd is not None:  # the target heads and their losses at the lr, as the official optim_dict_list
+            groups.append({"params": list(self.s2sd.parameters()), "lr": self.lr, "name": "s2sd"})
         return groups
 
     def inputs(self, batch: tuple[Any, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,6 +115,8 @@ class DMLObjective(nn.Module):
             terms = {"dml": self.dml(emb, labels) / self.world, "language": self._language(emb, labels)}
             if "residual" in out:
                 terms["diversity"] = slot_diversity(out["residual"].float())
+            if self.s2sd is not None:
+                terms.update(self.s2sd.terms(emb, labels, out["features"]))
             return terms
 
     def _language(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -211,6 +222,20 @@ def train_dml(
     dml = build_dml_loss(
         tp.loss, len(class_ids), mp.embed_dim, config.loss_kwargs(), similarity=model.similarity, slots=mp.slots
     )
+    s2sd = None
+    if tp.s2sd.enabled:
+        if model.similarity.sets:
+            raise LangdmlError("train.s2sd works with one vector per image (model.head: linear), not with sets")
+        sp = tp.s2sd
+        s2sd = S2SD(
+            model.channels,
+            sp.target_dims,
+            lambda dim: build_dml_loss(tp.loss, len(class_ids), dim, config.loss_kwargs()),
+            temperature=sp.temperature,
+            feat_distill=sp.feat_distill,
+            feat_delay=sp.feat_delay,
+            pool_aggr=sp.pool_aggr,
+        )
     objective = DMLObjective(
         model,
         dml,
@@ -222,6 +247,8 @@ def train_dml(
         to_device=data.to_device,
         lr=tp.lr,
         head_lr=tp.effective_head_lr,
+        s2sd=s2sd,
+        s2sd_weights=(tp.s2sd.weight, tp.s2sd.feat_weight),
     ).to(run.device)
     if run.cuda:
         model.to(memory_format=torch.channels_last)
