@@ -200,4 +200,4 @@ def test_crossmodal_two_processes_equal_one(tmp_path: Path) -> None:
     ha, hb = (torch.load(tmp_path / n / "ckpt" / "last.pt", weights_only=True)["history"] for n in ("one", "two"))
     for row_a, row_b in zip(ha, hb, strict=True):
         for key in ("loss/triplet", "loss/mmd", "loss/diversity", "loss/total"):
-            assert row_b[key] == pytest.approx(row_a[key], rel=1e-5, abs=1e-7), key
+            assert row_b[key] == pytest.approx(row_a[key], rel=1e-4, abs=1e-6), key
