@@ -126,6 +126,8 @@ def run(params: Params) -> None:
         seed=params.seed,
         nmi=ev.nmi,
         nmi_restarts=ev.nmi_restarts,
+        f1=ev.f1,
+        map_at_1000=ev.map_at_1000,
         similarity=model.similarity,
     )
 

@@ -402,3 +402,41 @@ def test_kmeans_plus_plus_seeds_are_seeded_distinct_points_and_batches_keep_thei
 
     one_by_one = potential(kmeans_plus_plus(x, 240, seed=4, per_round=1))
     assert potential(a) <= 1.05 * one_by_one  # 3 per round (240 / 64) lose almost nothing
+
+
+def test_pairwise_f1_equals_counting_every_pair() -> None:
+    from itertools import combinations
+
+    from stages.core.evaluation.nmi import pairwise_f1
+
+    rng = np.random.default_rng(4)
+    labels, clusters = rng.integers(0, 5, 60), rng.integers(0, 7, 60)
+    tp = same_class = same_cluster = 0
+    for i, j in combinations(range(60), 2):
+        tp += labels[i] == labels[j] and clusters[i] == clusters[j]
+        same_class += labels[i] == labels[j]
+        same_cluster += clusters[i] == clusters[j]
+    p, r = tp / same_class, tp / same_cluster
+    assert pairwise_f1(labels, clusters) == pytest.approx(2 * p * r / (p + r))
+    assert pairwise_f1(labels, labels) == pytest.approx(1.0)
+
+
+def test_map_at_1000_and_f1_follow_the_official_definitions() -> None:
+    """mAP@1000 as metrics/mAP_1000.py: precision at every hit among the 1,000 nearest others, summed and
+    divided by the class's size with the query counted; F1 of the same clustering NMI uses."""
+    from stages.core.evaluation.nmi import kmeans_assign, pairwise_f1
+
+    x, y = _clustered(1300, 40, 16, seed=11, noise=1.5)
+    m = retrieval_metrics(x, query_labels=y, ks=(1,), nmi=False, f1=True, map_at_1000=True)
+    g = x.astype(np.float64) @ x.astype(np.float64).T
+    np.fill_diagonal(g, -np.inf)
+    order = np.argsort(-g, axis=1, kind="stable")[:, :1000]
+    same = y[order] == y[:, None]
+    precision = np.cumsum(same, axis=1) / np.arange(1, 1001)
+    counts = np.bincount(y)[y]
+    scored = counts > 1  # a query alone in its class is skipped, as for every other metric (n_skipped_queries)
+    want = float(np.mean(((precision * same).sum(axis=1) / counts)[scored]))
+    assert m["map@1000"] == pytest.approx(want, abs=1e-6)
+    from stages.core.vectors import l2_normalize
+
+    assert m["f1"] == pytest.approx(pairwise_f1(y, kmeans_assign(l2_normalize(x), 41, seed=0)))

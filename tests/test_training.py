@@ -531,3 +531,24 @@ def test_per_epoch_test_metrics_follow_the_official_protocol_and_leave_training_
     b = load_file(plain_paths.model_dir / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert best_epoch(plain.history) == {}
+
+
+def test_the_official_sampler_draws_classes_and_images_with_replacement() -> None:
+    """class_random_sampler.py: each of the batch's classes drawn with replacement (a class may come twice), each
+    of its m images too; the default draws distinct classes."""
+    labels = np.repeat(np.arange(4), 3)  # 4 classes of 3 images
+    official = ClassBalancedBatchSampler(labels, m=2, batch_size=8, num_batches=200, seed=0, replacement=True)
+    distinct = ClassBalancedBatchSampler(labels, m=2, batch_size=8, num_batches=200, seed=0)
+    repeated_class = repeated_image = False
+    for batch in official:
+        idx = [i for i, _ in batch]
+        classes = labels[idx].reshape(4, 2)[:, 0]
+        repeated_class |= len(set(classes.tolist())) < 4
+        repeated_image |= any(idx[k] == idx[k + 1] for k in range(0, 8, 2))
+    assert repeated_class and repeated_image
+    for batch in distinct:
+        classes = labels[[i for i, _ in batch]].reshape(4, 2)[:, 0]
+        assert len(set(classes.tolist())) == 4
+    assert list(ClassBalancedBatchSampler(labels, 2, 8, 5, seed=0, replacement=True)) == list(
+        ClassBalancedBatchSampler(labels, 2, 8, 5, seed=0, replacement=True)
+    )

@@ -221,6 +221,7 @@ class TrainParams(_Section):
     diversity: Annotated[float, Field(ge=0)] = 0.01  # weight of DivE's slot-diversity term (set heads only)
     nproc: PositiveInt = 1  # processes (DDP via torchrun); batch_size is the global batch
     evaluate_every: NonNegInt = 0  # test metrics every N epochs (the official protocol); 0 = the final model only
+    class_draws: Literal["distinct", "with_replacement"] = "distinct"  # with_replacement: the official sampler
     s2sd: S2SDParams = S2SDParams()
     augment: AugmentParams = AugmentParams()
     image_cache: ImageCacheParams = ImageCacheParams()
@@ -249,6 +250,8 @@ class EvaluateParams(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     nmi: bool = True
     nmi_restarts: PositiveInt = 5
+    f1: bool = False  # the clustering F1 of the language-guidance code (metrics/f1.py)
+    map_at_1000: bool = False  # mAP@1000 of the language-guidance code (metrics/mAP_1000.py)
 
 
 class CrossModalDataParams(_Section):

@@ -29,8 +29,19 @@ class ClassBalancedBatchSampler(Sampler[list[tuple[int, int]]]):
     """
 
     def __init__(
-        self, labels: np.ndarray, m: int, batch_size: int, num_batches: int, seed: int, rank: int = 0, world: int = 1
+        self,
+        labels: np.ndarray,
+        m: int,
+        batch_size: int,
+        num_batches: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        replacement: bool = False,
     ) -> None:
+        """``replacement``: classes and their images drawn with replacement, as the language-guidance code's
+        ``class_random_sampler.py`` does (a class may come twice in a batch, an image twice in a class's m);
+        otherwise distinct classes, and distinct images where a class has m."""
         if batch_size % world:
             raise LangdmlError(f"train.batch_size ({batch_size}) must be a multiple of train.nproc ({world})")
         self.share = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
@@ -40,6 +51,7 @@ class ClassBalancedBatchSampler(Sampler[list[tuple[int, int]]]):
         self.classes_per_batch = batch_size // m
         self.num_batches = num_batches
         self.seed = seed
+        self.replacement = replacement
         self.epoch = 0
         small = int((counts < m).sum())
         if small and rank == 0:
@@ -67,9 +79,12 @@ class ClassBalancedBatchSampler(Sampler[list[tuple[int, int]]]):
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         rng = np.random.default_rng([self.seed % 2**63, self.epoch])
         for _ in range(self.num_batches):
-            chosen = rng.choice(len(self.by_class), self.classes_per_batch, replace=False)
+            chosen = rng.choice(len(self.by_class), self.classes_per_batch, replace=self.replacement)
             idx = np.concatenate(
-                [rng.choice(self.by_class[c], self.m, replace=len(self.by_class[c]) < self.m) for c in chosen]
+                [
+                    rng.choice(self.by_class[c], self.m, replace=self.replacement or len(self.by_class[c]) < self.m)
+                    for c in chosen
+                ]
             )
             seeds = rng.integers(0, 2**63 - 1, size=len(idx))
             yield list(zip(idx.tolist(), seeds.tolist(), strict=True))[self.share]

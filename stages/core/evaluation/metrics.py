@@ -18,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from stages.core.errors import LangdmlError
-from stages.core.evaluation.nmi import KMEANS_RESTARTS, kmeans_assign, normalized_mutual_info
+from stages.core.evaluation.nmi import KMEANS_RESTARTS, kmeans_assign, normalized_mutual_info, pairwise_f1
 from stages.core.evaluation.search import (
     SearcherFactory,
     drop_self,
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 # Neighbour entries (queries x neighbours) held at once; ~12 bytes each for faiss' ids and scores,
 # plus the per-chunk label and precision arrays: about 100 MB at the default.
 NEIGHBOUR_BUDGET = 2**21
+MAP_DEPTH = 1000  # mAP@1000: the neighbours it reads
 
 
 def _validate(embeddings: np.ndarray, labels: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -106,6 +107,8 @@ def retrieval_metrics(
     chunk_size: int | None = None,
     nmi: bool = True,
     nmi_restarts: int = KMEANS_RESTARTS,
+    f1: bool = False,
+    map_at_1000: bool = False,
 ) -> dict[str, float]:
     """Recall@k, MAP@R, R-precision and NMI of ``query`` embeddings (N x D) searching ``gallery``.
 
@@ -115,7 +118,10 @@ def retrieval_metrics(
     faiss inner product on L2-normalised rows; ``smooth_chamfer``: exact certified set search) and the
     arrays' layout; ``searcher`` replaces the searcher. N x K x D sets need a set similarity. NMI clusters
     the query embeddings into one cluster per query class (a set by the normalised mean of its slots).
-    ``chunk_size`` (queries per search) defaults to what fits :data:`NEIGHBOUR_BUDGET`.
+    ``chunk_size`` (queries per search) defaults to what fits :data:`NEIGHBOUR_BUDGET`. Optional, as the
+    language-guidance code reports them: ``f1`` (the pair-counting F1 of the same k-means clustering as NMI) and
+    ``map_at_1000`` (its ``metrics/mAP_1000.py``: precision at every hit among the 1,000 nearest, summed and
+    divided by the class's size, the query included).
     """
     xq, yq = _validate(query, query_labels, "query")
     leave_one_out = gallery is None
@@ -144,11 +150,12 @@ def retrieval_metrics(
     xq = similarity.layout(xq)
     xg = xq if leave_one_out else similarity.layout(xg)
     n, n_gallery = len(xq), len(xg) - (1 if leave_one_out else 0)
-    k_max = min(n_gallery, max(ks[-1], int(r.max())))
+    deepest = MAP_DEPTH if map_at_1000 else 0
+    k_max = min(n_gallery, max(ks[-1], int(r.max()), deepest))
     chunk = min(n, chunk_size or max(1, NEIGHBOUR_BUDGET // (k_max + 1)))
     # Leave-one-out under the cosine: the symmetric self-search (half the arithmetic) finds every row's
     # neighbours at once; otherwise each chunk of queries searches the gallery.
-    symmetric = leave_one_out and searcher is None and not similarity.sets
+    symmetric = leave_one_out and searcher is None and not similarity.sets and not map_at_1000
     if symmetric:
         table = self_search(xq, k_max + 1)[1]
     else:
@@ -159,6 +166,7 @@ def retrieval_metrics(
     hits_all = np.zeros((n, len(ks)), dtype=bool)
     map_all = np.zeros(n)
     rp_all = np.zeros(n)
+    map1000_all = np.zeros(n)
     starts = range(0, n, chunk)
     for start in tqdm(starts, desc="k-NN", unit="chunk", disable=len(starts) < 4 or None):
         stop = min(start + chunk, n)
@@ -166,26 +174,34 @@ def retrieval_metrics(
         if not keep.any():
             continue
         q_ids = np.arange(start, stop)[keep]
-        k = min(n_gallery, max(ks[-1], int(r[q_ids].max())))
-        depth = np.minimum(np.maximum(r[q_ids], ks[-1]), k)  # what this query's metrics read: R or the largest k
+        k = min(n_gallery, max(ks[-1], int(r[q_ids].max()), deepest))
+        depth = np.minimum(np.maximum(np.maximum(r[q_ids], ks[-1]), deepest), k)  # what this query's metrics read
         if symmetric:
             ids = drop_self(table[q_ids, : k + 1], q_ids)
         elif leave_one_out:
             ids = search_excluding_self(search, xq[q_ids], q_ids, k, depth)
         else:
             _, ids = search(np.ascontiguousarray(xq[q_ids], dtype=np.float32), k, depth)
-        hits_all[q_ids], map_all[q_ids], rp_all[q_ids] = _chunk_scores(yg[ids] == yq[q_ids, None], r[q_ids], ks)
+        same = yg[ids] == yq[q_ids, None]
+        hits_all[q_ids], map_all[q_ids], rp_all[q_ids] = _chunk_scores(same, r[q_ids], ks)
+        if map_at_1000:
+            top = same[:, :MAP_DEPTH]
+            precision = np.cumsum(top, axis=1) / np.arange(1, top.shape[1] + 1)
+            map1000_all[q_ids] = (precision * top).sum(axis=1) / (r[q_ids] + (1 if leave_one_out else 0))
 
     n_scored = int(scored.sum())
     hits_sum = hits_all.sum(axis=0)
     out: dict[str, float] = {f"recall@{k}": float(h) / n_scored for k, h in zip(ks, hits_sum, strict=True)}
     out["map@r"] = float(map_all.sum()) / n_scored
     out["r_precision"] = float(rp_all.sum()) / n_scored
-    if nmi:
-        flat = similarity.single_vectors(xq)
-        out["nmi"] = normalized_mutual_info(
-            inverse, kmeans_assign(flat, len(classes), seed=seed, restarts=nmi_restarts)
-        )
+    if map_at_1000:
+        out["map@1000"] = float(map1000_all.sum()) / n_scored
+    if nmi or f1:
+        clusters = kmeans_assign(similarity.single_vectors(xq), len(classes), seed=seed, restarts=nmi_restarts)
+        if nmi:
+            out["nmi"] = normalized_mutual_info(inverse, clusters)
+        if f1:
+            out["f1"] = pairwise_f1(inverse, clusters)
     out["n_queries"] = n_scored
     out["n_classes"] = len(classes)
     out["n_skipped_queries"] = n - n_scored

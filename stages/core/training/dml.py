@@ -203,7 +203,14 @@ def train_dml(
     class_ids = np.unique(labels)
     steps = max(1, len(labels) // tp.batch_size)
     sampler = ClassBalancedBatchSampler(
-        labels, tp.samples_per_class, tp.batch_size, steps, config.seed, rank=run.ctx.rank, world=run.ctx.world
+        labels,
+        tp.samples_per_class,
+        tp.batch_size,
+        steps,
+        config.seed,
+        rank=run.ctx.rank,
+        world=run.ctx.world,
+        replacement=tp.class_draws == "with_replacement",
     )
     plg_sets = SimilaritySpec("smooth_chamfer", alpha=mp.alpha, centered=True)
     sources = LanguageSources(
