@@ -296,7 +296,8 @@ def test_evaluate_nan_embeddings(workdir: Path) -> None:
     params = _params()
     _save_model(params, corrupt=True)
     paths.PRETRAINED_METRICS.parent.mkdir(parents=True)
-    paths.PRETRAINED_METRICS.write_text("{}")
+    control = {"n_queries": 14, "n_skipped_queries": 0, "n_classes": 4}  # of this test split
+    paths.PRETRAINED_METRICS.write_text(json.dumps(control))
     with pytest.raises(LangdmlError, match="NaN") as err:
         evaluate.run(params)
     assert "\n" not in str(err.value)
