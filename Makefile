@@ -27,8 +27,8 @@ test: venv
 	pytest -q
 
 lint: venv
-	ruff check stages tests benchmarks
-	ruff format --check stages tests benchmarks
+	ruff check stages tests benchmarks langdml
+	ruff format --check stages tests benchmarks langdml
 
 bench: venv
 	python benchmarks/pseudo_labels_throughput.py

@@ -207,6 +207,55 @@ def recipe(
     typer.echo(f"{params}: {len(changed)} value(s) set by {name}; run `dvc exp run` (DVC tracks every one of them)")
 
 
+@app.command()
+def index(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Embed the gallery (the test split) once with the trained model, for `langdml search` (data/index/)."""
+    _run_stage("index", params)
+
+
+@app.command()
+def embed(
+    images: Annotated[list[Path], typer.Argument(help="images: files or folders")],
+    out: Annotated[Path, typer.Option("--out", help="the Parquet file to write")],
+) -> None:
+    """Embed image files or folders with the trained model into a Parquet file (N x D, or N x K x D sets)."""
+    _setup_logging()
+    from stages.core.serving.api import Retriever
+
+    try:
+        n = Retriever.load().embed_to_parquet(images, out)
+    except LangdmlError as err:
+        _fail("embed", err)
+    typer.echo(f"{n} image(s) -> {out}")
+
+
+@app.command()
+def search(
+    queries: Annotated[list[Path], typer.Argument(help="query images: files or folders")],
+    k: Annotated[int, typer.Option("--k", help="neighbours per query")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON list of results per query")] = False,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Rank the indexed gallery for query images with the trained model: rank, score, class, path."""
+    import json
+
+    _setup_logging()
+    from stages.core.serving.api import Retriever
+
+    try:
+        retriever = Retriever.load()
+        results = retriever.search_files(queries, k)
+    except LangdmlError as err:
+        _fail("search", err)
+    if as_json:
+        typer.echo(json.dumps([{"query": str(q), "results": r} for q, r in results], indent=1))
+        return
+    for query, rows in results:
+        typer.echo(f"{query}")
+        for row in rows:
+            typer.echo(f"  {row['rank']:>3}  {row['score']:.4f}  {row['class_name']:<30}  {row['path']}")
+
+
 @app.command("list")
 def list_registries() -> None:
     """List every registry: datasets, text encoders, classifiers, backbones, losses, guidances, ..."""

@@ -52,6 +52,8 @@ SIMILARITY = EVAL / "similarity.png"
 SLOTS = EVAL / "slots.png"
 RECALL_CSV = EVAL / "recall_at_k.csv"
 
+INDEX = DATA / "index"  # the gallery embedded by the trained model, for `langdml search`
+
 # Image-text retrieval (the cross-modal task, `xm-*` stages).
 XM = DATA / "crossmodal"
 XM_PREPARED = XM / "prepared"

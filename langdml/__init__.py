@@ -1,0 +1,12 @@
+"""``import langdml``: the trained model as a library. The code lives in the ``stages`` package (the DVC
+stages and their library, ``stages.core``); this name is its stable face.
+
+    import langdml
+    retriever = langdml.Retriever.load()             # data/model + data/index (run `dvc repro` first)
+    vectors = retriever.embed(["query.png"])
+    scores, rows = retriever.search(vectors, k=5)
+"""
+
+from stages.core.serving.api import Retriever
+
+__all__ = ["Retriever"]

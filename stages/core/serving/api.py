@@ -1,0 +1,83 @@
+"""The Python face of a trained model: ``Retriever.load()`` then ``embed`` / ``search`` (``import langdml``).
+
+``Retriever.load(model_dir, index_dir)`` loads the model and checks that the index was made by it; queries
+are image files (or folders of them), embedded as evaluation embeds the test split, and ranked against the
+gallery by the model's own similarity, so they get exactly the neighbours evaluation ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages.core.serving.index import GalleryIndex, model_fingerprint
+from stages.core.serving.queries import embed_images, image_files
+
+MODEL_DIR = Path("data/model")
+INDEX_DIR = Path("data/index")
+
+
+@dataclass
+class Retriever:
+    model: Any
+    image_size: int
+    index: GalleryIndex
+    device: Any
+    fingerprint: str
+
+    @classmethod
+    def load(
+        cls, model_dir: str | Path = MODEL_DIR, index_dir: str | Path = INDEX_DIR, device: str = "cpu"
+    ) -> Retriever:
+        from stages.core.model.encoder import WEIGHTS_NAME, load_model
+
+        model, model_params = load_model(model_dir, device)
+        fingerprint = model_fingerprint(Path(model_dir) / WEIGHTS_NAME)
+        index = GalleryIndex.load(Path(index_dir), fingerprint)
+        return cls(model, model_params.image_size, index, device, fingerprint)
+
+    def embed(self, images: Sequence[str | Path]) -> np.ndarray:
+        """N x D (N x K x D for a set head) embeddings of image files or folders of them."""
+        return embed_images(self.model, self.image_size, image_files(images), self.device)
+
+    def embed_to_parquet(self, images: Sequence[str | Path], out: str | Path) -> int:
+        """Write the embeddings of image files or folders to ``out`` (path, embedding as D or K x D floats;
+        the model's fingerprint and the shape in the metadata); how many images."""
+        import pyarrow as pa
+
+        from stages.core.io import embedding_array, write_parquet
+
+        files = image_files(images)
+        emb = embed_images(self.model, self.image_size, files, self.device)
+        column = embedding_array(emb)
+        table = pa.table({"path": [str(f) for f in files], "embedding": column})
+        schema = pa.schema([pa.field("path", pa.string(), nullable=False), pa.field("embedding", column.type)])
+        meta = {"model_sha256": self.fingerprint, "shape": list(emb.shape), "similarity": self.index.similarity.name}
+        write_parquet(Path(out), table, schema, meta)
+        return len(files)
+
+    def search(self, embeddings: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and gallery rows (Q x k, best first) for query embeddings."""
+        return self.index.search(embeddings, k)
+
+    def search_files(self, images: Sequence[str | Path], k: int = 10) -> list[tuple[Path, list[dict[str, Any]]]]:
+        """Each query file with its k best gallery items: rank, score, class, path."""
+        files = image_files(images)
+        scores, rows = self.search(embed_images(self.model, self.image_size, files, self.device), k)
+        out = []
+        for file, row_scores, row_ids in zip(files, scores, rows, strict=True):
+            items = [self.index.items[int(i)] for i in row_ids]
+            out.append(
+                (
+                    file,
+                    [
+                        {"rank": r + 1, "score": float(s), "class_name": it["class_name"], "path": it["path"]}
+                        for r, (s, it) in enumerate(zip(row_scores, items, strict=True))
+                    ],
+                )
+            )
+        return out

@@ -1,0 +1,49 @@
+"""Query images given by path: each decoded as evaluation does (the evaluation transform), embedded by the model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from stages.core.data.torch_dataset import ImageDataset
+from stages.core.data.transforms import eval_transform
+from stages.core.errors import LangdmlError
+from stages.core.evaluation.embedding import embed_dataset
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def image_files(paths: Sequence[str | Path]) -> list[Path]:
+    """Files as given, folders as their image files (sorted); a missing path or an empty folder is one line."""
+    out: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                raise LangdmlError(f"{path}: no image files in this folder")
+            out += found
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise LangdmlError(f"{path}: no such file or folder")
+    if not out:
+        raise LangdmlError("no query images given")
+    return out
+
+
+def embed_images(model: Any, image_size: int, files: Sequence[Path], device: Any, batch_size: int = 64) -> np.ndarray:
+    """N x D (or N x K x D) embeddings of image files; an unreadable one is one line naming it."""
+    table = pa.table(
+        {
+            "path": [str(Path(f).resolve()) for f in files],
+            "image_bytes": pa.nulls(len(files), pa.binary()),
+            "label": np.zeros(len(files), dtype=np.int64),
+        }
+    )
+    dataset = ImageDataset(table, "/", eval_transform(image_size, model.mean, model.std))
+    return embed_dataset(model, dataset, batch_size=batch_size, num_workers=0, device=device)

@@ -1,0 +1,120 @@
+"""Using a trained model: the gallery index, image queries, `langdml search` and `import langdml`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from fixtures_datasets import tiny_jpeg
+from typer.testing import CliRunner
+
+from stages.cli import app
+from stages.core.config import parse_params
+from stages.core.errors import LangdmlError
+from stages.core.evaluation.search import drop_self, nearest_neighbours
+from stages.core.model.encoder import WEIGHTS_NAME, build_model, save_model
+from stages.core.serving.index import GalleryIndex, model_fingerprint, write_index
+from stages.core.serving.queries import embed_images, image_files
+
+torch.set_num_threads(1)
+
+
+def _setup(root: Path, head: str = "linear") -> tuple[Path, Path, list[Path]]:
+    model_params = parse_params(
+        {
+            "model": {
+                "backbone": "timm:test_resnet",
+                "pretrained": False,
+                "embed_dim": 8,
+                "image_size": 32,
+                "head": head,
+                "slots": 2,
+                "slot_depth": 1,
+                "slot_heads": 2,
+            }
+        }
+    ).model
+    torch.manual_seed(0)
+    model = build_model(model_params).eval()
+    save_model(model, model_params, root / "model")
+    files = [tiny_jpeg(root / "gallery" / f"c{i % 4}" / f"{i}.jpg", shade=(37 * i) % 256, size=32) for i in range(16)]
+    emb = embed_images(model, 32, files, "cpu")
+    items = pa.table(
+        {
+            "row": pa.array(range(16), pa.int64()),
+            "path": [str(f) for f in files],
+            "label": pa.array([i % 4 for i in range(16)], pa.int64()),
+            "class_name": [f"class {i % 4}" for i in range(16)],
+        }
+    )
+    write_index(root / "index", emb, items, model_fingerprint(root / "model" / WEIGHTS_NAME), model.similarity)
+    return root / "model", root / "index", files
+
+
+@pytest.mark.parametrize("head", ["linear", "dive"])
+def test_search_returns_exactly_the_neighbours_evaluation_ranks(tmp_path: Path, head: str) -> None:
+    import langdml
+
+    model_dir, index_dir, files = _setup(tmp_path, head)
+    retriever = langdml.Retriever.load(model_dir, index_dir)
+    emb = retriever.embed(files)
+    assert emb.shape[0] == 16 and (emb.ndim == 3) == (head == "dive")
+    _, rows = retriever.search(emb, k=6)
+    evaluation = nearest_neighbours(retriever.index.embeddings, np.arange(16), 5, similarity=retriever.model.similarity)
+    # A gallery image's results without itself are what evaluation ranks for it (leave-one-out). (Under the
+    # smooth-Chamfer a set need not rank itself first: it is no metric.)
+    np.testing.assert_array_equal(drop_self(rows, np.arange(16)), evaluation)
+    if head == "linear":
+        assert (rows[:, 0] == np.arange(16)).all()
+
+
+def test_bad_queries_and_stale_or_missing_indexes_are_one_line(tmp_path: Path) -> None:
+    model_dir, index_dir, files = _setup(tmp_path)
+    retriever = __import__("langdml").Retriever.load(model_dir, index_dir)
+    with pytest.raises(LangdmlError, match="the gallery has 16 items"):
+        retriever.search_files([files[0]], k=17)
+    (tmp_path / "note.txt").write_text("not an image")
+    with pytest.raises(LangdmlError, match=r"cannot read image .*note\.txt"):
+        retriever.search_files([tmp_path / "note.txt"], k=3)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LangdmlError, match="no image files in this folder"):
+        image_files([tmp_path / "empty"])
+    with pytest.raises(LangdmlError, match="no such file or folder"):
+        image_files([tmp_path / "gone.jpg"])
+    with pytest.raises(LangdmlError, match=r"no index in .*; run `langdml index`"):
+        GalleryIndex.load(tmp_path / "nowhere", "x")
+    with pytest.raises(LangdmlError, match="built by another model"):
+        GalleryIndex.load(index_dir, "another model's fingerprint")
+
+
+def test_cli_search_prints_a_table_or_json_and_errors_in_one_line(tmp_path: Path, monkeypatch) -> None:
+    _, _, files = _setup(tmp_path / "data")  # data/model and data/index, where `langdml search` looks
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["search", str(files[3]), "--k", "3"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == str(files[3]) and lines[1].split()[0] == "1" and "class 3" in lines[1]
+    out = json.loads(CliRunner().invoke(app, ["search", str(files[3]), "--k", "2", "--json"]).stdout)
+    assert out[0]["results"][0]["path"] == str(files[3]) and len(out[0]["results"]) == 2
+    bad = CliRunner().invoke(app, ["search", str(files[3]), "--k", "99"])
+    assert bad.exit_code == 1 and bad.stderr.strip().splitlines() == [
+        "langdml search: error: k = 99 but the gallery has 16 items; ask for at most 16"
+    ]
+
+
+def test_embed_writes_parquet_with_the_models_fingerprint_and_keeps_sets(tmp_path: Path) -> None:
+    import langdml
+    from stages.core.io import embedding_matrix, read_parquet
+
+    model_dir, index_dir, _files = _setup(tmp_path, "dive")
+    retriever = langdml.Retriever.load(model_dir, index_dir)
+    n = retriever.embed_to_parquet([tmp_path / "gallery" / "c1"], tmp_path / "out.parquet")
+    table, meta = read_parquet(tmp_path / "out.parquet")
+    assert n == 4 and meta["model_sha256"] == retriever.fingerprint and meta["shape"] == [4, 2, 8]
+    emb = embedding_matrix(table.column("embedding"))
+    assert emb.shape == (4, 2, 8)  # sets stay sets
+    np.testing.assert_allclose(emb, retriever.embed([tmp_path / "gallery" / "c1"]), atol=1e-6)
