@@ -230,6 +230,41 @@ def embed(
 
 
 @app.command()
+def export(
+    images: Annotated[
+        list[Path] | None, typer.Argument(help="images to check the export on (default: 8 test images)")
+    ] = None,
+    format_: Annotated[str, typer.Option("--format", help="onnx")] = "onnx",
+    out: Annotated[Path, typer.Option("--out", help="the file to write")] = Path("data/export/model.onnx"),
+) -> None:
+    """Export the trained image encoder (backbone + head) to ONNX, checked against PyTorch with onnxruntime."""
+    _setup_logging()
+    from stages import paths
+    from stages.core.model.encoder import load_model
+    from stages.core.serving.export import TOLERANCE, check_batch, export_onnx
+    from stages.core.serving.queries import image_files
+
+    try:
+        if format_ != "onnx":
+            raise LangdmlError(f"--format {format_!r}: only onnx is supported")
+        model, model_params = load_model(paths.MODEL, "cpu")
+        if images:
+            files = image_files(images)
+        else:
+            from stages.core.artifacts import load_manifest
+
+            table, root = load_manifest(paths.TEST_MANIFEST)
+            files = [root / p for p in table.column("path").to_pylist()[:8]]
+        diff = export_onnx(model, model_params.image_size, out, check_batch(model, model_params.image_size, files))
+    except LangdmlError as err:
+        _fail("export", err)
+    typer.echo(
+        f"{out}: ONNX, dynamic batch; onnxruntime vs PyTorch on {len(files)} images: max |diff| {diff:.2e} "
+        f"(<= {TOLERANCE:g})"
+    )
+
+
+@app.command()
 def search(
     queries: Annotated[list[Path], typer.Argument(help="query images: files or folders")],
     k: Annotated[int, typer.Option("--k", help="neighbours per query")] = 10,

@@ -118,3 +118,22 @@ def test_embed_writes_parquet_with_the_models_fingerprint_and_keeps_sets(tmp_pat
     emb = embedding_matrix(table.column("embedding"))
     assert emb.shape == (4, 2, 8)  # sets stay sets
     np.testing.assert_allclose(emb, retriever.embed([tmp_path / "gallery" / "c1"]), atol=1e-6)
+
+
+@pytest.mark.parametrize("head", ["linear", "dive"])
+def test_onnx_export_equals_pytorch_with_a_dynamic_batch(tmp_path: Path, head: str) -> None:
+    import onnxruntime
+
+    from stages.core.model.encoder import load_model
+    from stages.core.serving.export import check_batch, export_onnx
+
+    model_dir, _, files = _setup(tmp_path, head)
+    model, _params = load_model(model_dir)
+    diff = export_onnx(model, 32, tmp_path / "model.onnx", check_batch(model, 32, files[:4]))
+    assert diff <= 1e-4
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    seven = check_batch(model, 32, files[:7])  # another batch size than the export's
+    with torch.inference_mode():
+        np.testing.assert_allclose(
+            session.run(None, {"images": seven})[0], model(torch.from_numpy(seven)).numpy(), atol=1e-4
+        )
