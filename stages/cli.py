@@ -264,22 +264,39 @@ def export(
     )
 
 
+@app.command("xm-index")
+def xm_index(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Image-text task: embed the test images once with the trained model, for `langdml search --text`."""
+    _run_stage("xm_index", params)
+
+
 @app.command()
 def search(
-    queries: Annotated[list[Path], typer.Argument(help="query images: files or folders")],
+    queries: Annotated[list[Path] | None, typer.Argument(help="query images: files or folders")] = None,
+    text: Annotated[list[str] | None, typer.Option("--text", help="a caption to find images for")] = None,
     k: Annotated[int, typer.Option("--k", help="neighbours per query")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON list of results per query")] = False,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Rank the indexed gallery for query images with the trained model: rank, score, class, path."""
+    """Rank images for query images (the DML model's index) or captions (--text: the image-text model's):
+    rank, score, class or caption, path."""
     import json
 
     _setup_logging()
+    from stages import paths
+    from stages.core.config import load_params
     from stages.core.serving.api import Retriever
+    from stages.core.serving.text import TextRetriever
 
     try:
-        retriever = Retriever.load()
-        results = retriever.search_files(queries, k)
+        if bool(queries) == bool(text):
+            raise LangdmlError("give query images or --text captions (one kind per call)")
+        if text:
+            f = load_params(params).crossmodal.features
+            retriever = TextRetriever.load(paths.XM_MODEL, paths.XM_INDEX, f.text_encoder, f.max_tokens)
+            results = retriever.search_texts(text, k)
+        else:
+            results = Retriever.load().search_files(queries, k)
     except LangdmlError as err:
         _fail("search", err)
     if as_json:

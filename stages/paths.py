@@ -67,3 +67,4 @@ XM_LOGS = XM / "train"
 XM_EVAL = XM / "eval"
 XM_METRICS = XM_EVAL / "metrics.json"
 XM_PICTURE = XM_EVAL / "retrieval.png"
+XM_INDEX = XM / "index"  # the image-text model's test images, for `langdml search --text`

@@ -137,3 +137,35 @@ def test_onnx_export_equals_pytorch_with_a_dynamic_batch(tmp_path: Path, head: s
         np.testing.assert_allclose(
             session.run(None, {"images": seven})[0], model(torch.from_numpy(seven)).numpy(), atol=1e-4
         )
+
+
+def test_text_queries_rank_the_image_text_index_by_the_models_similarity(tmp_path: Path) -> None:
+    from stages.core.config import CrossModalModelParams
+    from stages.core.imagetext.model import WEIGHTS_NAME as XM_WEIGHTS
+    from stages.core.imagetext.model import CrossModalModel, save_crossmodal
+    from stages.core.serving.text import TextRetriever
+
+    encoder = "sentence-transformers:all-MiniLM-L6-v2"
+    torch.manual_seed(0)
+    model = CrossModalModel(8, 384, CrossModalModelParams(embed_dim=16, slots=2, slot_depth=1, slot_heads=2))
+    save_crossmodal(model, tmp_path / "model")
+    images = torch.nn.functional.normalize(torch.randn(12, 2, 16), dim=-1).numpy()
+    items = pa.table(
+        {
+            "row": pa.array(range(12), pa.int64()),
+            "path": [f"img{i}.png" for i in range(12)],
+            "label": pa.array(range(12), pa.int64()),
+            "class_name": [f"caption {i}" for i in range(12)],
+        }
+    )
+    fingerprint = model_fingerprint(tmp_path / "model" / XM_WEIGHTS)
+    write_index(tmp_path / "index", images, items, fingerprint, model.similarity)
+    retriever = TextRetriever.load(tmp_path / "model", tmp_path / "index", encoder, 32)
+    [(text, results)] = retriever.search_texts(["a sleepy cat"], k=5)
+    query = torch.from_numpy(retriever.embed_text(["a sleepy cat"]))
+    brute = model.similarity(query, torch.from_numpy(images))[0].numpy()
+    assert text == "a sleepy cat" and [r["path"] for r in results] == [f"img{i}.png" for i in np.argsort(-brute)[:5]]
+    with pytest.raises(LangdmlError, match="a text query is empty"):
+        retriever.search_texts(["  "], k=3)
+    with pytest.raises(LangdmlError, match=r"run `langdml xm-index`"):
+        TextRetriever.load(tmp_path / "model", tmp_path / "nowhere", encoder, 32)
