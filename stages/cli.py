@@ -276,6 +276,7 @@ def search(
     text: Annotated[list[str] | None, typer.Option("--text", help="a caption to find images for")] = None,
     k: Annotated[int, typer.Option("--k", help="neighbours per query")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON list of results per query")] = False,
+    picture: Annotated[Path | None, typer.Option("--picture", help="draw the queries and results (PNG)")] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Rank images for query images (the DML model's index) or captions (--text: the image-text model's):
@@ -285,7 +286,7 @@ def search(
     _setup_logging()
     from stages import paths
     from stages.core.config import load_params
-    from stages.core.serving.api import Retriever
+    from stages.core.serving.api import Retriever, search_picture
     from stages.core.serving.text import TextRetriever
 
     try:
@@ -297,6 +298,8 @@ def search(
             results = retriever.search_texts(text, k)
         else:
             results = Retriever.load().search_files(queries, k)
+        if picture is not None:
+            search_picture(results, picture, text_queries=bool(text))
     except LangdmlError as err:
         _fail("search", err)
     if as_json:

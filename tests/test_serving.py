@@ -100,6 +100,9 @@ def test_cli_search_prints_a_table_or_json_and_errors_in_one_line(tmp_path: Path
     assert lines[0] == str(files[3]) and lines[1].split()[0] == "1" and "class 3" in lines[1]
     out = json.loads(CliRunner().invoke(app, ["search", str(files[3]), "--k", "2", "--json"]).stdout)
     assert out[0]["results"][0]["path"] == str(files[3]) and len(out[0]["results"]) == 2
+    drawn = CliRunner().invoke(app, ["search", str(files[3]), str(files[5]), "--k", "3", "--picture", "out.png"])
+    assert drawn.exit_code == 0, drawn.output
+    assert Path("out.png").stat().st_size > 1000
     bad = CliRunner().invoke(app, ["search", str(files[3]), "--k", "99"])
     assert bad.exit_code == 1 and bad.stderr.strip().splitlines() == [
         "langdml search: error: k = 99 but the gallery has 16 items; ask for at most 16"

@@ -26,6 +26,7 @@ DPI = 100
 GALLERY_CELL = (1.6, 2.3)  # inches per image cell: the image plus up to four lines of class name
 GALLERY_NAME_WIDTH = 20  # characters per line of a class name under an image
 CORRECT_COLOUR = "#1a9641"
+NEUTRAL_COLOUR = "black"
 WRONG_COLOUR = "#d7191c"
 SIMILARITY_FIGSIZE = (14.0, 6.5)  # one row of two maps; with a named excerpt below, twice as high
 MAX_TICK_LABELS = 40  # more classes than this: the full maps are unnamed and a 40-class excerpt is named
@@ -42,7 +43,7 @@ class GalleryRow:
     query_name: str
     neighbours: Sequence[np.ndarray]
     neighbour_names: Sequence[str]
-    correct: Sequence[bool]
+    correct: Sequence[bool | None]  # None: not known (a search's unlabelled query)
 
 
 def pick_gallery_queries(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -73,6 +74,11 @@ def similarity_size(n_classes: int = 0) -> tuple[int, int]:
     """Pixel (width, height) of the similarity picture of ``n_classes`` classes."""
     rows = 1 if n_classes <= MAX_TICK_LABELS else 2
     return round(SIMILARITY_FIGSIZE[0] * DPI), round(rows * SIMILARITY_FIGSIZE[1] * DPI)
+
+
+def _verdict(ok: bool | None) -> str:
+    """Green for a right result, red for a wrong one, black where nobody knows (a search of unlabelled queries)."""
+    return NEUTRAL_COLOUR if ok is None else CORRECT_COLOUR if ok else WRONG_COLOUR
 
 
 def _figure(figsize: tuple[float, float]) -> Figure:
@@ -113,8 +119,7 @@ def plot_gallery(rows: Sequence[GalleryRow], path: str | os.PathLike[str]) -> Pa
         cells = [(row.query, f"query\n{_wrapped(row.query_name)}", "black", 1.0)]
         found = zip(row.neighbours, row.neighbour_names, row.correct, strict=True)
         cells += [
-            (img, _wrapped(f"{i + 1}. {name}", lines=4), CORRECT_COLOUR if ok else WRONG_COLOUR, 4.0)
-            for i, (img, name, ok) in enumerate(found)
+            (img, _wrapped(f"{i + 1}. {name}", lines=4), _verdict(ok), 4.0) for i, (img, name, ok) in enumerate(found)
         ]
         for c, ax in enumerate(axes[r]):
             ax.set_xticks([])
@@ -335,7 +340,7 @@ def plot_crossmodal(
         for c, (text, ok) in enumerate(zip(texts, correct, strict=True), start=1):
             ax = axes[r, c]
             ax.set_axis_off()
-            colour = CORRECT_COLOUR if ok else WRONG_COLOUR
+            colour = _verdict(ok)
             ax.text(0.5, 0.5, _wrapped(f"{c}. {text}", lines=5), ha="center", va="center", fontsize=8, color=colour)
     for r, (text, images, correct) in enumerate(caption_rows, start=len(image_rows)):
         axes[r, 0].set_axis_off()
@@ -344,6 +349,6 @@ def plot_crossmodal(
             ax = axes[r, c]
             ax.imshow(image, interpolation="nearest")
             for spine in ax.spines.values():
-                spine.set_edgecolor(CORRECT_COLOUR if ok else WRONG_COLOUR)
+                spine.set_edgecolor(_verdict(ok))
                 spine.set_linewidth(4.0)
     return _save(fig, path)

@@ -81,3 +81,35 @@ class Retriever:
                 )
             )
         return out
+
+
+def search_picture(results: Sequence[tuple[Any, list[dict[str, Any]]]], path: Path, text_queries: bool) -> None:
+    """The queries (images or captions) with their results as thumbnails, named by class or caption."""
+    from stages.core.evaluation import report
+
+    def load(file: Any) -> np.ndarray:
+        from PIL import Image
+
+        from stages.core.data.torch_dataset import to_rgb
+
+        try:
+            with Image.open(file) as im:
+                return report.thumbnail(to_rgb(im))
+        except (OSError, ValueError):  # a precomputed-feature "image" has no picture: a grey square
+            return np.full((64, 64, 3), 230, dtype=np.uint8)
+
+    if text_queries:
+        rows = [(query, [load(r["path"]) for r in found], [None] * len(found)) for query, found in results]
+        report.plot_crossmodal([], rows, path)
+        return
+    gallery = [
+        report.GalleryRow(
+            query=load(query),
+            query_name=Path(query).name,
+            neighbours=[load(r["path"]) for r in found],
+            neighbour_names=[r["class_name"] for r in found],
+            correct=[None] * len(found),
+        )
+        for query, found in results
+    ]
+    report.plot_gallery(gallery, path)
