@@ -11,7 +11,7 @@ so a query gets exactly the neighbours evaluation ranks.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ class GalleryIndex:
     embeddings: np.ndarray
     items: list[dict[str, Any]]
     similarity: SimilaritySpec
+    _searcher: Any = field(default=None, repr=False)
 
     @classmethod
     def load(cls, directory: Path, fingerprint: str, stage: str = "index") -> GalleryIndex:
@@ -84,8 +85,10 @@ class GalleryIndex:
         return len(self.items)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Scores and gallery rows (Q x k, best first) of each query embedding, by the model's similarity."""
+        """Scores and gallery rows (Q x k, best first) of each query embedding, by the model's similarity.
+        The searcher is built on the first call and kept (a flat index copies the gallery once)."""
         if k > len(self):
             raise LangdmlError(f"k = {k} but the gallery has {len(self)} items; ask for at most {len(self)}")
-        gallery = self.similarity.layout(self.embeddings)
-        return searcher_for(self.similarity, gallery, k)(self.similarity.layout(queries), k)
+        if self._searcher is None:
+            self._searcher = searcher_for(self.similarity, self.similarity.layout(self.embeddings), len(self))
+        return self._searcher(self.similarity.layout(queries), k)
