@@ -172,3 +172,13 @@ def test_text_queries_rank_the_image_text_index_by_the_models_similarity(tmp_pat
         retriever.search_texts(["  "], k=3)
     with pytest.raises(LangdmlError, match=r"run `langdml xm-index`"):
         TextRetriever.load(tmp_path / "model", tmp_path / "nowhere", encoder, 32)
+
+
+def test_the_python_example_in_docs_runs(tmp_path: Path, monkeypatch, capsys) -> None:
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "serving.md").read_text()
+    code = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    _setup(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "docs/serving.md", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("class 0 -> ['class 0'")
