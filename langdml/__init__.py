@@ -5,8 +5,11 @@ stages and their library, ``stages.core``); this name is its stable face.
     retriever = langdml.Retriever.load()             # data/model + data/index (run `dvc repro` first)
     vectors = retriever.embed(["query.png"])
     scores, rows = retriever.search(vectors, k=5)
+
+``TextRetriever.load(...)`` does the same for captions against the image-text model's index.
 """
 
 from stages.core.serving.api import Retriever
+from stages.core.serving.text import TextRetriever
 
-__all__ = ["Retriever"]
+__all__ = ["Retriever", "TextRetriever"]
