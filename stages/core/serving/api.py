@@ -68,19 +68,7 @@ class Retriever:
         """Each query file with its k best gallery items: rank, score, class, path."""
         files = image_files(images)
         scores, rows = self.search(embed_images(self.model, self.image_size, files, self.device), k)
-        out = []
-        for file, row_scores, row_ids in zip(files, scores, rows, strict=True):
-            items = [self.index.items[int(i)] for i in row_ids]
-            out.append(
-                (
-                    file,
-                    [
-                        {"rank": r + 1, "score": float(s), "class_name": it["class_name"], "path": it["path"]}
-                        for r, (s, it) in enumerate(zip(row_scores, items, strict=True))
-                    ],
-                )
-            )
-        return out
+        return list(zip(files, self.index.results(scores, rows), strict=True))
 
 
 def search_picture(results: Sequence[tuple[Any, list[dict[str, Any]]]], path: Path, text_queries: bool) -> None:

@@ -84,6 +84,21 @@ class GalleryIndex:
     def __len__(self) -> int:
         return len(self.items)
 
+    def results(self, scores: np.ndarray, rows: np.ndarray) -> list[list[dict[str, Any]]]:
+        """Per query, its results as rank, score, class (or caption) and path."""
+        return [
+            [
+                {
+                    "rank": r + 1,
+                    "score": float(s),
+                    "class_name": self.items[int(i)]["class_name"],
+                    "path": self.items[int(i)]["path"],
+                }
+                for r, (s, i) in enumerate(zip(row_scores, row_ids, strict=True))
+            ]
+            for row_scores, row_ids in zip(scores, rows, strict=True)
+        ]
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Scores and gallery rows (Q x k, best first) of each query embedding, by the model's similarity.
         The searcher is built on the first call and kept (a flat index copies the gallery once)."""

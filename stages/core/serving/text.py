@@ -45,12 +45,4 @@ class TextRetriever:
 
     def search_texts(self, texts: Sequence[str], k: int = 10) -> list[tuple[str, list[dict[str, Any]]]]:
         scores, rows = self.index.search(self.embed_text(texts), k)
-        out = []
-        for text, row_scores, row_ids in zip(texts, scores, rows, strict=True):
-            items = [self.index.items[int(i)] for i in row_ids]
-            results = [
-                {"rank": r + 1, "score": float(s), "class_name": it["class_name"], "path": it["path"]}
-                for r, (s, it) in enumerate(zip(row_scores, items, strict=True))
-            ]
-            out.append((text, results))
-        return out
+        return list(zip(texts, self.index.results(scores, rows), strict=True))
