@@ -1,9 +1,12 @@
-"""Stage ``index``: the test split (the gallery) embedded once by the trained model, for `langdml search`
-(data/index/: embeddings, items and the model's fingerprint)."""
+"""Stage ``index``: the gallery embedded once by the trained model, for `langdml search` (data/index/:
+embeddings, items and the model's fingerprint). The gallery is ``index.gallery``: the test split (null), a
+manifest, or a folder of images (each file's class: its folder's name). DVC tracks the param and the test
+split; a folder's contents are not a dependency: after changing them, `dvc repro -f -s index`."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -13,8 +16,32 @@ from stages.core.config import Params
 log = logging.getLogger(__name__)
 
 
-def run(params: Params) -> None:
+def gallery_table(gallery: str | None) -> tuple[pa.Table, Path]:
+    """The gallery as a manifest-like table (path, image_bytes, label, class_name) and its root."""
     from stages.core.artifacts import load_manifest
+    from stages.core.serving.queries import image_files
+
+    if gallery is None:
+        return load_manifest(paths.TEST_MANIFEST)
+    source = Path(gallery)
+    if source.suffix == ".parquet":
+        return load_manifest(source)
+    files = image_files([source])
+    names = sorted({f.parent.name for f in files})
+    return (
+        pa.table(
+            {
+                "path": [str(f.resolve()) for f in files],
+                "image_bytes": pa.nulls(len(files), pa.binary()),
+                "label": [names.index(f.parent.name) for f in files],
+                "class_name": [f.parent.name for f in files],
+            }
+        ),
+        Path("/"),
+    )
+
+
+def run(params: Params) -> None:
     from stages.core.data.torch_dataset import ImageDataset
     from stages.core.data.transforms import eval_transform
     from stages.core.evaluation.embedding import embed_dataset
@@ -25,13 +52,13 @@ def run(params: Params) -> None:
     ev = params.evaluate
     device = resolve_device(ev.device)
     model, model_params = load_model(paths.MODEL, device)
-    table, root = load_manifest(paths.TEST_MANIFEST)
+    table, root = gallery_table(params.index.gallery)
     dataset = ImageDataset(table, root, eval_transform(model_params.image_size, model.mean, model.std))
     emb = embed_dataset(model, dataset, batch_size=ev.batch_size, num_workers=ev.num_workers, device=device)
     items = pa.table(
         {
             "row": pa.array(range(table.num_rows), pa.int64()),
-            "path": [str(root / p) if p is not None else None for p in table.column("path").to_pylist()],
+            "path": [str(Path(root) / p) if p is not None else None for p in table.column("path").to_pylist()],
             "label": table.column("label"),
             "class_name": table.column("class_name"),
         }

@@ -182,3 +182,17 @@ def test_the_python_example_in_docs_runs(tmp_path: Path, monkeypatch, capsys) ->
     exec(compile(code, "docs/serving.md", "exec"), {})
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[0].startswith("class 0 -> ['class 0'")
+
+
+def test_the_index_stage_takes_a_folder_as_its_gallery(tmp_path: Path, monkeypatch) -> None:
+    import langdml
+    from stages import index
+
+    _, _, files = _setup(tmp_path / "data")  # data/model, and images under data/gallery/c0..c3
+    monkeypatch.chdir(tmp_path)
+    params = parse_params({"index": {"gallery": "data/gallery"}, "evaluate": {"device": "cpu", "num_workers": 0}})
+    index.run(params)
+    retriever = langdml.Retriever.load()
+    assert len(retriever.index) == 16 and {it["class_name"] for it in retriever.index.items} == {"c0", "c1", "c2", "c3"}
+    [(_, results)] = retriever.search_files([files[2]], k=1)
+    assert results[0]["path"] == str(files[2].resolve()) and results[0]["class_name"] == "c2"

@@ -254,6 +254,12 @@ class EvaluateParams(_Section):
     map_at_1000: bool = False  # mAP@1000 of the language-guidance code (metrics/mAP_1000.py)
 
 
+class IndexParams(_Section):
+    """The gallery `langdml search` ranks (stage ``index``)."""
+
+    gallery: str | None = None  # null: the test split; or a manifest (.parquet) or a folder of images
+
+
 class CrossModalDataParams(_Section):
     name: CaptionDatasetName = "emoji"
     root: str = "data/raw/emoji"
@@ -361,6 +367,7 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     losses: LossSections = {}
     evaluate: EvaluateParams = EvaluateParams()
+    index: IndexParams = IndexParams()
     crossmodal: CrossModalParams = CrossModalParams()
 
     def class_embeddings_params(self) -> dict[str, Any]:
