@@ -209,7 +209,8 @@ def recipe(
 
 @app.command()
 def index(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Embed the gallery (the test split) once with the trained model, for `langdml search` (data/index/)."""
+    """Embed the gallery (`index.gallery`: the test split, a manifest or a folder) once with the trained model, for
+    `langdml search` (data/index/)."""
     _run_stage("index", params)
 
 
