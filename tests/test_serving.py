@@ -172,6 +172,16 @@ def test_text_queries_rank_the_image_text_index_by_the_models_similarity(tmp_pat
         retriever.search_texts(["  "], k=3)
     with pytest.raises(LangdmlError, match=r"run `langdml xm-index`"):
         TextRetriever.load(tmp_path / "model", tmp_path / "nowhere", encoder, 32)
+    with pytest.raises(LangdmlError, match="is an image-text model; load it with TextRetriever"):
+        __import__("langdml").Retriever.load(tmp_path / "model", tmp_path / "index")
+
+
+def test_a_text_query_to_an_image_only_model_is_one_line(tmp_path: Path) -> None:
+    from stages.core.serving.text import TextRetriever
+
+    model_dir, index_dir, _ = _setup(tmp_path)
+    with pytest.raises(LangdmlError, match="is an image-only model: text queries need the image-text model"):
+        TextRetriever.load(str(model_dir), str(index_dir), "sentence-transformers:all-MiniLM-L6-v2", 32)
 
 
 def test_the_python_example_in_docs_runs(tmp_path: Path, monkeypatch, capsys) -> None:

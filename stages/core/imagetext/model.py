@@ -118,6 +118,13 @@ def load_crossmodal(directory: Path, device: torch.device) -> CrossModalModel:
         raise LangdmlError(f"no cross-modal model in {directory}; run `langdml xm-train`")
     try:
         cfg = json.loads(cfg_path.read_text())
+    except ValueError as err:  # not JSON, or not UTF-8
+        raise LangdmlError(f"{cfg_path} is unreadable ({err}); re-run `langdml xm-train`") from None
+    if "image_channels" not in cfg and "embed_dim" in cfg:  # the DML model's config: it has no text tower
+        raise LangdmlError(
+            f"{directory} is an image-only model: text queries need the image-text model (`langdml xm-train`)"
+        )
+    try:
         model = CrossModalModel(cfg["image_channels"], cfg["text_channels"], CrossModalModelParams(**cfg["model"]))
         model.load_state_dict(load_file(str(weights)))
     except Exception as err:  # a damaged file of either kind: one line naming the fix

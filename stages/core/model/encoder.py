@@ -112,6 +112,8 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
         cfg: dict[str, Any] = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as err:
         raise LangdmlError(f"{cfg_path} is unreadable ({err}); re-run `langdml train`") from None
+    if "image_channels" in cfg:  # the image-text model's config: another loader
+        raise LangdmlError(f"{directory} is an image-text model; load it with TextRetriever (`langdml search --text`)")
     if cfg.get("format") != CONFIG_FORMAT:
         raise LangdmlError(f"{cfg_path}: unsupported model format {cfg.get('format')!r}; re-run `langdml train`")
     model_params = ModelParams(**cfg["model"])

@@ -24,11 +24,12 @@ class TextRetriever:
 
     @classmethod
     def load(
-        cls, model_dir: Path, index_dir: Path, text_encoder: str, max_tokens: int, device: str = "cpu"
+        cls, model_dir: str | Path, index_dir: str | Path, text_encoder: str, max_tokens: int, device: str = "cpu"
     ) -> TextRetriever:
         from stages.core.imagetext.model import WEIGHTS_NAME, load_crossmodal
         from stages.core.language.encoders import create_text_encoder
 
+        model_dir, index_dir = Path(model_dir), Path(index_dir)
         model = load_crossmodal(model_dir, device)
         index = GalleryIndex.load(index_dir, model_fingerprint(model_dir / WEIGHTS_NAME), stage="xm-index")
         return cls(model, create_text_encoder(text_encoder, device=device), max_tokens, index, device)
