@@ -17,6 +17,7 @@ from stages.core.config import parse_params
 from stages.core.errors import LangdmlError
 from stages.core.evaluation.search import drop_self, nearest_neighbours
 from stages.core.model.encoder import WEIGHTS_NAME, build_model, save_model
+from stages.core.serving.api import search_picture
 from stages.core.serving.index import GalleryIndex, model_fingerprint, write_index
 from stages.core.serving.queries import embed_images, image_files
 
@@ -168,6 +169,8 @@ def test_text_queries_rank_the_image_text_index_by_the_models_similarity(tmp_pat
     query = torch.from_numpy(retriever.embed_text(["a sleepy cat"]))
     brute = model.similarity(query, torch.from_numpy(images))[0].numpy()
     assert text == "a sleepy cat" and [r["path"] for r in results] == [f"img{i}.png" for i in np.argsort(-brute)[:5]]
+    search_picture([(text, results)], tmp_path / "text.png", text_queries=True)
+    assert (tmp_path / "text.png").stat().st_size > 1000
     with pytest.raises(LangdmlError, match="a text query is empty"):
         retriever.search_texts(["  "], k=3)
     with pytest.raises(LangdmlError, match=r"run `langdml xm-index`"):
