@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 def gallery_table(gallery: str | None) -> tuple[pa.Table, Path]:
     """The gallery as a manifest-like table (path, image_bytes, label, class_name) and its root."""
     from stages.core.artifacts import load_manifest
-    from stages.core.serving.queries import image_files
+    from stages.core.serving.queries import files_table, image_files
 
     if gallery is None:
         return load_manifest(paths.TEST_MANIFEST)
@@ -27,34 +27,20 @@ def gallery_table(gallery: str | None) -> tuple[pa.Table, Path]:
     if source.suffix == ".parquet":
         return load_manifest(source)
     files = image_files([source])
-    names = sorted({f.parent.name for f in files})
-    return (
-        pa.table(
-            {
-                "path": [str(f.resolve()) for f in files],
-                "image_bytes": pa.nulls(len(files), pa.binary()),
-                "label": [names.index(f.parent.name) for f in files],
-                "class_name": [f.parent.name for f in files],
-            }
-        ),
-        Path("/"),
-    )
+    return files_table(files, [f.parent.name for f in files]), Path("/")
 
 
 def run(params: Params) -> None:
-    from stages.core.data.torch_dataset import ImageDataset
-    from stages.core.data.transforms import eval_transform
-    from stages.core.evaluation.embedding import embed_dataset
     from stages.core.model.encoder import load_model
     from stages.core.runtime import resolve_device
     from stages.core.serving.index import model_fingerprint, write_index
+    from stages.core.serving.queries import embed_table
 
     ev = params.evaluate
     device = resolve_device(ev.device)
     model, model_params = load_model(paths.MODEL, device)
     table, root = gallery_table(params.index.gallery)
-    dataset = ImageDataset(table, root, eval_transform(model_params.image_size, model.mean, model.std))
-    emb = embed_dataset(model, dataset, batch_size=ev.batch_size, num_workers=ev.num_workers, device=device)
+    emb = embed_table(model, model_params.image_size, table, root, device, ev.batch_size, ev.num_workers)
     items = pa.table(
         {
             "row": pa.array(range(table.num_rows), pa.int64()),

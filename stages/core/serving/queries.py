@@ -36,14 +36,35 @@ def image_files(paths: Sequence[str | Path]) -> list[Path]:
     return out
 
 
-def embed_images(model: Any, image_size: int, files: Sequence[Path], device: Any, batch_size: int = 64) -> np.ndarray:
-    """N x D (or N x K x D) embeddings of image files; an unreadable one is one line naming it."""
-    table = pa.table(
+def files_table(files: Sequence[Path], class_names: Sequence[str] | None = None) -> pa.Table:
+    """Image files as a manifest-like table (absolute paths, no bytes; labels numbered by sorted class name)."""
+    names = list(class_names) if class_names is not None else [""] * len(files)
+    label = {name: i for i, name in enumerate(sorted(set(names)))}
+    return pa.table(
         {
             "path": [str(Path(f).resolve()) for f in files],
             "image_bytes": pa.nulls(len(files), pa.binary()),
-            "label": np.zeros(len(files), dtype=np.int64),
+            "label": pa.array([label[n] for n in names], pa.int64()),
+            "class_name": names,
         }
     )
-    dataset = ImageDataset(table, "/", eval_transform(image_size, model.mean, model.std))
-    return embed_dataset(model, dataset, batch_size=batch_size, num_workers=0, device=device)
+
+
+def embed_table(
+    model: Any,
+    image_size: int,
+    table: pa.Table,
+    root: str | Path,
+    device: Any,
+    batch_size: int = 64,
+    num_workers: int = 0,
+) -> np.ndarray:
+    """N x D (or N x K x D) embeddings of a manifest's images, decoded as evaluation decodes them; an
+    unreadable one is one line naming it."""
+    dataset = ImageDataset(table, root, eval_transform(image_size, model.mean, model.std))
+    return embed_dataset(model, dataset, batch_size=batch_size, num_workers=num_workers, device=device)
+
+
+def embed_images(model: Any, image_size: int, files: Sequence[Path], device: Any, batch_size: int = 64) -> np.ndarray:
+    """N x D (or N x K x D) embeddings of image files."""
+    return embed_table(model, image_size, files_table(files), "/", device, batch_size)
