@@ -15,7 +15,9 @@ import torch.nn.functional as F
 def slot_diversity(residual: torch.Tensor) -> torch.Tensor:
     """DivE's slot-diversity regulariser: per sample, the mean over slot pairs k < l of
     exp(-2 ||z_k - z_l||^2) with z the L2-normalised slot residuals (B x K x D); averaged over the batch.
-    Near 1 when the slots coincide, near exp(-4) when they are opposite; 0 for a single slot."""
+    1 when the slots coincide, exp(-4) when orthogonal, exp(-8) when opposite; 0 for a single slot.
+    Follows ``AsymmetricTripletLoss.batchwise_uniformity_loss`` (t = 2) of kdwonn/DivE ``loss.py`` with
+    ``--unif_residual``; the official term is this for the images plus this for the captions (summed)."""
     k = residual.shape[1]
     if k < 2:
         return residual.new_zeros(())
@@ -64,6 +66,7 @@ def mmd_exp_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Maximum mean discrepancy between the rows of ``x`` (N x D) and ``y`` (M x D) under DivE's kernel
     ``k(a, b) = exp(-0.5 ||a - b||)``: the distance itself, not its square (so this is a Laplacian-type
     kernel, not the Gaussian one). ``mean k(x, x') + mean k(y, y') - 2 mean k(x, y)``, biased (self-pairs kept).
+    Follows ``AsymmetricTripletLoss.mmd_rbf_loss(gamma=0.5)`` of kdwonn/DivE ``loss.py``, reduction ``mean``.
     """
 
     def kernel_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
