@@ -41,12 +41,12 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def matmul_gflops(threads: int, dim: int = 512, n: int = 4096, repeats: int = 5) -> float:
-    """This machine's float32 matrix-product rate (torch), best of ``repeats``."""
+def matmul_gflops(threads: int, dim: int = 512, n: int = 4096, repeats: int = 5, dtype: str = "float32") -> float:
+    """This machine's matrix-product rate (torch) in ``dtype``, best of ``repeats``."""
     import torch
 
     torch.set_num_threads(threads)
-    a = torch.randn(n, dim)
+    a = torch.randn(n, dim).to(getattr(torch, dtype))
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -140,10 +140,15 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
+    from stages.core.evaluation.lowp import choose_precision
+
     rate = matmul_gflops(args.threads)
+    bf16 = matmul_gflops(args.threads, n=1024, repeats=2, dtype="bfloat16")
     print(
         f"dim {args.dim}, {args.per_class} images per class, {args.threads} threads; float32 matmul "
-        f"{rate:.0f} GFLOP/s (torch); peak = ru_maxrss of a fresh process, extra = peak growth during the call"
+        f"{rate:.0f} GFLOP/s, bfloat16 {bf16:.1f} (torch); the self-search's first pass chosen here: "
+        f"{choose_precision('cpu', args.dim, 4.0)}; peak = ru_maxrss of a fresh process, extra = peak growth "
+        "during the call"
     )
     header = f"{'N':>7} {'method':<8} {'seconds':>8} {'peak MB':>8} {'extra MB':>9} {'recall@1':>9} {'map@r':>7}"
     print(header + f" {'of matmul':>9} {'PML/ours':>9} {'same':>5}")

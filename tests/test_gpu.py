@@ -75,3 +75,23 @@ def test_crossmodal_set_recall_on_cuda_matches_the_cpu() -> None:
     on_cpu = crossmodal_recall(images, captions, owner, device="cpu", **kwargs)
     on_gpu = crossmodal_recall(images, captions, owner, device="cuda", **kwargs)
     assert on_gpu == pytest.approx(on_cpu, abs=0.5)  # a near-tie may rank differently in float32 on another device
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_certified_fp16_search_on_cuda_is_a_flat_index() -> None:
+    from stages.core.evaluation import lowp
+    from stages.core.evaluation.faiss_lib import heap_topk
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((100, 128))
+    x = (centres[rng.integers(0, 100, 20000)] + 2.0 * rng.standard_normal((20000, 128))).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    scores, ids, _ = lowp.certified_topk(x[:2000], x, 20, "fp16", device="cuda")
+    full = x[:2000] @ x.T
+    want_s, want_i = heap_topk(full, np.broadcast_to(np.arange(len(x)), full.shape), 20)
+    np.testing.assert_allclose(scores, want_s, atol=1e-5)
+    # ids differ only where two scores are equal up to the GPU's and NumPy's last digits
+    rows, cols = np.nonzero(ids != want_i)
+    np.testing.assert_allclose(full[rows, ids[rows, cols]], want_s[rows, cols], atol=1e-5)
+    assert (ids == want_i).mean() > 0.999
+    assert lowp.choose_precision("cuda", 128, 1.0) in ("fp32", "bf16", "fp16")

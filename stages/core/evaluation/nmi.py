@@ -6,7 +6,7 @@ import logging
 
 import numpy as np
 
-from stages.core.evaluation.search import faiss_gpu_count, load_faiss
+from stages.core.evaluation.faiss_lib import faiss_gpu_count, load_faiss
 
 log = logging.getLogger(__name__)
 
