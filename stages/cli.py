@@ -278,7 +278,6 @@ def search(
     k: Annotated[int, typer.Option("--k", help="neighbours per query")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON list of results per query")] = False,
     picture: Annotated[Path | None, typer.Option("--picture", help="draw the queries and results (PNG)")] = None,
-    params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Rank images for query images (the DML model's index) or captions (--text: the image-text model's):
     rank, score, class or caption, path."""
@@ -286,7 +285,6 @@ def search(
 
     _setup_logging()
     from stages import paths
-    from stages.core.config import load_params
     from stages.core.serving.api import Retriever, search_picture
     from stages.core.serving.text import TextRetriever
 
@@ -294,8 +292,7 @@ def search(
         if bool(queries) == bool(text):
             raise LangdmlError("give query images or --text captions (one kind per call)")
         if text:
-            f = load_params(params).crossmodal.features
-            retriever = TextRetriever.load(paths.XM_MODEL, paths.XM_INDEX, f.text_encoder, f.max_tokens)
+            retriever = TextRetriever.load(paths.XM_MODEL, paths.XM_INDEX)
             results = retriever.search_texts(text, k)
         else:
             results = Retriever.load().search_files(queries, k)

@@ -1,8 +1,11 @@
-"""Stage ``xm_features``: frozen token features of every image file and caption (data/crossmodal/features/).
+"""Stage ``xm_features``: frozen token features of every image file and what the text tower needs of every
+caption (data/crossmodal/features/).
 
-Images: the backbone's last feature map, one token per grid cell (``image_size / 32`` a side). Captions:
-the text encoder's token features (special tokens included, at most ``max_tokens``). Both are float16
-``.npy`` files stored ragged (all tokens one after another, T x C, plus N + 1 offsets), so nothing is
+Images: the backbone's last feature map, one token per grid cell (``image_size / 32`` a side). Captions, by
+``text_tower``: a frozen encoder's token features (special tokens included, at most ``max_tokens``), or the
+token ids of a trainable tower (with ``text_tower.json``: its vocabulary or model config, and for ``bigru``
+the initial word vectors, ``word_vectors.npy``). Features are float16 ``.npy`` files (ids int32) stored
+ragged (all tokens one after another, T x C, plus N + 1 offsets), so nothing is
 padded on disk; NumPy memory-maps them at training time, so a COCO-sized cache streams from disk instead
 of filling memory, and no Parquet list decoding is paid per batch. COCO's 123k images at a 7 x 7 grid of
 ResNet-50 (2,048 channels) would take 123k x 49 x 2048 x 2 B = 24.7 GB; the precomp layout's 36 regions,
@@ -26,9 +29,9 @@ from stages.core.data.datasets.captions import FEATURE_ROW, image_manifest, is_p
 from stages.core.data.torch_dataset import ImageDataset
 from stages.core.data.transforms import eval_transform
 from stages.core.errors import LangdmlError
-from stages.core.imagetext.tokens import ragged_token_sets, save_token_sets
+from stages.core.imagetext.tokens import TOWER_INFO, ragged_token_sets, save_token_sets
+from stages.core.imagetext.towers import tower_kind
 from stages.core.io import read_parquet, replace_directory, staging_directory, write_json
-from stages.core.language.encoders import create_text_encoder
 from stages.core.model.backbones import create_backbone
 from stages.core.runtime import autocast, resolve_device
 
@@ -77,11 +80,16 @@ def run(params: Params) -> None:
         grid = precomputed_tokens(images, meta["root"])
     else:
         grid = image_tokens(params, images, meta["root"])
-    encoder = create_text_encoder(f.text_encoder, device=resolve_device(f.device))
-    texts = ragged_token_sets(encoder.tokens(captions["text"].to_pylist(), f.batch_size, f.max_tokens))
+    kind, arg = tower_kind(f.text_tower)
+    train = np.asarray(captions["split"].to_pylist()) == "train"
+    cache = kind.cache(arg, captions["text"].to_pylist(), train, f.max_tokens, resolve_device(f.device))
+    texts = ragged_token_sets(cache.sets)
     with staging_directory(paths.XM_FEATURES) as staging:
         save_token_sets(staging, "image", ragged_token_sets(list(grid)))
         save_token_sets(staging, "caption", texts)
+        write_json(staging / TOWER_INFO, cache.info)
+        for name, array in cache.arrays.items():
+            np.save(staging / f"{name}.npy", array)
         write_json(
             staging / "features.json",
             {
@@ -89,9 +97,13 @@ def run(params: Params) -> None:
                 "image_tokens": list(grid.shape),
                 "caption_tokens": list(texts.tokens.shape),
                 "captions": len(texts),
-                "dtype": "float16",
+                "dtype": str(texts.tokens.dtype),
             },
         )
         replace_directory(staging, paths.XM_FEATURES)
     mb = (grid.nbytes + texts.tokens.nbytes) / 2**20
-    log.info("features: images %s, captions %s (float16, %.1f MB)", grid.shape, texts.tokens.shape, mb)
+    kind = f"{texts.tokens.dtype} {'token ids' if texts.channels == 0 else 'features'}"
+    log.info("features: images %s, captions %s (%s, %.1f MB)", grid.shape, texts.tokens.shape, kind, mb)
+    if "vocab" in cache.info:
+        found, total = cache.info.get("words_with_vectors", 0), len(cache.info["vocab"])
+        log.info("%s: %d words in the training captions' vocabulary, %d with a vector", f.text_tower, total, found)

@@ -1,4 +1,4 @@
-"""Stage ``xm_train``: the two set heads on the cached features (data/crossmodal/model/)."""
+"""Stage ``xm_train``: the image set head and the text tower on the cached features (data/crossmodal/model/)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from stages import paths
 from stages.core.config import Params
 from stages.core.errors import LangdmlError
 from stages.core.imagetext.objective import CrossModalData, CrossModalPaths, train_crossmodal
-from stages.core.imagetext.tokens import load_token_sets
+from stages.core.imagetext.tokens import TOWER_INFO, load_token_sets, load_tower_cache
 from stages.core.io import read_parquet
 
 log = logging.getLogger(__name__)
@@ -31,13 +31,17 @@ def run(params: Params) -> None:
         raise LangdmlError("the cross-modal features do not match the manifests; re-run `langdml xm-features`")
     img_train = np.asarray(images["split"].to_pylist()) == "train"
     cap_train = np.asarray(captions["split"].to_pylist()) == "train"
+    text_info, text_arrays = load_tower_cache(paths.XM_FEATURES)
     data = CrossModalData(
         images=image_sets.subset(img_train),
         image_ids=images["image_id"].to_numpy()[img_train],
         captions=caption_sets.subset(cap_train),
         caption_image_ids=captions["image_id"].to_numpy()[cap_train],
+        text_info=text_info,
+        text_arrays=text_arrays,
     )
-    inputs = [paths.XM_IMAGES, paths.XM_CAPTIONS, *sorted(paths.XM_FEATURES.glob("*.npy"))]
+    files = [*sorted(paths.XM_FEATURES.glob("*.npy")), paths.XM_FEATURES / TOWER_INFO]
+    inputs = [paths.XM_IMAGES, paths.XM_CAPTIONS, *files]
     out = CrossModalPaths(paths.XM_MODEL, paths.XM_CHECKPOINT_FILE, paths.XM_LOGS)
     history = train_crossmodal(data, xm.model, xm.train, params.seed, out, inputs).history
     final = history[-1]["loss/triplet"] if history else float("nan")

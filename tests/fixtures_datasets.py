@@ -236,3 +236,30 @@ def fake_npm(bin_dir: Path, tarballs: Path) -> Path:
     )
     script.chmod(0o755)
     return script
+
+
+PRECOMP_WORDS = ["dog", "cat", "car", "boat", "tree", "house", "bird", "horse", "train", "apple", "chair", "clock"]
+
+
+def make_precomp(
+    root: Path, train: int = 8, test: int = 4, per_image: int = 5, regions: int = 6, channels: int = 8
+) -> Path:
+    """The SCAN / VSE-infinity precomp layout (``train_ims.npy`` N x regions x channels + ``train_caps.txt``
+    with ``per_image`` captions per image, ``testall_*``): image i shows one of a few concepts, its regions
+    are noisy copies of the concept's vector and its captions name it in English words GloVe knows."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    concepts = rng.normal(size=(len(PRECOMP_WORDS), channels)).astype(np.float32)
+    offset = 0
+    for split, n in (("train", train), ("testall", test)):
+        kinds = (np.arange(n) + offset) % len(PRECOMP_WORDS)
+        offset += n
+        ims = concepts[kinds][:, None, :] + 0.3 * rng.normal(size=(n, regions, channels)).astype(np.float32)
+        np.save(root / f"{split}_ims.npy", ims.astype(np.float32))
+        lines = [
+            f"a photo of a {PRECOMP_WORDS[k]} number {j}" if j % 2 else f"the {PRECOMP_WORDS[k]} in the picture"
+            for k in kinds
+            for j in range(per_image)
+        ]
+        (root / f"{split}_caps.txt").write_text("\n".join(lines) + "\n")
+    return root

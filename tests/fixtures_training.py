@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -132,3 +133,28 @@ def train_paths(root: Path) -> TrainPaths:
         class_embeddings=root / "language" / "class_embeddings.parquet",
         pseudolabels=root / "pseudolabels" / "pseudolabels.parquet",
     )
+
+
+def frozen_text_info(channels: int, encoder: str = "sentence-transformers:all-MiniLM-L6-v2") -> dict:
+    """``text_tower.json`` of a frozen text tower over ``channels``-wide cached token features."""
+    return {"tower": f"frozen:{encoder}", "max_tokens": 32, "channels": channels}
+
+
+def tiny_bert(directory: Path) -> Path:
+    """A 1-layer, 16-wide BERT and its WordPiece tokenizer saved in ``directory`` (the hub is not reachable)."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "sparrow", "truck"]
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(directory / "vocab.txt")).save_pretrained(directory)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
+    BertModel(config).eval().save_pretrained(directory)
+    return directory

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from fixtures_datasets import fake_npm, make_emoji_packages, tiny_jpeg
+from fixtures_training import frozen_text_info
 
 import stages.core.data.datasets.emoji as em
 from stages.core.config import CrossModalDataParams, CrossModalModelParams, CrossModalTrainParams
@@ -105,7 +106,7 @@ def test_ragged_token_sets_round_trip_and_pad_with_a_mask(tmp_path) -> None:
 def test_padded_caption_tokens_change_nothing(head: str) -> None:
     torch.manual_seed(0)
     mp = CrossModalModelParams(head=head, embed_dim=16, slots=3, slot_depth=2, slot_heads=2)
-    model = CrossModalModel(8, 6, mp).eval()
+    model = CrossModalModel(8, frozen_text_info(6), mp).eval()
     tokens = torch.randn(2, 5, 6)
     mask = torch.tensor([[False, False, True, True, True], [False] * 5])
     garbage = tokens.clone()
@@ -116,7 +117,7 @@ def test_padded_caption_tokens_change_nothing(head: str) -> None:
     if head == "dive":
         attention = model.text.forward_tokens(tokens, mask)["attention"]
         assert attention[0, :, 2:].abs().max().item() == 0.0  # masked tokens get zero attention
-    assert isinstance(model.text, DivEHead if head == "dive" else MaxPoolHead)
+    assert isinstance(model.text.head, DivEHead if head == "dive" else MaxPoolHead)
 
 
 def _toy_data(seed: int = 0) -> CrossModalData:
@@ -132,6 +133,7 @@ def _toy_data(seed: int = 0) -> CrossModalData:
         image_ids=np.repeat(np.arange(6), 2),
         captions=ragged_token_sets([c.astype(np.float32) for c in caption_sets]),
         caption_image_ids=np.repeat(np.arange(6), 2),
+        text_info=frozen_text_info(6),
     )
 
 
@@ -202,9 +204,9 @@ def test_batches_are_images_with_all_their_captions_and_one_view_each() -> None:
     batches = ImageBatches(data.caption_image_ids, data.image_ids, batch_size=4, seed=3)
     assert len(batches) == 2  # 6 images: 4 + 2
     epoch = list(batches.epoch(0))
-    shown = np.concatenate([data.image_ids[files] for files, _ in epoch])
+    shown = np.concatenate([data.image_ids[files] for files, *_ in epoch])
     assert sorted(shown.tolist()) == list(range(6))  # every image once per epoch
-    for files, caps in epoch:
+    for files, caps, _ in epoch:
         ids = data.image_ids[files]
         assert len(set(ids.tolist())) == len(ids)
         assert sorted(data.caption_image_ids[caps].tolist()) == sorted(np.repeat(ids, 2).tolist())  # all captions
@@ -218,7 +220,7 @@ def test_parameter_groups_have_dives_learning_rate_scales() -> None:
 
     data = _toy_data()
     mp = CrossModalModelParams(embed_dim=16, slots=2, slot_depth=1, slot_heads=2)
-    model = CrossModalModel(data.images.channels, data.captions.channels, mp)
+    model = CrossModalModel(data.images.channels, data.text_info, mp)
     scales = {"image": 0.1, "text": 1.0, "text_set": 0.1}
     objective = CrossModalObjective(
         model, data, margin=0.2, warmup_epochs=0, mmd=0.01, diversity=0.01, lr=1e-3, lr_scales=scales
@@ -229,5 +231,5 @@ def test_parameter_groups_have_dives_learning_rate_scales() -> None:
     )
     counted = sum(p.numel() for g in groups.values() for p in g["params"])
     assert counted == sum(p.numel() for p in model.parameters())  # every parameter in exactly one group
-    assert any(p is model.text.queries for p in groups["text_set"]["params"])
-    assert any(p is model.text.local.weight for p in groups["text"]["params"])
+    assert any(p is model.text.head.queries for p in groups["text_set"]["params"])
+    assert any(p is model.text.head.local.weight for p in groups["text"]["params"])

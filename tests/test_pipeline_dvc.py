@@ -165,3 +165,28 @@ def test_dvc_repro_then_sweep_reruns_only_train_and_evaluate(tmp_path: Path, mon
     assert {"recall@1", "best_epoch/epoch", "best_epoch/recall@1", "best_epoch/map@r"} <= set(metrics)
     per_epoch = (repo / "data/train/plots/metrics/test/recall@1.tsv").read_text().splitlines()
     assert len(per_epoch) == 3  # header + epochs 1 and 2
+    # DivE's official run in one word on a tiny precomp folder (5 captions per image), sizes scaled down and the
+    # bundled GloVe 50d in place of 840B-300d: the bi-GRU text tower trains on cached token ids end to end.
+    from fixtures_datasets import make_precomp
+
+    make_precomp(repo / "data/raw/precomp")
+    scaled = [
+        "crossmodal.data.root=data/raw/precomp",
+        "crossmodal.features.text_tower=bigru:glove:6B-50d",
+        "crossmodal.model.embed_dim=16",
+        "crossmodal.model.slot_head_dim=8",
+        "crossmodal.model.slot_depth=1",
+        "crossmodal.train.epochs=2",
+        "crossmodal.train.batch_size=4",
+        "crossmodal.evaluate.folds=null",
+    ]
+    _run([f"{bindir}/langdml", "recipe", "dive/coco-butd-bigru", *(a for kv in scaled for a in ("-S", kv))], repo, env)
+    written = yaml.safe_load((repo / "params.yaml").read_text())
+    assert written["recipe"] == "dive/coco-butd-bigru@1" and written["crossmodal"]["train"]["caption_drop"] == 0.2
+    out = _run([f"{bindir}/dvc", "exp", "run"], repo, env)
+    for stage in ("train", "evaluate"):
+        assert f"Stage '{stage}' didn't change, skipping" in out, out[-3000:]
+    xm = json.loads((repo / "data/crossmodal/eval/metrics.json").read_text())
+    assert 0 <= xm["rsum"] <= 600 and xm["n_images"] == 4 and xm["n_captions"] == 20
+    text = json.loads((repo / "data/crossmodal/model/config.json").read_text())["text"]
+    assert text["tower"] == "bigru:glove:6B-50d" and text["words_with_vectors"] == len(text["vocab"]) - 5

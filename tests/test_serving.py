@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 import torch
 from fixtures_datasets import tiny_jpeg
+from fixtures_training import frozen_text_info
 from typer.testing import CliRunner
 
 from stages.cli import app
@@ -149,9 +150,9 @@ def test_text_queries_rank_the_image_text_index_by_the_models_similarity(tmp_pat
     from stages.core.imagetext.model import CrossModalModel, save_crossmodal
     from stages.core.serving.text import TextRetriever
 
-    encoder = "sentence-transformers:all-MiniLM-L6-v2"
     torch.manual_seed(0)
-    model = CrossModalModel(8, 384, CrossModalModelParams(embed_dim=16, slots=2, slot_depth=1, slot_heads=2))
+    mp = CrossModalModelParams(embed_dim=16, slots=2, slot_depth=1, slot_heads=2)
+    model = CrossModalModel(8, frozen_text_info(384), mp)
     save_crossmodal(model, tmp_path / "model")
     images = torch.nn.functional.normalize(torch.randn(12, 2, 16), dim=-1).numpy()
     items = pa.table(
@@ -164,7 +165,7 @@ def test_text_queries_rank_the_image_text_index_by_the_models_similarity(tmp_pat
     )
     fingerprint = model_fingerprint(tmp_path / "model" / XM_WEIGHTS)
     write_index(tmp_path / "index", images, items, fingerprint, model.similarity)
-    retriever = TextRetriever.load(tmp_path / "model", tmp_path / "index", encoder, 32)
+    retriever = TextRetriever.load(tmp_path / "model", tmp_path / "index")
     [(text, results)] = retriever.search_texts(["a sleepy cat"], k=5)
     query = torch.from_numpy(retriever.embed_text(["a sleepy cat"]))
     brute = model.similarity(query, torch.from_numpy(images))[0].numpy()
@@ -174,7 +175,7 @@ def test_text_queries_rank_the_image_text_index_by_the_models_similarity(tmp_pat
     with pytest.raises(LangdmlError, match="a text query is empty"):
         retriever.search_texts(["  "], k=3)
     with pytest.raises(LangdmlError, match=r"run `langdml xm-index`"):
-        TextRetriever.load(tmp_path / "model", tmp_path / "nowhere", encoder, 32)
+        TextRetriever.load(tmp_path / "model", tmp_path / "nowhere")
     with pytest.raises(LangdmlError, match="is an image-text model; load it with TextRetriever"):
         __import__("langdml").Retriever.load(tmp_path / "model", tmp_path / "index")
 
@@ -184,7 +185,7 @@ def test_a_text_query_to_an_image_only_model_is_one_line(tmp_path: Path) -> None
 
     model_dir, index_dir, _ = _setup(tmp_path)
     with pytest.raises(LangdmlError, match="is an image-only model: text queries need the image-text model"):
-        TextRetriever.load(str(model_dir), str(index_dir), "sentence-transformers:all-MiniLM-L6-v2", 32)
+        TextRetriever.load(str(model_dir), str(index_dir))
 
 
 def test_the_python_example_in_docs_runs(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from fixtures_training import tiny_bert
 
 from stages import paths
 from stages.core import hub
@@ -131,30 +132,11 @@ def test_glove_semantics_and_unknown_words(glove: TextEncoder, caplog: pytest.Lo
         glove.encode(["qqzzxxq"])
 
 
-def _tiny_bert(directory: Path) -> Path:
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "sparrow", "truck"]
-    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(directory / "vocab.txt")).save_pretrained(directory)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-    )
-    BertModel(config).eval().save_pretrained(directory)
-    return directory
-
-
 @pytest.mark.parametrize("pooling", ["pooler", "cls", "mean"])
-def test_hf_local_tiny_bert(tmp_path: Path, pooling: str) -> None:
+def test_hf_localtiny_bert(tmp_path: Path, pooling: str) -> None:
     from transformers import AutoModel, AutoTokenizer
 
-    path = _tiny_bert(tmp_path)
+    path = tiny_bert(tmp_path)
     enc = create_text_encoder(f"hf:{path}", pooling=pooling, device="cpu")
     texts = ["a photo of a sparrow", "a truck"]
     got = enc.encode(texts)
@@ -279,7 +261,7 @@ def test_bad_specs(spec: str, pooling: str, error: type[Exception], match: str) 
 def test_hf_pooler_missing_is_one_line(tmp_path: Path) -> None:
     from transformers import DistilBertConfig, DistilBertModel
 
-    path = _tiny_bert(tmp_path)  # reuse its tokenizer files; replace the model by one without a pooler
+    path = tiny_bert(tmp_path)  # reuse its tokenizer files; replace the model by one without a pooler
     torch.manual_seed(0)
     config = DistilBertConfig(vocab_size=10, dim=16, n_layers=1, n_heads=2, hidden_dim=32, max_position_embeddings=32)
     DistilBertModel(config).save_pretrained(path)

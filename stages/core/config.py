@@ -61,6 +61,8 @@ LossName = registered("stages.core.training.losses:DML_LOSSES")
 OptimizerName = registered("stages.core.training.optim:OPTIMIZERS")
 CaptionDatasetName = registered("stages.core.data.datasets.captions:CAPTION_DATASETS")
 SetHeadName = registered("stages.core.imagetext.model:SET_HEADS")
+TextTowerSpec = registered("stages.core.imagetext.towers:TEXT_TOWERS", require_arg=True)
+Probability = Annotated[float, Field(ge=0, lt=1)]
 SchedulerName = registered("stages.core.training.optim:SCHEDULERS")
 
 
@@ -129,7 +131,7 @@ class _SlotHeadsCheck(_Section):
     @model_validator(mode="after")
     def _slot_heads(self) -> _SlotHeadsCheck:
         dim, heads = self.embed_dim, self.slot_heads  # type: ignore[attr-defined]
-        if dim % heads:
+        if dim % heads and getattr(self, "slot_head_dim", None) is None:
             raise ValueError(f"embed_dim ({dim}) must be a multiple of slot_heads ({heads})")
         return self
 
@@ -272,7 +274,8 @@ class CrossModalDataParams(_Section):
 class CrossModalFeatureParams(_Section):
     backbone: BackboneSpec = "efficientnet-lite0"
     image_size: Annotated[int, Field(ge=32)] = 64  # the grid is image_size / 32 cells a side
-    text_encoder: TextEncoderSpec = "sentence-transformers:all-MiniLM-L6-v2"
+    # frozen:<text encoder> (cached token features) | bigru:<word vectors> | hf:<model> (trainable; token ids)
+    text_tower: TextTowerSpec = "frozen:sentence-transformers:all-MiniLM-L6-v2"
     max_tokens: PositiveInt = 32
     batch_size: PositiveInt = 64
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -285,6 +288,12 @@ class CrossModalModelParams(_SlotHeadsCheck):
     slot_depth: PositiveInt = 2
     slot_heads: PositiveInt = 4
     alpha: PositiveFloat = 16.0  # smooth-Chamfer temperature
+    slot_head_dim: PositiveInt | None = None  # width of each attention head; null = embed_dim / slot_heads
+    dropout: Probability = 0.0  # attention output, feed-forward, word embeddings and GRU (DivE --dropout)
+    global_pool: Literal["mean", "max"] = "mean"  # the projected tokens -> the global feature (--img_res_pool)
+    image_local_dropout: Probability = 0.0  # on the projected image tokens (--img_1x1_dropout)
+    image_local_bn: bool = False  # BatchNorm in the image projection's MLP (--gpo_1x1)
+    text_positions: bool = False  # sine positions on the text keys (--spm_txt_pos_enc_type sine)
 
 
 class CrossModalTrainParams(_Section):
@@ -299,6 +308,8 @@ class CrossModalTrainParams(_Section):
     warmup_epochs: NonNegInt = 0  # epochs that average every negative's violation (VSE0) before the hardest
     mmd: Annotated[float, Field(ge=0)] = 0.01
     diversity: Annotated[float, Field(ge=0)] = 0.01
+    caption_drop: Probability = 0.0  # token ids masked / swapped / deleted per token (--caption_drop_prob)
+    region_drop: Probability = 0.0  # image tokens dropped per token (--butd_drop_prob)
     clip: PositiveFloat | None = 1.0  # gradient-norm clipping; null = off
     optimizer: OptimizerName = "adamw"
     scheduler: SchedulerName = "cosine_step"  # cosine per step, no warm-up (DivE's train.py)

@@ -5,7 +5,7 @@ max-violation triplet with the official mean reduction), ``mmd`` and ``diversity
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from stages.core.config import CrossModalModelParams, CrossModalTrainParams
 from stages.core.errors import LangdmlError
 from stages.core.imagetext.model import CrossModalModel, save_crossmodal
 from stages.core.imagetext.tokens import TokenSets
+from stages.core.imagetext.towers import augment_ids, drop_regions, tower_kind
 from stages.core.training import checkpoint as ckpt
 from stages.core.training import distributed
 from stages.core.training.fit import CheckpointSpec, LoopOptions, TrainResult, fit, start_run
@@ -26,12 +27,15 @@ from stages.core.training.set_losses import hardest_negative_triplet, mmd_exp_ke
 
 @dataclass
 class CrossModalData:
-    """Training inputs: image files' and captions' token sets, and which image id each row shows."""
+    """Training inputs: image files' and captions' token sets, which image id each row shows, and what the
+    features stage cached for the text tower (``text_tower.json`` and its arrays)."""
 
     images: TokenSets
     image_ids: np.ndarray  # per image file (several files may show one image id)
     captions: TokenSets
     caption_image_ids: np.ndarray
+    text_info: dict[str, Any]
+    text_arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _views(image_ids: np.ndarray) -> dict[int, np.ndarray]:
@@ -68,14 +72,15 @@ class ImageBatches:
     def __len__(self) -> int:
         return len(self.starts)
 
-    def epoch(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(image file rows, caption rows) per step: B files, then the captions of those images in order."""
+    def epoch(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray, tuple[int, int, int]]]:
+        """(image file rows, caption rows, the step's key (seed, epoch, step) that seeds its augmentation) per
+        step: B files, then the captions of those images in order."""
         rng = np.random.default_rng([self.seed, epoch])
         order = self.ids[rng.permutation(len(self.ids))]
-        for start in self.starts:
+        for step, start in enumerate(self.starts):
             chosen = order[start : start + self.batch_size]
             files = np.array([rng.choice(self.views[int(i)]) for i in chosen])
-            yield files, np.concatenate([self.captions[int(i)] for i in chosen])
+            yield files, np.concatenate([self.captions[int(i)] for i in chosen]), (self.seed, epoch, step)
 
 
 class CrossModalObjective(nn.Module):
@@ -96,6 +101,8 @@ class CrossModalObjective(nn.Module):
         diversity: float,
         lr: float = 1e-3,
         lr_scales: dict[str, float] | None = None,
+        caption_drop: float = 0.0,
+        region_drop: float = 0.0,
     ) -> None:
         super().__init__()
         self.model = model
@@ -108,11 +115,13 @@ class CrossModalObjective(nn.Module):
         self.gradient_scales: dict[str, float] = {}
         self.ctx = distributed.Context()
         self.hardest = warmup_epochs == 0
+        self.caption_drop, self.region_drop = caption_drop, region_drop
 
     def param_groups(self) -> list[dict[str, Any]]:
         """DivE's groups (``train.py``): the image tower at ``image_lr_scale`` (officially every image-encoder
         parameter but the CNN, which cached features do not have), the text tower's set prediction module
-        at ``text_set_lr_scale`` and the rest of the text tower at ``text_lr_scale``, times the lr."""
+        at ``text_set_lr_scale`` and the rest of the text tower (word embeddings and GRU, or the fine-tuned
+        transformer and its projection) at ``text_lr_scale``, times the lr."""
         text_set = {id(p) for p in self.model.text.set_module()}
         groups = [
             ("image", list(self.model.image.parameters()), self.lr_scales["image"]),
@@ -129,12 +138,28 @@ class CrossModalObjective(nn.Module):
         self.ctx = ctx
         self.gradient_scales = {name: float(ctx.world) for name in self.weights}
 
-    def inputs(self, batch: tuple[np.ndarray, np.ndarray], device: torch.device) -> tuple[Any, ...]:
-        imgs, caps = batch
+    def inputs(
+        self, batch: tuple[np.ndarray, np.ndarray, tuple[int, int, int]], device: torch.device
+    ) -> tuple[Any, ...]:
+        """This rank's rows of the batch, augmented (DivE's region dropping, and token dropping for captions
+        cached as token ids), seeded by the step and the rank, so a rerun draws the same."""
+        imgs, caps, key = batch
         world, rank = self.ctx.world, self.ctx.rank  # each rank embeds its contiguous share of both
+        rng = np.random.default_rng([*key, rank])
+        info = self.data.text_info
+
+        def regions(x: np.ndarray) -> np.ndarray:
+            return drop_regions(x, self.region_drop, rng)
+
+        def words(x: np.ndarray) -> np.ndarray:
+            return augment_ids(x, self.caption_drop, info["vocab_size"], info["mask_id"], rng)
+
+        ids = self.data.captions.channels == 0
         return (
-            self.data.images.batch(np.array_split(imgs, world)[rank], device),
-            self.data.captions.batch(np.array_split(caps, world)[rank], device),
+            self.data.images.batch(np.array_split(imgs, world)[rank], device, regions if self.region_drop else None),
+            self.data.captions.batch(
+                np.array_split(caps, world)[rank], device, words if self.caption_drop and ids else None
+            ),
             torch.as_tensor(self.data.image_ids[imgs], device=device),
             torch.as_tensor(self.data.caption_image_ids[caps], device=device),
         )
@@ -199,7 +224,9 @@ def train_crossmodal(
     batch size, not on the process count."""
     run = start_run(tp.device, seed)
     batches = ImageBatches(data.caption_image_ids, data.image_ids, tp.batch_size, seed, max(2, run.ctx.world))
-    model = CrossModalModel(data.images.channels, data.captions.channels, mp)
+    model = CrossModalModel(data.images.channels, data.text_info, mp)
+    tower, _ = tower_kind(data.text_info["tower"])
+    tower.initialise(model.text, data.text_info, data.text_arrays, seed)
     objective = CrossModalObjective(
         model,
         data,
@@ -209,6 +236,8 @@ def train_crossmodal(
         diversity=tp.diversity,
         lr=tp.lr,
         lr_scales={"image": tp.image_lr_scale, "text": tp.text_lr_scale, "text_set": tp.text_set_lr_scale},
+        caption_drop=tp.caption_drop,
+        region_drop=tp.region_drop,
     ).to(run.device)
     optimizer = build_optimizer(tp.optimizer, objective.param_groups(), tp.lr, tp.weight_decay)
     schedule = build_schedule(tp.scheduler, optimizer, ScheduleSpec(tp.epochs, len(batches)))

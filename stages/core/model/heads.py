@@ -16,7 +16,9 @@ exactly no weight (the official masks before it, leaving each padded input 1/K o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -63,78 +65,179 @@ class LinearHead(nn.Linear):
         return fmap.float().norm(dim=1, keepdim=True), ["feature norm (no slots)"]
 
 
+@dataclass(frozen=True)
+class SlotOptions:
+    """The set module's details that the official image-text recipe sets (``train_eval_coco.sh``); the
+    defaults are the DML head's (no dropout, the mean as the global feature, attention width = embed_dim).
+
+    ``head_dim``: the width of each attention head (official ``dim_head`` 512 with 4 heads; None = the
+    embedding width split over the heads). ``dropout``: after the attention's output projection and inside
+    the feed-forward (``--dropout``). ``global_pool``: how the projected tokens become the global feature
+    (``--img_res_pool``). ``local_dropout``: on the projected tokens (``--img_1x1_dropout``). ``local_bn``:
+    BatchNorm inside the projection MLP (``--gpo_1x1``'s MLP). ``project``: project the tokens before the
+    attention (``--spm_1x1``; the official text tower attends over the raw word embeddings). ``key_positions``:
+    a sine encoding of each token's position added to the keys (``--spm_txt_pos_enc_type sine``)."""
+
+    head_dim: int | None = None
+    dropout: float = 0.0
+    global_pool: str = "mean"
+    local_dropout: float = 0.0
+    local_bn: bool = False
+    project: bool = True
+    key_positions: bool = False
+
+
+def sine_positions(mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """B x N x ``dim`` sine/cosine encodings of the token positions 1..L_b, normalised to (0, 2 pi] by each
+    set's own length L_b (kdwonn/DivE ``agg_block/pos_encoding.py:PositionEmbeddingSine1D``, normalize=True,
+    which divides by the padded batch length instead, so a caption's encoding there depends on its
+    batchmates); even channels sine, odd channels cosine of position / 10000^(2 floor(i/2) / dim)."""
+    keep = (~mask).float()
+    pos = keep.cumsum(dim=1)
+    pos = pos / (pos[:, -1:].clamp_min(1.0) + 1e-6) * 2 * math.pi
+    freq = 10000.0 ** (2 * (torch.arange(dim, device=mask.device) // 2) / dim)
+    angle = pos[..., None] / freq
+    out = torch.where(torch.arange(dim, device=mask.device) % 2 == 0, angle.sin(), angle.cos())
+    return out * keep[..., None]
+
+
 class SlotCrossAttention(nn.Module):
     """Multi-head cross-attention of K slot queries over N inputs, softmax over slots, then over inputs."""
 
-    def __init__(self, dim: int, heads: int) -> None:
+    def __init__(
+        self, dim: int, heads: int, context_dim: int | None = None, head_dim: int | None = None, dropout: float = 0.0
+    ) -> None:
         super().__init__()
-        if dim % heads:
+        if head_dim is None and dim % heads:
             raise LangdmlError(f"model.embed_dim ({dim}) must be a multiple of model.slot_heads ({heads})")
+        context_dim = context_dim or dim
+        head_dim = head_dim or dim // heads
+        inner = heads * head_dim
         self.heads = heads
-        self.scale = (dim // heads) ** -0.5
+        self.scale = head_dim**-0.5
         self.norm_slots = nn.LayerNorm(dim)
-        self.norm_inputs = nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(dim, dim, bias=False)
-        self.to_v = nn.Linear(dim, dim, bias=False)
-        self.to_out = nn.Linear(dim, dim)
+        self.norm_inputs = nn.LayerNorm(context_dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Linear(inner, dim)
+        self.dropout = nn.Dropout(dropout)
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         return x.view(b, n, self.heads, d // self.heads).transpose(1, 2)  # B x h x n x d/h
 
     def forward(
-        self, slots: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor | None = None
+        self,
+        slots: torch.Tensor,
+        inputs: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        key_positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(update B x K x D, attention B x K x N averaged over heads); ``mask`` B x N, True = padding."""
+        """(update B x K x D, attention B x K x N averaged over heads); ``mask`` B x N, True = padding;
+        ``key_positions`` (B x N x C) are added to the normalised inputs for the keys only."""
         q = self._split(self.to_q(self.norm_slots(slots)))
         context = self.norm_inputs(inputs)
-        k, v = self._split(self.to_k(context)), self._split(self.to_v(context))
+        keys = context if key_positions is None else context + key_positions.to(context.dtype)
+        k, v = self._split(self.to_k(keys)), self._split(self.to_v(context))
         attn = (q @ k.transpose(-1, -2) * self.scale).softmax(dim=-2)  # B x h x K x N, softmax over slots
         if mask is not None:
             attn = attn.masked_fill(mask[:, None, None, :], 0.0)  # after the softmax: exactly zero weight
         attn = attn / (attn.sum(dim=-1, keepdim=True) + EPS)  # each slot: a weighted mean of its inputs
         out = (attn @ v).transpose(1, 2).flatten(2)
-        return self.to_out(out), attn.mean(dim=1)
+        return self.dropout(self.to_out(out)), attn.mean(dim=1)
 
 
 class SlotBlock(nn.Module):
-    """Pre-norm cross-attention then a pre-norm 4x GELU feed-forward, each with a residual."""
+    """Pre-norm cross-attention then a pre-norm 4x GELU feed-forward (dropout after the GELU), each with a
+    residual."""
 
-    def __init__(self, dim: int, heads: int, ff_mult: int = 4) -> None:
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        ff_mult: int = 4,
+        context_dim: int | None = None,
+        head_dim: int | None = None,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
-        self.attention = SlotCrossAttention(dim, heads)
+        self.attention = SlotCrossAttention(dim, heads, context_dim, head_dim, dropout)
         self.ff = nn.Sequential(
-            nn.LayerNorm(dim), nn.Linear(dim, ff_mult * dim), nn.GELU(), nn.Linear(ff_mult * dim, dim)
+            nn.LayerNorm(dim),
+            nn.Linear(dim, ff_mult * dim),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(ff_mult * dim, dim),
         )
 
     def forward(
-        self, slots: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor | None = None
+        self,
+        slots: torch.Tensor,
+        inputs: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        key_positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        update, attn = self.attention(slots, inputs, mask)
+        update, attn = self.attention(slots, inputs, mask, key_positions)
         slots = slots + update
         return slots + self.ff(slots), attn
+
+
+class SequenceBatchNorm(nn.Module):
+    """BatchNorm1d over the last axis of a B x N x D tensor (padding included, as the official ``SequenceBN``)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+
+
+def masked_pool(x: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:
+    """B x N x D -> B x D: the mean or the max over the valid (unmasked) tokens."""
+    if how == "max":
+        return x.max(dim=1).values if mask is None else x.masked_fill(mask.unsqueeze(-1), -math.inf).max(dim=1).values
+    if mask is None:
+        return x.mean(dim=1)
+    keep = (~mask).unsqueeze(-1).to(x.dtype)
+    return (x * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1.0)
 
 
 class DivEHead(nn.Module):
     """K slots over the grid cells of the feature map (see the module docstring)."""
 
     def __init__(
-        self, channels: int, embed_dim: int, slots: int = 4, depth: int = 4, heads: int = 4, alpha: float = 16.0
+        self,
+        channels: int,
+        embed_dim: int,
+        slots: int = 4,
+        depth: int = 4,
+        heads: int = 4,
+        alpha: float = 16.0,
+        options: SlotOptions = SlotOptions(),
     ) -> None:
         super().__init__()
         self.slots = slots
+        self.options = options
         self.similarity = SimilaritySpec("smooth_chamfer", alpha=alpha)
         self.depth = depth
-        self.local = nn.Linear(channels, embed_dim)
-        # DivE's residual MLP on the projected local features (its ``gpo_1x1``).
-        self.local_mlp = nn.Sequential(
-            nn.Linear(embed_dim, embed_dim // 2), nn.ReLU(), nn.Linear(embed_dim // 2, embed_dim)
-        )
+        if options.project:
+            self.local = nn.Linear(channels, embed_dim)
+            # DivE's residual MLP on the projected local features (its ``gpo_1x1``).
+            bn = [SequenceBatchNorm(embed_dim // 2)] if options.local_bn else []
+            self.local_mlp = nn.Sequential(
+                nn.Linear(embed_dim, embed_dim // 2), *bn, nn.ReLU(), nn.Linear(embed_dim // 2, embed_dim)
+            )
+            self.local_dropout = nn.Dropout(options.local_dropout)
+        context = embed_dim if options.project else channels
         # Unit-variance queries as in the official code: scaled down to norm ~1 they are swamped by the
         # first attention update and the slots start (and stay) nearly identical (slot cosine 0.98 at init).
         self.queries = nn.Parameter(torch.randn(slots, embed_dim))
-        self.block = SlotBlock(embed_dim, heads)  # one block, applied ``depth`` times: weight-tied
+        # one block, applied ``depth`` times: weight-tied
+        self.block = SlotBlock(
+            embed_dim, heads, context_dim=context, head_dim=options.head_dim, dropout=options.dropout
+        )
         self.norm_slots = nn.LayerNorm(embed_dim)
         self.norm_global = nn.LayerNorm(embed_dim)
 
@@ -143,19 +246,29 @@ class DivEHead(nn.Module):
         the official image-text training gives its own learning rate."""
         return [self.queries, *self.block.parameters(), *self.norm_slots.parameters(), *self.norm_global.parameters()]
 
-    def forward_tokens(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, Any]:
-        """``tokens`` B x N x C (grid cells, regions or words), ``mask`` B x N with True at padding."""
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The local features: the tokens through the projection and its residual MLP (or as they are)."""
+        if not self.options.project:
+            return tokens
         local = self.local(tokens)
-        local = local + self.local_mlp(local)
-        if mask is None:
-            glob = local.mean(dim=1)
-        else:
-            keep = (~mask).unsqueeze(-1).to(local.dtype)
-            glob = (local * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1.0)
+        return self.local_dropout(local + self.local_mlp(local))
+
+    def forward_tokens(
+        self, tokens: torch.Tensor, mask: torch.Tensor | None = None, glob: torch.Tensor | None = None
+    ) -> dict[str, Any]:
+        """``tokens`` B x N x C (grid cells, regions or words), ``mask`` B x N with True at padding; ``glob``
+        (B x D) is a global feature from elsewhere (a text tower's GRU), else the pooled local features."""
+        local = self.project(tokens)
+        if glob is None:
+            glob = masked_pool(local, mask, self.options.global_pool)
+        positions = None
+        if self.options.key_positions:
+            keep = torch.zeros(local.shape[:2], dtype=torch.bool, device=local.device) if mask is None else mask
+            positions = sine_positions(keep, local.shape[-1])
         slots = self.queries.expand(tokens.shape[0], -1, -1)
         attn = None
         for _ in range(self.depth):
-            slots, attn = self.block(slots, local, mask)
+            slots, attn = self.block(slots, local, mask, positions)
         residual = self.norm_slots(slots)
         out = residual + self.norm_global(glob).unsqueeze(1)
         return {"embeddings": F.normalize(out.float(), dim=-1), "residual": residual.float(), "attention": attn}

@@ -1,5 +1,7 @@
-"""Text queries against the image-text model's index: a caption through the frozen text encoder's token
-features and the trained text set head, then the images ranked by the model's similarity (as xm_evaluate)."""
+"""Text queries against the image-text model's index: a caption turned into what the features stage cached
+for it (the frozen encoder's token features, or the text tower's token ids: the tower's own tokenizer, saved
+with the model), through the trained text tower, then the images ranked by the model's similarity (as
+xm_evaluate)."""
 
 from __future__ import annotations
 
@@ -17,22 +19,20 @@ from stages.core.serving.index import GalleryIndex, model_fingerprint
 @dataclass
 class TextRetriever:
     model: Any
-    encoder: Any
-    max_tokens: int
+    tokenize: Any  # captions -> what the features stage cached for each
     index: GalleryIndex
     device: Any
 
     @classmethod
-    def load(
-        cls, model_dir: str | Path, index_dir: str | Path, text_encoder: str, max_tokens: int, device: str = "cpu"
-    ) -> TextRetriever:
+    def load(cls, model_dir: str | Path, index_dir: str | Path, device: str = "cpu") -> TextRetriever:
         from stages.core.imagetext.model import WEIGHTS_NAME, load_crossmodal
-        from stages.core.language.encoders import create_text_encoder
+        from stages.core.imagetext.towers import tower_kind
 
         model_dir, index_dir = Path(model_dir), Path(index_dir)
         model = load_crossmodal(model_dir, device)
         index = GalleryIndex.load(index_dir, model_fingerprint(model_dir / WEIGHTS_NAME), stage="xm-index")
-        return cls(model, create_text_encoder(text_encoder, device=device), max_tokens, index, device)
+        kind, _ = tower_kind(model.text_info["tower"])
+        return cls(model, kind.tokenizer(model.text_info, device), index, device)
 
     def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         """N x K x D sets of the captions (an empty one is one line)."""
@@ -41,7 +41,7 @@ class TextRetriever:
 
         if not texts or any(not t.strip() for t in texts):
             raise LangdmlError("a text query is empty")
-        sets = ragged_token_sets(self.encoder.tokens(list(texts), 64, self.max_tokens))
+        sets = ragged_token_sets(self.tokenize(list(texts)))
         return embed_sets(self.model.text, sets, self.device)
 
     def search_texts(self, texts: Sequence[str], k: int = 10) -> list[tuple[str, list[dict[str, Any]]]]:
