@@ -248,3 +248,20 @@ def test_a_bigru_run_with_dives_augmentation_learns_and_repeats_bit_for_bit(tmp_
         runs.append(((tmp_path / name / "model.safetensors").read_bytes(), [r["loss/triplet"] for r in history]))
     assert runs[0] == runs[1]  # seeded: augmentation and dropout draw the same in a rerun
     assert runs[0][1][-1] < runs[0][1][0]
+
+
+def test_bad_text_tower_inputs_are_one_line(tmp_path: Path) -> None:
+    from stages.core.config import CrossModalFeatureParams
+    from stages.core.imagetext.tokens import load_tower_cache
+
+    with pytest.raises(ValueError, match="unknown text tower 'bert'; known: bigru, frozen, hf"):
+        CrossModalFeatureParams(text_tower="bert:base")
+    with pytest.raises(ValueError, match="must look like 'family:argument'"):
+        CrossModalFeatureParams(text_tower="bigru")
+    with pytest.raises(LangdmlError, match="the width must be a positive integer"):
+        word_vectors("random:abc", ["a"])
+    with pytest.raises(LangdmlError, match=r"lacks text_tower\.json; re-run `langdml xm-features`"):
+        load_tower_cache(tmp_path)
+    (tmp_path / "text_tower.json").write_text("{not json")
+    with pytest.raises(LangdmlError, match="unreadable"):
+        load_tower_cache(tmp_path)
