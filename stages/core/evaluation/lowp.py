@@ -54,17 +54,18 @@ def rounding_bound(precision: str, dim: int) -> tuple[float, float]:
 
 @functools.lru_cache(maxsize=8)
 def choose_precision(device: str = "cpu", dim: int = 512, min_speedup: float = MIN_SPEEDUP, n: int = 2048) -> str:
-    """The fastest of float32 and the low precisions this device multiplies, timed on an ``n x dim`` by
-    ``dim x n`` product (best of 3 after a warm-up); a low precision only when at least ``min_speedup``
-    times faster than float32. Cached per process."""
+    """The fastest of float32 and the low precisions this device multiplies, by their rates on an
+    ``n x dim`` by ``dim x n`` product (best of 3 after a warm-up); a low precision only when at least
+    ``min_speedup`` times faster than float32. A precision is first timed on a 256-row product, so a slow
+    one (bf16 on an AVX2-only CPU: ~250x slower on some) costs milliseconds, not the full probe. Cached per
+    process."""
     import torch
 
     dev = torch.device(device)
-    a = torch.randn(n, dim, device=dev)
-    b = torch.randn(dim, n, device=dev)
 
-    def seconds(name: str) -> float:
-        x, y = a.to(_torch_dtype(name)), b.to(_torch_dtype(name))
+    def rate(name: str, rows: int) -> float:
+        x = torch.randn(rows, dim, device=dev).to(_torch_dtype(name))
+        y = torch.randn(dim, rows, device=dev).to(_torch_dtype(name))
         best = float("inf")
         for _ in range(4):
             if dev.type == "cuda":
@@ -74,12 +75,17 @@ def choose_precision(device: str = "cpu", dim: int = 512, min_speedup: float = M
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             best = min(best, time.perf_counter() - t0)
-        return best
+        return 2 * rows * rows * dim / best
 
-    fp32 = seconds("fp32")
-    options = {name: seconds(name) for name in LOW_DTYPES if dev.type == "cuda" or name == "bf16"}
-    name, t = min(options.items(), key=lambda kv: kv[1])
-    return name if t * min_speedup <= fp32 else "fp32"
+    fp32 = rate("fp32", 256)
+    names = [name for name in LOW_DTYPES if dev.type == "cuda" or name == "bf16"]
+    promising = [name for name in names if rate(name, 256) >= min_speedup * fp32 / 2]
+    if not promising:
+        return "fp32"
+    fp32 = rate("fp32", n)
+    rates = {name: rate(name, n) for name in promising}
+    name = max(rates, key=rates.__getitem__)
+    return name if rates[name] >= min_speedup * fp32 else "fp32"
 
 
 def certified_topk(
