@@ -9,6 +9,7 @@ def registries() -> dict[str, list[str]]:
     from stages.core.data.datasets.registry import DATASETS
     from stages.core.evaluation.search import SEARCHERS
     from stages.core.imagetext.model import SET_HEADS
+    from stages.core.imagetext.towers import TEXT_TOWERS
     from stages.core.language.encoders import TEXT_ENCODERS
     from stages.core.language.imagenet import IMAGENET_CLASSIFIERS
     from stages.core.language.targets import GUIDANCES
@@ -32,4 +33,5 @@ def registries() -> dict[str, list[str]]:
         "retrieval similarities (evaluation)": SEARCHERS.names(),
         "caption datasets (crossmodal.data.name)": CAPTION_DATASETS.names(),
         "set heads (crossmodal.model.head)": SET_HEADS.names(),
+        "text towers (crossmodal.features.text_tower, family:argument)": TEXT_TOWERS.names(),
     }
