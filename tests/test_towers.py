@@ -77,7 +77,7 @@ def test_the_bigru_tower_embeds_ids_ignoring_padding_and_starts_from_the_word_ve
     torch.manual_seed(0)
     model = CrossModalModel(8, cache.info, MP).eval()
     tower, _ = tower_kind(cache.info["tower"])
-    tower.initialise(model.text, cache.info, cache.arrays, seed=0)
+    tower.initialise(model.text, cache.info, cache.arrays)
     dog = cache.info["vocab"].index("dog")
     np.testing.assert_array_equal(model.text.embed.weight[dog].detach().numpy(), cache.arrays["word_vectors"][dog])
     sets = ragged_token_sets(cache.sets)
@@ -155,7 +155,7 @@ def test_an_hf_tower_fine_tunes_a_local_tiny_bert_and_reloads_without_the_hub(tm
     assert cache.info["mask_id"] == 4 and cache.info["vocab_size"] == 10
     torch.manual_seed(0)
     model = CrossModalModel(8, cache.info, MP).eval()
-    kind.initialise(model.text, cache.info, cache.arrays, seed=0)
+    kind.initialise(model.text, cache.info, cache.arrays)
     from transformers import AutoModel
 
     pretrained = AutoModel.from_pretrained(path).state_dict()

@@ -226,7 +226,7 @@ def train_crossmodal(
     batches = ImageBatches(data.caption_image_ids, data.image_ids, tp.batch_size, seed, max(2, run.ctx.world))
     model = CrossModalModel(data.images.channels, data.text_info, mp)
     tower, _ = tower_kind(data.text_info["tower"])
-    tower.initialise(model.text, data.text_info, data.text_arrays, seed)
+    tower.initialise(model.text, data.text_info, data.text_arrays)
     objective = CrossModalObjective(
         model,
         data,

@@ -56,8 +56,6 @@ class CaptionCache:
 class TowerKind:
     """One family of text towers; ``arg`` is what follows ``family:`` in the spec."""
 
-    trains_ids = True  # the cache holds token ids (caption augmentation applies)
-
     def cache(self, arg: str, texts: list[str], train: np.ndarray, max_tokens: int, device: Any) -> CaptionCache:
         raise NotImplementedError
 
@@ -67,7 +65,7 @@ class TowerKind:
     def build(self, info: dict[str, Any], head: HeadFactory, embed_dim: int, dropout: float) -> nn.Module:
         raise NotImplementedError
 
-    def initialise(self, tower: nn.Module, info: dict[str, Any], arrays: dict[str, np.ndarray], seed: int) -> None:
+    def initialise(self, tower: nn.Module, info: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         """Pretrained weights into a freshly built tower, before training (nothing by default)."""
 
 
@@ -95,8 +93,6 @@ class FrozenTower(nn.Module):
 
 
 class _Frozen(TowerKind):
-    trains_ids = False
-
     def cache(self, arg: str, texts: list[str], train: np.ndarray, max_tokens: int, device: Any) -> CaptionCache:
         sets = self.tokenizer({"tower": f"frozen:{arg}", "max_tokens": max_tokens}, device)(texts)
         return CaptionCache(sets, {"tower": f"frozen:{arg}", "max_tokens": max_tokens, "channels": sets[0].shape[1]})
@@ -220,7 +216,7 @@ class _BiGRU(TowerKind):
         dim = int(info["word_dim"])
         return BiGRUTower(len(info["vocab"]), dim, embed_dim, dropout, head(dim, project=False))
 
-    def initialise(self, tower: nn.Module, info: dict[str, Any], arrays: dict[str, np.ndarray], seed: int) -> None:
+    def initialise(self, tower: nn.Module, info: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         vectors = torch.from_numpy(np.asarray(arrays["word_vectors"], dtype=np.float32))
         found = torch.isfinite(vectors).all(dim=1)
         with torch.no_grad():
@@ -247,6 +243,17 @@ class HFTower(nn.Module):
         return self.head.forward_tokens(local, mask, local[:, 0])
 
 
+def _encoder(tok: Any, max_tokens: int) -> Tokenizer:
+    """Captions -> a Hugging Face tokenizer's ids (special tokens included, at most ``max_tokens``)."""
+
+    def encode(texts: list[str]) -> list[np.ndarray]:
+        return [
+            np.asarray(row, dtype=np.int32) for row in tok(texts, truncation=True, max_length=max_tokens)["input_ids"]
+        ]
+
+    return encode
+
+
 class _HF(TowerKind):
     @staticmethod
     def _load(name: str, load: Callable[[], Any]) -> Any:
@@ -268,16 +275,10 @@ class _HF(TowerKind):
         config = self._load(arg, lambda: AutoConfig.from_pretrained(arg))
         info = {"tower": f"hf:{arg}", "max_tokens": max_tokens, "config": config.to_dict()}
         info["mask_id"], info["vocab_size"] = tok.mask_token_id, int(config.vocab_size)
-        return CaptionCache(self.tokenizer(info, device)(texts), info)
+        return CaptionCache(_encoder(tok, max_tokens)(texts), info)
 
     def tokenizer(self, info: dict[str, Any], device: Any) -> Tokenizer:
-        tok = self._tokenizer(info["tower"].partition(":")[2])
-
-        def encode(texts: list[str]) -> list[np.ndarray]:
-            ids = tok(texts, truncation=True, max_length=info["max_tokens"])["input_ids"]
-            return [np.asarray(row, dtype=np.int32) for row in ids]
-
-        return encode
+        return _encoder(self._tokenizer(info["tower"].partition(":")[2]), info["max_tokens"])
 
     def build(self, info: dict[str, Any], head: HeadFactory, embed_dim: int, dropout: float) -> nn.Module:
         from transformers import AutoConfig, AutoModel
@@ -286,7 +287,7 @@ class _HF(TowerKind):
         config_obj = AutoConfig.for_model(config.pop("model_type"), **config)
         return HFTower(AutoModel.from_config(config_obj), embed_dim, head(embed_dim, project=False))
 
-    def initialise(self, tower: nn.Module, info: dict[str, Any], arrays: dict[str, np.ndarray], seed: int) -> None:
+    def initialise(self, tower: nn.Module, info: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         from transformers import AutoModel
 
         name = info["tower"].partition(":")[2]
