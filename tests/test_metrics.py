@@ -346,6 +346,32 @@ def test_symmetric_self_search_is_exact_and_equals_the_flat_index_with_ties(n: i
     np.testing.assert_array_equal(scores, flat_scores)
 
 
+def test_self_search_heaps_deeper_than_a_block_and_any_thread_count() -> None:
+    """k above the block size (a heap row filled over several blocks, ragged last block) equals the flat
+    index; the numba kernels give the same heaps on one thread as on every core (threads own disjoint rows).
+    k = 99: from k = 100 (``distance_compute_min_k_reservoir``) faiss keeps a reservoir, not heaps, and
+    breaks exact ties at the boundary its own way."""
+    import numba
+    import torch
+
+    from stages.core.evaluation.search import flat_ip_searcher, self_search
+
+    x = _integer_vectors(333, 5, seed=7)
+    flat_scores, flat_ids = flat_ip_searcher(x, 99)(x, 99)
+    scores, ids = self_search(x, 99, block=64)
+    np.testing.assert_array_equal(ids, flat_ids)
+    np.testing.assert_array_equal(scores, flat_scores)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one_scores, one_ids = self_search(x, 99, block=64)
+        assert numba.get_num_threads() == min(threads, numba.config.NUMBA_NUM_THREADS)  # restored
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(one_ids, ids)
+    np.testing.assert_array_equal(one_scores, scores)
+
+
 def test_leave_one_out_metrics_equal_the_chunked_flat_search() -> None:
     """The symmetric path gives exactly the metrics of the per-chunk flat search it replaces."""
     from stages.core.evaluation.search import flat_ip_searcher

@@ -105,77 +105,8 @@ def top_k(query: np.ndarray, gallery: np.ndarray, k: int, similarity: Similarity
     return searcher_for(similarity, g, k)(q, k)[1]
 
 
-# Rows (and columns) of one block of the symmetric self-search (4 MB of float32 scores), and the width of the
-# column groups whose maxima decide which entries reach the heaps.
+# Rows (and columns) of one block of the symmetric self-search: 4 MB of float32 scores.
 SELF_BLOCK = 1024
-SELF_GROUP = 32
-# Above this fraction of candidate groups a block's lines are fed whole (the first blocks, while heaps fill).
-SELF_DENSE = 0.5
-
-
-class _Heaps:
-    """faiss' running top-k heaps of every row (what a flat index keeps), fed only what can enter them.
-
-    An entry enters a row's heap only if it beats the heap's root (the k-th best so far), and the root only
-    rises. So a group of columns whose maximum does not beat the root can be skipped, and feeding the
-    remaining groups in id order leaves the heaps exactly as feeding everything would: the same ids in the
-    same tie order as a flat index."""
-
-    def __init__(self, n: int, k: int) -> None:
-        faiss = load_faiss()
-        self.faiss = faiss
-        self.scores = np.empty((n, k), dtype=np.float32)
-        self.ids = np.empty((n, k), dtype=np.int64)
-        self.heaps = faiss.float_minheap_array_t()
-        self.heaps.nh, self.heaps.k = n, k
-        self.heaps.val, self.heaps.ids = faiss.swig_ptr(self.scores), faiss.swig_ptr(self.ids)
-        self.heaps.heapify()
-        import torch
-
-        self.roots = torch.from_numpy(self.scores[:, 0])  # a view: it follows the heaps
-
-    def feed(self, s: Any, row0: int, col0: int, transposed: bool) -> None:
-        """The block ``s`` (torch, rows x columns) for heap rows ``row0..`` with ids ``col0..`` or, when
-        ``transposed``, its columns for heap rows ``col0..`` with ids ``row0..``."""
-        import torch
-
-        pad = -s.shape[1 - transposed] % SELF_GROUP  # the last block of the data: pad its last group with -inf
-        padded = torch.nn.functional.pad(s, (0, 0, 0, pad) if transposed else (0, pad), value=-torch.inf) if pad else s
-        if transposed:  # heap rows are the columns: group maxima down the columns, no transpose of the block
-            row0, col0 = col0, row0
-            groups = padded.unflatten(0, (-1, SELF_GROUP))
-            hits = (groups.amax(dim=1) > self.roots[row0 : row0 + s.shape[1]][None, :]).T
-        else:
-            groups = padded.unflatten(1, (-1, SELF_GROUP))
-            hits = groups.amax(dim=2) > self.roots[row0 : row0 + len(s)][:, None]
-        n_hits = int(hits.sum())
-        if n_hits == 0:
-            return
-        if n_hits > SELF_DENSE * hits.numel():
-            dense = (s.T if transposed else s).contiguous().numpy()
-            self.heaps.addn(dense.shape[1], self.faiss.swig_ptr(dense), col0, row0, len(dense))
-            return
-        r, g = hits.nonzero(as_tuple=True)  # row-major: each heap row's groups in id order
-        counts = torch.bincount(r, minlength=len(hits))
-        rows = torch.nonzero(counts).flatten()
-        slot = torch.empty(len(hits), dtype=torch.int64)
-        slot[rows] = torch.arange(len(rows))
-        pos = torch.arange(len(r)) - (torch.cumsum(counts, 0) - counts)[r]
-        most = int(counts.max())
-        values = torch.full((len(rows), most, SELF_GROUP), -torch.inf)
-        ids = torch.full((len(rows), most, SELF_GROUP), -1, dtype=torch.int64)
-        values[slot[r], pos] = groups[g, :, r] if transposed else groups[r, g]
-        ids[slot[r], pos] = (g * SELF_GROUP + col0)[:, None] + torch.arange(SELF_GROUP)
-        subset = (rows + row0).numpy()
-        v, i = values.flatten(1).numpy(), ids.flatten(1).numpy()
-        self.heaps.addn_query_subset_with_ids(
-            len(subset),
-            self.faiss.swig_ptr(subset),
-            v.shape[1],
-            self.faiss.swig_ptr(v),
-            self.faiss.swig_ptr(i),
-            v.shape[1],
-        )
 
 
 def self_search(
@@ -183,7 +114,8 @@ def self_search(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Every row's ``k`` best rows of ``x`` itself by inner product (N x k scores and ids, best first, the
     row itself included as it scores): exactly what a flat index searched with all rows gives, ids and tie
-    order included (tested), with half its arithmetic.
+    order included (tested), with half its arithmetic. (From k = 100 faiss' flat index keeps a reservoir
+    instead of heaps and orders exact ties at the k-th place its own way; the scores stay the same.)
 
     ``precision`` ``auto`` times this machine's products (:func:`lowp.choose_precision`, on the GPU when
     torch sees one): where bf16 / fp16 multiply at least 4x faster than float32 (the low-precision pass
@@ -191,9 +123,9 @@ def self_search(
     with the same ids; ``fp32``, ``bf16``, ``fp16`` force a path.
 
     The similarity is symmetric, so only the blocks of the upper triangle are multiplied; block (I, J)
-    feeds the heaps of rows I with S and of rows J with S^T. Every row receives its candidates in
-    increasing id order, as a flat index feeds them, and only groups of columns that can enter its heap
-    (:class:`_Heaps`). On 2 CPU cores at 60k x 512 the products take ~11 s of ~16 s; the rest is selection
+    feeds the heaps of rows I with S and of rows J with S^T (:func:`heaps.feed_block`, faiss' heaps as numba
+    kernels, torch's thread count). Every row receives its candidates in increasing id order, as a flat
+    index feeds them. On 2 CPU cores at 60k x 512 the products take ~11.5 s and the selection ~1.7 s
     (benchmarks/eval_scaling.py)."""
     import torch
 
@@ -206,22 +138,20 @@ def self_search(
             "self-search: %s first pass on %s, %d of %d rows searched in float32", precision, device, fallbacks, len(x)
         )
         return scores, ids
+    import numba
+
+    from stages.core.evaluation import heaps
+
     n = len(x)
-    heaps = _Heaps(n, min(k, n))
+    vals, ids = heaps.new_heaps(n, min(k, n))
     rows = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    # faiss' OpenMP threads would spin between the heap updates and steal the cores of torch's products
-    # (twice the time on 2 cores): the heap updates, a small share of the work, run on one thread.
-    faiss_threads = heaps.faiss.omp_get_max_threads()
-    heaps.faiss.omp_set_num_threads(1)
+    threads = numba.get_num_threads()
+    numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     try:
         for i0 in range(0, n, block):
             xi = rows[i0 : i0 + block]
             for j0 in range(i0, n, block):
-                s = xi @ rows[j0 : j0 + block].T
-                heaps.feed(s, i0, j0, transposed=False)
-                if j0 > i0:
-                    heaps.feed(s, i0, j0, transposed=True)
-        heaps.heaps.reorder()
+                heaps.feed_block((xi @ rows[j0 : j0 + block].T).numpy(), i0, j0, j0 > i0, vals, ids)
     finally:
-        heaps.faiss.omp_set_num_threads(faiss_threads)
-    return heaps.scores, heaps.ids
+        numba.set_num_threads(threads)
+    return heaps.best_first(vals, ids)
