@@ -31,6 +31,8 @@ LOW_DTYPES = ("bf16", "fp16")
 UNIT_ROUNDOFF = {"bf16": 2.0**-8, "fp16": 2.0**-11}
 FP16_MAX = 6.0e4  # fp16 overflows at 65,504: larger inputs never take the fp16 path
 MIN_SPEEDUP = 2.0  # a low precision must multiply at least this much faster to pay for the re-scoring
+# Rows of the screening product: bf16 on an AVX2-only CPU takes ~8 ms for it (50 ms at 256 rows, x4 repeats).
+SCREEN_ROWS = 128
 
 
 def _torch_dtype(name: str) -> Any:
@@ -56,7 +58,7 @@ def rounding_bound(precision: str, dim: int) -> tuple[float, float]:
 def choose_precision(device: str = "cpu", dim: int = 512, min_speedup: float = MIN_SPEEDUP, n: int = 2048) -> str:
     """The fastest of float32 and the low precisions this device multiplies, by their rates on an
     ``n x dim`` by ``dim x n`` product (best of 3 after a warm-up); a low precision only when at least
-    ``min_speedup`` times faster than float32. A precision is first timed on a 256-row product, so a slow
+    ``min_speedup`` times faster than float32. A precision is first timed on a 128-row product, so a slow
     one (bf16 on an AVX2-only CPU: ~250x slower on some) costs milliseconds, not the full probe. Cached per
     process."""
     import torch
@@ -77,9 +79,9 @@ def choose_precision(device: str = "cpu", dim: int = 512, min_speedup: float = M
             best = min(best, time.perf_counter() - t0)
         return 2 * rows * rows * dim / best
 
-    fp32 = rate("fp32", 256)
+    fp32 = rate("fp32", SCREEN_ROWS)
     names = [name for name in LOW_DTYPES if dev.type == "cuda" or name == "bf16"]
-    promising = [name for name in names if rate(name, 256) >= min_speedup * fp32 / 2]
+    promising = [name for name in names if rate(name, SCREEN_ROWS) >= min_speedup * fp32 / 2]
     if not promising:
         return "fp32"
     fp32 = rate("fp32", n)
