@@ -124,28 +124,42 @@ def word_ids(text: str, row: dict[str, int], max_tokens: int) -> np.ndarray:
     return np.array([START, *words, END], dtype=np.int32)
 
 
-def word_vectors(spec: str, words: list[str]) -> np.ndarray:
-    """V x d initial rows for ``words`` from the word-vector source ``spec``; NaN rows for words it lacks
-    (those keep their random initialisation). A word not found as is is tried without - . ' and before a
-    /, the official "word-hit" trick."""
-    family, arg = parse_spec(spec, kind="bi-GRU word vectors", require_arg=True)
-    if family == "random":
-        if not arg.isdigit() or int(arg) <= 0:
-            raise LangdmlError(f"bigru:random:{arg}: the width must be a positive integer, e.g. random:300")
-        return np.full((len(words), int(arg)), np.nan, dtype=np.float32)
-    if family == "glove":
-        from stages.core.language.encoders import create_text_encoder
+# A word-vector source: (arg, the words wanted) -> (width, word -> its vector or None).
+WordLookup = Callable[[str], np.ndarray | None]
+WORD_VECTORS: Registry[Callable[[str, set[str]], tuple[int, WordLookup]]] = Registry("bi-GRU word vectors")
 
-        glove = create_text_encoder(f"glove:{arg}")
-        vocab, vectors = glove.vocab, glove.vectors  # type: ignore[attr-defined]
-        lookup: Callable[[str], np.ndarray | None] = lambda w: vectors[vocab[w]] if w in vocab else None  # noqa: E731
-        dim = vectors.shape[1]
-    elif family == "file":
-        table = _read_vector_file(Path(arg), set(words) | {_hit(w) for w in words})
-        dim = len(next(iter(table.values()))) if table else 0
-        lookup = table.get
-    else:
-        raise LangdmlError(f"unknown bi-GRU word vectors {spec!r}; known: glove:6B-50d, file:<path>, random:<dim>")
+
+@WORD_VECTORS.register("random")
+def _random_vectors(arg: str, wanted: set[str]) -> tuple[int, WordLookup]:
+    """No vectors (``--wemb_type none``): every row keeps its random initialisation."""
+    if not arg.isdigit() or int(arg) <= 0:
+        raise LangdmlError(f"bigru:random:{arg}: the width must be a positive integer, e.g. random:300")
+    return int(arg), lambda word: None
+
+
+@WORD_VECTORS.register("glove")
+def _bundled_glove(arg: str, wanted: set[str]) -> tuple[int, WordLookup]:
+    """The GloVe vectors bundled with the text encoders (``glove:6B-50d``)."""
+    from stages.core.language.encoders import create_text_encoder
+
+    glove = create_text_encoder(f"glove:{arg}")
+    vocab, vectors = glove.vocab, glove.vectors  # type: ignore[attr-defined]
+    return vectors.shape[1], lambda word: vectors[vocab[word]] if word in vocab else None
+
+
+@WORD_VECTORS.register("file")
+def _vector_file(arg: str, wanted: set[str]) -> tuple[int, WordLookup]:
+    """A GloVe-format text file, streamed, only the wanted words' rows kept."""
+    table = _read_vector_file(Path(arg), wanted)
+    return (len(next(iter(table.values()))) if table else 0), table.get
+
+
+def word_vectors(spec: str, words: list[str]) -> np.ndarray:
+    """V x d initial rows for ``words`` from the word-vector source ``spec`` (:data:`WORD_VECTORS`); NaN rows
+    for words it lacks (those keep their random initialisation). A word not found as is is tried without
+    - . ' and before a /, the official "word-hit" trick."""
+    family, arg = parse_spec(spec, kind="bi-GRU word vectors", require_arg=True)
+    dim, lookup = WORD_VECTORS.get(family)(arg, set(words) | {_hit(w) for w in words})
     out = np.full((len(words), dim), np.nan, dtype=np.float32)
     for i, word in enumerate(words):
         vec = lookup(word)

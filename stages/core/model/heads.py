@@ -263,8 +263,8 @@ class DivEHead(nn.Module):
             glob = masked_pool(local, mask, self.options.global_pool)
         positions = None
         if self.options.key_positions:
-            keep = torch.zeros(local.shape[:2], dtype=torch.bool, device=local.device) if mask is None else mask
-            positions = sine_positions(keep, local.shape[-1])
+            padding = torch.zeros(local.shape[:2], dtype=torch.bool, device=local.device) if mask is None else mask
+            positions = sine_positions(padding, local.shape[-1])
         slots = self.queries.expand(tokens.shape[0], -1, -1)
         attn = None
         for _ in range(self.depth):
