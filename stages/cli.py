@@ -6,11 +6,13 @@ imported inside the commands, so ``langdml --help`` stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -30,7 +32,18 @@ app = typer.Typer(
 # langdml: one line naming the file and the cause. Outputs are written to temporaries and renamed, so none
 # is left half-written.
 ENVIRONMENT_ERRORS = frozenset(
-    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EMFILE, errno.ENFILE, errno.EIO}
+    {
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EROFS,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EMFILE,
+        errno.ENFILE,
+        errno.EIO,
+        errno.EISDIR,  # a folder where a file is to be written
+        errno.ENOTDIR,  # a file where a folder is expected
+    }
 )
 
 
@@ -44,26 +57,13 @@ ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Parameter file 
 log = logging.getLogger("langdml")
 
 
-def _run_stage(module: str, params_path: Path) -> None:
-    """Load params, run ``stages.<module>.run``; user errors become one line on stderr and exit 1."""
-    _setup_logging()
-    from stages.core.config import load_params
-    from stages.core.training.distributed import launched_by_torchrun
-    from stages.lock import exit_with_parent, stage_lock
-
-    command = module.replace("_", "-")
-    exit_with_parent()
+@contextlib.contextmanager
+def user_errors(command: str) -> Iterator[None]:
+    """The one error path of every command, stages and serving alike: what a user can fix (a
+    :class:`LangdmlError`; a full disk, a read-only or forbidden folder, a folder where a file goes) is one line
+    on stderr and exit 1; Ctrl-C is one line and exit 130; anything else is a bug and keeps its traceback."""
     try:
-        params = load_params(params_path)
-        stage = importlib.import_module(f"stages.{module}")
-        if launched_by_torchrun():  # one of the worker processes: the launcher holds the lock
-            stage.run(params)
-            return
-        with stage_lock(command):
-            nproc = stage.processes(params) if hasattr(stage, "processes") else 1
-            if nproc > 1:
-                sys.exit(_torchrun(command, params_path, nproc))
-            stage.run(params)
+        yield
     except LangdmlError as err:
         _fail(command, err)
     except OSError as err:
@@ -77,6 +77,28 @@ def _run_stage(module: str, params_path: Path) -> None:
             err=True,
         )
         sys.exit(130)
+
+
+def _run_stage(module: str, params_path: Path) -> None:
+    """Load params, run ``stages.<module>.run``; user errors become one line on stderr and exit 1."""
+    _setup_logging()
+    from stages.core.config import load_params
+    from stages.core.training.distributed import launched_by_torchrun
+    from stages.lock import exit_with_parent, stage_lock
+
+    command = module.replace("_", "-")
+    exit_with_parent()
+    with user_errors(command):
+        params = load_params(params_path)
+        stage = importlib.import_module(f"stages.{module}")
+        if launched_by_torchrun():  # one of the worker processes: the launcher holds the lock
+            stage.run(params)
+            return
+        with stage_lock(command):
+            nproc = stage.processes(params) if hasattr(stage, "processes") else 1
+            if nproc > 1:
+                sys.exit(_torchrun(command, params_path, nproc))
+            stage.run(params)
 
 
 def _torchrun(command: str, params_path: Path, nproc: int) -> int:
@@ -192,16 +214,17 @@ def recipe(
         for known in recipe_names():
             typer.echo(known)
         return
-    try:
+    with user_errors("recipe"):
         overrides = {}
         for item in set_ or []:
             key, sep, value = item.partition("=")
             if not sep:
                 raise LangdmlError(f"--set {item!r}: expected key=value")
-            overrides[key] = yaml.safe_load(value)
+            try:
+                overrides[key] = yaml.safe_load(value)
+            except yaml.YAMLError as err:
+                raise LangdmlError(f"--set {item!r}: not a YAML value ({one_line(err)})") from None
         changed = apply_recipe(params, name, overrides)
-    except LangdmlError as err:
-        _fail("recipe", err)
     for line in changed:
         typer.echo(line)
     typer.echo(f"{params}: {len(changed)} value(s) set by {name}; run `dvc exp run` (DVC tracks every one of them)")
@@ -223,10 +246,8 @@ def embed(
     _setup_logging()
     from stages.core.serving.api import Retriever
 
-    try:
+    with user_errors("embed"):
         n = Retriever.load().embed_to_parquet(images, out)
-    except LangdmlError as err:
-        _fail("embed", err)
     typer.echo(f"{n} image(s) -> {out}")
 
 
@@ -245,7 +266,7 @@ def export(
     from stages.core.serving.export import TOLERANCE, check_batch, export_onnx
     from stages.core.serving.queries import image_files
 
-    try:
+    with user_errors("export"):
         if format_ != "onnx":
             raise LangdmlError(f"--format {format_!r}: only onnx is supported")
         model, model_params = load_model(paths.MODEL, "cpu")
@@ -257,8 +278,6 @@ def export(
             table, root = load_manifest(paths.TEST_MANIFEST)
             files = [root / p for p in table.column("path").to_pylist()[:8]]
         diff = export_onnx(model, model_params.image_size, out, check_batch(model, model_params.image_size, files))
-    except LangdmlError as err:
-        _fail("export", err)
     typer.echo(
         f"{out}: ONNX, dynamic batch; onnxruntime vs PyTorch on {len(files)} images: max |diff| {diff:.2e} "
         f"(<= {TOLERANCE:g})"
@@ -278,6 +297,9 @@ def search(
     k: Annotated[int, typer.Option("--k", help="neighbours per query")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON list of results per query")] = False,
     picture: Annotated[Path | None, typer.Option("--picture", help="draw the queries and results (PNG)")] = None,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="check the index files' content hashes too (sizes are always checked)")
+    ] = False,
 ) -> None:
     """Rank images for query images (the DML model's index) or captions (--text: the image-text model's):
     rank, score, class or caption, path."""
@@ -288,18 +310,18 @@ def search(
     from stages.core.serving.api import Retriever, search_picture
     from stages.core.serving.text import TextRetriever
 
-    try:
+    with user_errors("search"):
         if bool(queries) == bool(text):
             raise LangdmlError("give query images or --text captions (one kind per call)")
+        if k < 1:
+            raise LangdmlError(f"--k {k}: ask for at least 1 neighbour")
         if text:
-            retriever = TextRetriever.load(paths.XM_MODEL, paths.XM_INDEX)
+            retriever = TextRetriever.load(paths.XM_MODEL, paths.XM_INDEX, verify=verify)
             results = retriever.search_texts(text, k)
         else:
-            results = Retriever.load().search_files(queries, k)
+            results = Retriever.load(verify=verify).search_files(queries, k)
         if picture is not None:
             search_picture(results, picture, text_queries=bool(text))
-    except LangdmlError as err:
-        _fail("search", err)
     if as_json:
         typer.echo(json.dumps([{"query": str(q), "results": r} for q, r in results], indent=1))
         return

@@ -1,7 +1,8 @@
 """Stage ``index``: the gallery embedded once by the trained model, for `langdml search` (data/index/:
 embeddings, items and the model's fingerprint). The gallery is ``index.gallery``: the test split (null), a
-manifest, or a folder of images (each file's class: its folder's name). DVC tracks the param and the test
-split; a folder's contents are not a dependency: after changing them, `dvc repro -f -s index`."""
+manifest, or a folder of images (each file's class: its folder's name), every image inside its root. DVC
+tracks the param and the test split; a folder's contents are not a dependency: after changing them,
+`dvc repro -f -s index`."""
 
 from __future__ import annotations
 
@@ -16,30 +17,16 @@ from stages.core.config import Params
 log = logging.getLogger(__name__)
 
 
-def gallery_table(gallery: str | None) -> tuple[pa.Table, Path]:
-    """The gallery as a manifest-like table (path, image_bytes, label, class_name) and its root."""
-    from stages.core.artifacts import load_manifest
-    from stages.core.serving.queries import files_table, image_files
-
-    if gallery is None:
-        return load_manifest(paths.TEST_MANIFEST)
-    source = Path(gallery)
-    if source.suffix == ".parquet":
-        return load_manifest(source)
-    files = image_files([source])
-    return files_table(files, [f.parent.name for f in files]), Path("/")
-
-
 def run(params: Params) -> None:
     from stages.core.model.encoder import load_model
     from stages.core.runtime import resolve_device
     from stages.core.serving.index import model_fingerprint, write_index
-    from stages.core.serving.queries import embed_table
+    from stages.core.serving.queries import embed_table, gallery_table
 
     ev = params.evaluate
     device = resolve_device(ev.device)
     model, model_params = load_model(paths.MODEL, device)
-    table, root = gallery_table(params.index.gallery)
+    table, root = gallery_table(params.index.gallery, paths.TEST_MANIFEST)
     emb = embed_table(model, model_params.image_size, table, root, device, ev.batch_size, ev.num_workers)
     items = pa.table(
         {

@@ -31,7 +31,7 @@ from stages.core.data.transforms import eval_transform
 from stages.core.errors import LangdmlError
 from stages.core.imagetext.tokens import TOWER_INFO, ragged_token_sets, save_token_sets
 from stages.core.imagetext.towers import tower_kind
-from stages.core.io import read_parquet, replace_directory, staging_directory, write_json
+from stages.core.io import load_npy, read_parquet, replace_directory, save_npy, staging_directory, write_json
 from stages.core.model.backbones import create_backbone
 from stages.core.runtime import autocast, resolve_device
 
@@ -57,7 +57,8 @@ def image_tokens(params: Params, images: pa.Table, root: str) -> np.ndarray:
 def precomputed_tokens(images: pa.Table, root: str) -> np.ndarray:
     """The rows that ``file.npy#row`` paths name, from memory-mapped feature files, as float16."""
     refs = [p.split(FEATURE_ROW) for p in images["path"].to_pylist()]
-    files = {name: np.load(Path(root) / name, mmap_mode="r") for name in {f for f, _ in refs}}
+    hint = "the precomp features must be numeric N x regions x channels arrays"
+    files = {name: load_npy(Path(root) / name, hint, mmap_mode="r") for name in {f for f, _ in refs}}
     first = next(iter(files.values()))
     out = np.empty((len(refs), *first.shape[1:]), dtype=np.float16)
     for i, (name, row) in enumerate(tqdm(refs, desc="precomputed features", unit="image")):
@@ -89,7 +90,7 @@ def run(params: Params) -> None:
         save_token_sets(staging, "caption", texts)
         write_json(staging / TOWER_INFO, cache.info)
         for name, array in cache.arrays.items():
-            np.save(staging / f"{name}.npy", array)
+            save_npy(staging / f"{name}.npy", array)
         write_json(
             staging / "features.json",
             {

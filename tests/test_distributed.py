@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures_training import train_paths, write_class_embeddings
+from guards import run
 from safetensors.torch import load_file
 
 TESTS = Path(__file__).parent
@@ -66,7 +67,7 @@ def _run(script: Path, root: Path, nproc: int, epochs: int, kill_at: int = -1) -
     else:
         cmd = [sys.executable, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    return run(cmd, env=env)
 
 
 @pytest.fixture
@@ -185,13 +186,7 @@ def test_crossmodal_two_processes_equal_one(tmp_path: Path) -> None:
     script.write_text(XM_WORKER.format(tests=str(TESTS)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name, launcher in (("one", []), ("two", ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"])):
-        res = subprocess.run(
-            [sys.executable, *launcher, str(script), str(tmp_path / name)],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=env,
-        )
+        res = run([sys.executable, *launcher, str(script), str(tmp_path / name)], env=env)
         assert res.returncode == 0, res.stderr[-3000:]
     a, b = (load_file(tmp_path / n / "model" / "model.safetensors") for n in ("one", "two"))
     assert a.keys() == b.keys()

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
+from guards import run
 from sklearn.metrics import normalized_mutual_info_score
 
 from stages.core.errors import LangdmlError
 from stages.core.evaluation.metrics import class_centroids, cosine_similarity_matrix, retrieval_metrics
 from stages.core.evaluation.nmi import kmeans_assign, normalized_mutual_info
 from stages.core.evaluation.search import nearest_neighbours
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _on_circle(degrees: list[float]) -> np.ndarray:
@@ -384,9 +390,24 @@ def test_leave_one_out_metrics_equal_the_chunked_flat_search() -> None:
         row[rng.choice(8, 4, replace=False)] = rng.choice([-1.0, 1.0], 4)
     x[::7] = x[1]  # many duplicate vectors, some of other classes
     y = rng.integers(0, 30, 900)
-    fast = retrieval_metrics(x, query_labels=y, ks=(1, 2, 4, 8), nmi=False)
+    fast = retrieval_metrics(x, query_labels=y, ks=(1, 2, 4, 8), nmi=False, self_search_min_rows=0)
     flat = retrieval_metrics(x, query_labels=y, ks=(1, 2, 4, 8), nmi=False, searcher=flat_ip_searcher)
-    assert fast == flat
+    below = retrieval_metrics(x, query_labels=y, ks=(1, 2, 4, 8), nmi=False, self_search_min_rows=901)
+    assert fast == flat == below
+
+
+def test_small_evaluations_take_the_flat_index_and_never_import_numba() -> None:
+    """Below SELF_SEARCH_MIN_ROWS a fresh process pays nothing for the self-search's kernels; from it, it does."""
+    code = (
+        "import sys, numpy as np\n"
+        "from stages.core.evaluation.metrics import retrieval_metrics\n"
+        "x = np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32)\n"
+        "x /= np.linalg.norm(x, axis=1, keepdims=True)\n"
+        "retrieval_metrics(x, query_labels=np.arange(300) % 10, nmi=False, self_search_min_rows={rows})\n"
+        "print('numba' in sys.modules)"
+    )
+    below, above = (run([sys.executable, "-c", code.format(rows=r)], cwd=ROOT).stdout.strip() for r in (301, 300))
+    assert (below, above) == ("False", "True")
 
 
 def _overlapping(n: int, dim: int, classes: int, noise: float) -> tuple[np.ndarray, np.ndarray]:

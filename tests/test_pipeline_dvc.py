@@ -1,7 +1,9 @@
 """End to end: the real dvc.yaml in a temporary git repository, on tiny parameters.
 
 Checks the contract a user relies on: `dvc repro` builds everything and writes the metrics JSON, and
-`dvc exp run -S omega=...` re-runs only training and evaluation.
+`dvc exp run -S omega=...` re-runs only training and evaluation. The pipeline is reproduced once per test run
+(:func:`reproduced`, shared by the xdist workers through a file lock); each test that changes it works on its own
+copy, so the sweeps, the image-text sweep and the two recipes run side by side on two cores (longest first).
 """
 
 from __future__ import annotations
@@ -9,13 +11,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import guards
 import pytest
 import yaml
-from fixtures_datasets import fake_npm, make_emoji_packages
+from filelock import FileLock
+from fixtures_datasets import fake_npm, make_cub, make_emoji_packages, make_precomp
 
 import stages.core.data.datasets.emoji as em
 
@@ -23,31 +27,71 @@ REPO = Path(__file__).resolve().parents[1]
 COPY = ["dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", "stages"]
 PRECOMPUTE = ["fetch_data", "prepare", "embed_text", "pseudo_labels", "evaluate_pretrained", "cache_images"]
 CROSSMODAL = ["xm_prepare", "xm_features", "xm_train", "xm_evaluate"]
+BIN = Path(sys.executable).parent
 
 
-def _tiny_emoji(root: Path, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _tiny_emoji(root: Path, tmp: Path) -> None:
     """The emoji folder as `langdml fetch-data` leaves it, from fixture tarballs and a fake npm; its receipt
     names the real packages, so the pipeline's fetch_data stage finds it complete and goes offline."""
     receipt = em._receipt()
     tarballs = make_emoji_packages(tmp / "registry")
     fake_npm(tmp / "bin", tmp / "registry")
-    monkeypatch.setenv("PATH", f"{tmp / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    sources = {k: em.Package(p.name, p.version, em._integrity(tarballs[k])) for k, p in em.SOURCES.items()}
-    monkeypatch.setattr(em, "SOURCES", sources)
-    em.fetch_emoji(root)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PATH", f"{tmp / 'bin'}{os.pathsep}{os.environ['PATH']}")
+        sources = {k: em.Package(p.name, p.version, em._integrity(tarballs[k])) for k, p in em.SOURCES.items()}
+        mp.setattr(em, "SOURCES", sources)
+        em.fetch_emoji(root)
     (root / em.RECEIPT).write_text(json.dumps(receipt))
 
 
-def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
-    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+def _env() -> dict[str, str]:
+    env = {**os.environ, "PATH": str(BIN) + os.pathsep + os.environ["PATH"], "HF_HUB_OFFLINE": "1"}
+    env.update(
+        GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t.invalid", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t.invalid"
+    )
+    return env
+
+
+def _run(cmd: list[str], cwd: Path) -> str:
+    res = guards.run(cmd, cwd=cwd, env=_env())
     out = res.stdout + res.stderr
     assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{out[-4000:]}"
     return out
 
 
-@pytest.mark.slow
-def test_dvc_repro_then_sweep_reruns_only_train_and_evaluate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    repo = tmp_path / "repo"
+def dvc(repo: Path, *args: str) -> str:
+    return _run([str(BIN / "dvc"), *args], repo)
+
+
+def git(repo: Path, *args: str) -> str:
+    exe = shutil.which("git")
+    assert exe, "git is needed by DVC experiments"
+    return _run([exe, *args], repo)
+
+
+def recipe(repo: Path, name: str, overrides: list[str]) -> str:
+    return _run([str(BIN / "langdml"), "recipe", name, *(a for kv in overrides for a in ("-S", kv))], repo)
+
+
+def ran(out: str, *names: str) -> None:
+    for stage in names:
+        assert f"Running stage '{stage}'" in out, out[-3000:]
+
+
+def skipped(out: str, *names: str) -> None:
+    for stage in names:
+        assert f"Stage '{stage}' didn't change, skipping" in out, out[-3000:]
+
+
+@dataclass(frozen=True)
+class Reproduced:
+    repo: Path  # read-only for tests: copy it (:func:`workspace`) before changing anything
+    repro: str  # what `dvc repro` printed
+    status: str  # what `dvc status` printed right after
+
+
+def _new_repo(repo: Path) -> None:
+    """The project's pipeline on tiny parameters in a new git + DVC repository (nothing committed yet)."""
     repo.mkdir()
     for name in COPY:
         src = REPO / name
@@ -66,84 +110,70 @@ def test_dvc_repro_then_sweep_reruns_only_train_and_evaluate(tmp_path: Path, mon
     params["crossmodal"]["train"].update(epochs=2, batch_size=8)
     params["crossmodal"]["evaluate"].update(ks=[1, 2], queries=2)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _tiny_emoji(repo / params["dataset"]["root"], tmp_path, monkeypatch)
-
-    bindir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ["PATH"], "HF_HUB_OFFLINE": "1"}
-    env.update(
-        GIT_AUTHOR_NAME="t",
-        GIT_AUTHOR_EMAIL="t@t.invalid",
-        GIT_COMMITTER_NAME="t",
-        GIT_COMMITTER_EMAIL="t@t.invalid",
-    )
-    git = shutil.which("git")
-    assert git, "git is needed by DVC experiments"
-    _run([git, "init", "-q"], repo, env)
-    _run([f"{bindir}/dvc", "init", "-q"], repo, env)
-    _run([f"{bindir}/dvc", "config", "core.analytics", "false"], repo, env)
+    git(repo, "init", "-q")
+    dvc(repo, "init", "-q")
+    dvc(repo, "config", "core.analytics", "false")
     (repo / ".gitignore").write_text("/data/raw/\n__pycache__/\n")
-    _run([git, "add", "-A"], repo, env)
-    _run([git, "commit", "-qm", "init"], repo, env)
 
-    out = _run([f"{bindir}/dvc", "repro"], repo, env)
-    for stage in [*PRECOMPUTE, "train", "evaluate", *CROSSMODAL]:
-        assert f"Running stage '{stage}'" in out, out[-3000:]
+
+def _build(repo: Path, scratch: Path) -> Reproduced:
+    _new_repo(repo)
+    _tiny_emoji(repo / "data/raw/emoji", scratch)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "init")
+    out = dvc(repo, "repro")
+    status = dvc(repo, "status")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "baseline")
+    return Reproduced(repo, out, status)
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory: pytest.TempPathFactory) -> Reproduced:
+    """The tiny pipeline reproduced and committed once per test run: the first xdist worker to need it builds it,
+    the other waits for it (under plain pytest the lock is uncontended)."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the folder every worker's base temp lives in
+    repo, log = shared / "dvc-base", shared / "dvc-base.json"
+    with FileLock(str(shared / "dvc-base.lock")):
+        if not log.is_file():
+            done = _build(repo, shared / "dvc-base-scratch")
+            log.write_text(json.dumps({"repro": done.repro, "status": done.status}))
+    outputs = json.loads(log.read_text())
+    return Reproduced(repo, outputs["repro"], outputs["status"])
+
+
+def workspace(base: Reproduced, tmp_path: Path) -> Path:
+    """A private copy of the reproduced repository (git, DVC cache, outputs and the untracked data)."""
+    repo = tmp_path / "repo"
+    shutil.copytree(base.repo, repo, symlinks=True)
+    return repo
+
+
+@pytest.mark.slow
+def test_dvc_repro_builds_every_stage_and_leaves_nothing_to_do(reproduced: Reproduced) -> None:
+    repo = reproduced.repo
+    ran(reproduced.repro, *PRECOMPUTE, "train", "evaluate", *CROSSMODAL)
     xm = json.loads((repo / "data/crossmodal/eval/metrics.json").read_text())
     assert set(xm) >= {"i2t/recall@1", "i2t/recall@2", "t2i/recall@1", "t2i/recall@2", "rsum"}
     assert 0 <= xm["rsum"] <= 400 and xm["n_images"] == 4
     metrics = json.loads((repo / "data/eval/metrics.json").read_text())
-    for key in (
-        "recall@1",
-        "recall@2",
-        "recall@4",
-        "recall@8",
-        "map@r",
-        "r_precision",
-        "nmi",
-        "pretrained/recall@1",
-    ):
+    for key in ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision", "nmi", "pretrained/recall@1"):
         assert 0.0 <= metrics[key] <= 1.0, (key, metrics[key])
     assert metrics["recall@1"] <= metrics["recall@2"] <= metrics["recall@4"] <= metrics["recall@8"]
     for png in ("gallery.png", "similarity.png"):
         assert (repo / "data/eval" / png).stat().st_size > 1000
+    assert "Data and pipelines are up to date" in reproduced.status, reproduced.status
 
-    status = _run([f"{bindir}/dvc", "status"], repo, env)
-    assert "Data and pipelines are up to date" in status, status
 
-    _run([git, "add", "-A"], repo, env)
-    _run([git, "commit", "-qm", "baseline"], repo, env)
-    out = _run([f"{bindir}/dvc", "exp", "run", "-S", "omega=5.0"], repo, env)
-    for stage in [*PRECOMPUTE, *CROSSMODAL]:
-        assert f"Stage '{stage}' didn't change, skipping" in out, out[-3000:]
-    for stage in ("train", "evaluate"):
-        assert f"Running stage '{stage}'" in out, out[-3000:]
-    # A sweep on the cross-modal task re-runs its training and evaluation alone (here in 2 DDP processes).
-    sweep = ["-S", "crossmodal.model.head=maxpool", "-S", "crossmodal.train.nproc=2"]
-    out = _run([f"{bindir}/dvc", "exp", "run", *sweep], repo, env)
-    for stage in [*PRECOMPUTE, "train", "evaluate", "xm_prepare", "xm_features"]:
-        assert f"Stage '{stage}' didn't change, skipping" in out, out[-3000:]
-    for stage in ("xm_train", "xm_evaluate"):
-        assert f"Running stage '{stage}'" in out, out[-3000:]
-    # The decoded-image cache: its stage runs, then training reads it; nothing upstream re-runs.
-    out = _run([f"{bindir}/dvc", "exp", "run", "-S", "train.image_cache.enabled=true"], repo, env)
-    for stage in [*PRECOMPUTE[:-1], *CROSSMODAL]:
-        assert f"Stage '{stage}' didn't change, skipping" in out, out[-3000:]
-    for stage in ("cache_images", "train", "evaluate"):
-        assert f"Running stage '{stage}'" in out, out[-3000:]
-    assert (repo / "data/image_cache/images.npy").is_file()
-    # Queued and --temp experiments run in a copy of the commit: the untracked dataset folder travels with -C, and
-    # the manifests (with a repo-relative root) are byte-identical there, so the precompute stages still skip.
-    out = _run([f"{bindir}/dvc", "exp", "run", "--temp", "-C", "data/raw", "-S", "omega=0.5"], repo, env)
-    for stage in PRECOMPUTE:
-        assert f"Stage '{stage}' didn't change, skipping" in out, out[-3000:]
-    diff = json.loads(_run([f"{bindir}/dvc", "metrics", "diff", "--all", "--json"], repo, env))
-    eval_diff = diff["data/eval/metrics.json"]
-    assert set(eval_diff) >= {"recall@1", "map@r", "pretrained/recall@1"}
-    assert eval_diff["pretrained/recall@1"]["diff"] == 0  # the control is not re-run by a sweep
-    # A paper's recipe in one word, scaled down to a tiny CUB-layout folder and offline models: it trains with
-    # Roth et al.'s multisimilarity, evaluates every epoch and reports the best epoch beside the final model.
-    from fixtures_datasets import make_cub
-
+@pytest.mark.slow
+def test_a_papers_recipe_in_one_word_trains_and_reports_the_best_epoch(tmp_path: Path) -> None:
+    """Scaled down to a tiny CUB-layout folder and offline models: it trains with Roth et al.'s multisimilarity,
+    evaluates every epoch and reports the best epoch beside the final model. (Its own repository, the DML stages
+    as the target, so it runs beside the shared build instead of after it.)"""
+    repo = tmp_path / "repo"
+    _new_repo(repo)
     make_cub(repo / "data/raw/cub", per_class=6)
     scaled = [
         "dataset.root=data/raw/cub",
@@ -156,19 +186,46 @@ def test_dvc_repro_then_sweep_reruns_only_train_and_evaluate(tmp_path: Path, mon
         "train.epochs=2",
         "train.batch_size=4",
     ]
-    recipe = [f"{bindir}/langdml", "recipe", "roth22/cub200-rn512-ms-plg", *(a for kv in scaled for a in ("-S", kv))]
-    _run(recipe, repo, env)
+    recipe(repo, "roth22/cub200-rn512-ms-plg", scaled)
     written = yaml.safe_load((repo / "params.yaml").read_text())
     assert written["recipe"] == "roth22/cub200-rn512-ms-plg@1" and written["train"]["loss"] == "multisimilarity_roth"
-    _run([f"{bindir}/dvc", "exp", "run"], repo, env)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "recipe")
+    out = dvc(repo, "exp", "run", "evaluate", "index")
+    ran(out, "prepare", "embed_text", "pseudo_labels", "train", "evaluate", "index")
     metrics = json.loads((repo / "data/eval/metrics.json").read_text())
     assert {"recall@1", "best_epoch/epoch", "best_epoch/recall@1", "best_epoch/map@r"} <= set(metrics)
     per_epoch = (repo / "data/train/plots/metrics/test/recall@1.tsv").read_text().splitlines()
     assert len(per_epoch) == 3  # header + epochs 1 and 2
-    # DivE's official run in one word on a tiny precomp folder (5 captions per image), sizes scaled down and the
-    # bundled GloVe 50d in place of 840B-300d: the bi-GRU text tower trains on cached token ids end to end.
-    from fixtures_datasets import make_precomp
 
+
+@pytest.mark.slow
+def test_the_image_cache_stage_runs_then_training_reads_it(reproduced: Reproduced, tmp_path: Path) -> None:
+    """The decoded-image cache: its stage runs, then training reads it; nothing upstream re-runs."""
+    repo = workspace(reproduced, tmp_path)
+    out = dvc(repo, "exp", "run", "-S", "train.image_cache.enabled=true")
+    skipped(out, *PRECOMPUTE[:-1], *CROSSMODAL)
+    ran(out, "cache_images", "train", "evaluate")
+    assert (repo / "data/image_cache/images.npy").is_file()
+
+
+@pytest.mark.slow
+def test_an_omega_sweep_reruns_only_training_and_evaluation(reproduced: Reproduced, tmp_path: Path) -> None:
+    repo = workspace(reproduced, tmp_path)
+    out = dvc(repo, "exp", "run", "-S", "omega=5.0")
+    skipped(out, *PRECOMPUTE, *CROSSMODAL)
+    ran(out, "train", "evaluate")
+    diff = json.loads(dvc(repo, "metrics", "diff", "--all", "--json"))
+    eval_diff = diff["data/eval/metrics.json"]
+    assert set(eval_diff) >= {"recall@1", "map@r", "pretrained/recall@1"}
+    assert eval_diff["pretrained/recall@1"]["diff"] == 0  # the control is not re-run by a sweep
+
+
+@pytest.mark.slow
+def test_dives_recipe_in_one_word_trains_the_bigru_tower_end_to_end(reproduced: Reproduced, tmp_path: Path) -> None:
+    """DivE's official run on a tiny precomp folder (5 captions per image), sizes scaled down and the bundled GloVe
+    50d in place of 840B-300d: the bi-GRU text tower trains on cached token ids; the DML stages are untouched."""
+    repo = workspace(reproduced, tmp_path)
     make_precomp(repo / "data/raw/precomp")
     scaled = [
         "crossmodal.data.root=data/raw/precomp",
@@ -180,13 +237,33 @@ def test_dvc_repro_then_sweep_reruns_only_train_and_evaluate(tmp_path: Path, mon
         "crossmodal.train.batch_size=4",
         "crossmodal.evaluate.folds=null",
     ]
-    _run([f"{bindir}/langdml", "recipe", "dive/coco-butd-bigru", *(a for kv in scaled for a in ("-S", kv))], repo, env)
+    recipe(repo, "dive/coco-butd-bigru", scaled)
     written = yaml.safe_load((repo / "params.yaml").read_text())
     assert written["recipe"] == "dive/coco-butd-bigru@1" and written["crossmodal"]["train"]["caption_drop"] == 0.2
-    out = _run([f"{bindir}/dvc", "exp", "run"], repo, env)
-    for stage in ("train", "evaluate"):
-        assert f"Stage '{stage}' didn't change, skipping" in out, out[-3000:]
+    out = dvc(repo, "exp", "run")
+    skipped(out, *PRECOMPUTE, "train", "evaluate")
     xm = json.loads((repo / "data/crossmodal/eval/metrics.json").read_text())
     assert 0 <= xm["rsum"] <= 600 and xm["n_images"] == 4 and xm["n_captions"] == 20
     text = json.loads((repo / "data/crossmodal/model/config.json").read_text())["text"]
     assert text["tower"] == "bigru:glove:6B-50d" and text["words_with_vectors"] == len(text["vocab"]) - 5
+
+
+@pytest.mark.slow
+def test_a_temp_experiment_with_the_data_copied_along_skips_the_precompute(
+    reproduced: Reproduced, tmp_path: Path
+) -> None:
+    """Queued and --temp experiments run in a copy of the commit: the untracked dataset folder travels with -C, and
+    the manifests (with a repo-relative root) are byte-identical there, so the precompute stages still skip. (The
+    gallery param re-runs the index stage alone: the cheapest change that makes the experiment run a stage.)"""
+    repo = workspace(reproduced, tmp_path)
+    out = dvc(repo, "exp", "run", "--temp", "-C", "data/raw", "-S", "index.gallery=data/prepared/test.parquet")
+    skipped(out, *PRECOMPUTE, "train", "evaluate")
+    ran(out, "index")
+
+
+@pytest.mark.slow
+def test_an_image_text_sweep_reruns_its_own_training_in_two_processes(reproduced: Reproduced, tmp_path: Path) -> None:
+    repo = workspace(reproduced, tmp_path)
+    out = dvc(repo, "exp", "run", "-S", "crossmodal.model.head=maxpool", "-S", "crossmodal.train.nproc=2")
+    skipped(out, *PRECOMPUTE, "train", "evaluate", "xm_prepare", "xm_features")
+    ran(out, "xm_train", "xm_evaluate")

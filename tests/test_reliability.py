@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,7 @@ import torch
 import yaml
 from fixtures_datasets import SOP_TRAIN, make_class_folders, make_cub, make_sop, params_for, tiny_jpeg, write_ebay
 from fixtures_training import CLASS_NAMES, TinyImages, tiny_params, train_paths, write_class_embeddings
+from guards import HANG_GUARD, communicate, process_gone, wait_until
 from typer.testing import CliRunner
 
 from stages.cli import app
@@ -194,35 +195,30 @@ def test_ctrl_c_is_one_line_saying_a_rerun_resumes(tmp_path: Path, monkeypatch: 
     assert len(result.stderr.strip().splitlines()) == 1 and "a rerun resumes" in result.stderr
 
 
+# The child would sleep past the hang guard: only its parent's death can end it before the guard trips.
 CHILD = textwrap.dedent(
-    """
-    import subprocess, sys
+    f"""
+    import subprocess, sys, time
     child = subprocess.Popen([sys.executable, "-c", "from stages.lock import exit_with_parent; import time; "
-                              "exit_with_parent(); print('ready', flush=True); time.sleep(60)"],
+                              "exit_with_parent(); print('ready', flush=True); time.sleep({2 * HANG_GUARD})"],
                              stdout=subprocess.PIPE, text=True)
     child.stdout.readline()
     print(child.pid, flush=True)
-    time.sleep(60)
+    time.sleep({2 * HANG_GUARD})
     """
-).replace("import subprocess, sys", "import subprocess, sys, time")
+)
 
 
 def test_a_stage_exits_when_the_process_that_launched_it_dies(tmp_path: Path) -> None:
     parent = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True)
     child_pid = int(parent.stdout.readline())
     parent.send_signal(signal.SIGKILL)  # as `kill -9` of dvc
-    parent.wait()
-    for _ in range(50):
-        try:
-            os.kill(child_pid, 0)
-        except ProcessLookupError:
-            break
-        if Path(f"/proc/{child_pid}/stat").read_text().split()[2] == "Z":
-            break  # exited, waiting to be reaped
-        time.sleep(0.1)
-    else:
-        os.kill(child_pid, signal.SIGKILL)
-        pytest.fail("the child outlived its parent")
+    communicate(parent, "the killed parent")
+    try:
+        wait_until(lambda: process_gone(child_pid), "the child outlived its parent")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child_pid, signal.SIGKILL)
 
 
 def test_read_parquet_of_a_missing_file_names_the_stage(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ import pytest
 import torch
 import yaml
 from fixtures_datasets import make_cub, params_for, tiny_jpeg, truncated_jpeg
+from guards import communicate, run
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -156,19 +157,16 @@ def test_a_stage_killed_with_live_dataloader_workers_can_be_rerun_at_once(tmp_pa
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "working"
         holder.send_signal(signal.SIGKILL)  # mid-work: the workers are still loading
-        holder.wait(timeout=30)
+        communicate(holder, "the killed lock holder")
         workers = [int(p.name) for p in pids.iterdir()]
         alive = [p for p in workers if Path(f"/proc/{p}").exists()]
-        check = subprocess.run(
+        check = run(
             [
                 sys.executable,
                 "-c",
                 f"import sys, os; sys.path.insert(0, {str(ROOT)!r}); os.chdir({str(tmp_path)!r});"
                 "from stages.lock import stage_lock\nwith stage_lock('cache-images'): print('locked')",
             ],
-            capture_output=True,
-            text=True,
-            timeout=60,
         )
         assert check.stdout.strip() == "locked", check.stderr
         assert alive, "the check is only meaningful while the orphaned workers still live"

@@ -107,7 +107,7 @@ def test_cli_search_prints_a_table_or_json_and_errors_in_one_line(tmp_path: Path
     assert Path("out.png").stat().st_size > 1000
     bad = CliRunner().invoke(app, ["search", str(files[3]), "--k", "99"])
     assert bad.exit_code == 1 and bad.stderr.strip().splitlines() == [
-        "langdml search: error: k = 99 but the gallery has 16 items; ask for at most 16"
+        "langdml search: error: k = 99: ask for 1 to 16 neighbours (the gallery has 16 items)"
     ]
 
 

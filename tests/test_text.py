@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 import torch
 from fixtures_training import tiny_bert
+from guards import HANG_GUARD
 
 from stages import paths
 from stages.core import hub
@@ -226,7 +227,7 @@ def test_hub_reachable_probe_is_bounded() -> None:
         server.bind(("127.0.0.1", 0))
         server.listen()
         port = server.getsockname()[1]
-        assert hub.hub_reachable(f"http://127.0.0.1:{port}", timeout=1.0)
+        assert hub.hub_reachable(f"http://127.0.0.1:{port}", timeout=HANG_GUARD)  # a busy machine: no verdict
     assert not hub.hub_reachable(f"http://127.0.0.1:{port}", timeout=1.0)
     assert not hub.hub_reachable("not a url", timeout=1.0)
 

@@ -24,6 +24,7 @@ from fixtures_training import (
     train_paths,
     write_class_embeddings,
 )
+from guards import communicate
 from PIL import Image
 from safetensors.torch import load_file
 from torchvision import transforms as T
@@ -291,8 +292,8 @@ def test_sigkill_mid_epoch_then_rerun_gives_bit_identical_weights(tmp_path: Path
 
     # Uninterrupted (in-process loading) and killed at epoch 2, step 2 (with a worker process), in parallel.
     clean, killed = start(tmp_path / "clean", -1, 0), start(tmp_path / "killed", 5, 1)
-    out_clean, err_clean = clean.communicate(timeout=300)
-    _, err_killed = killed.communicate(timeout=300)
+    out_clean, err_clean = communicate(clean, "the uninterrupted run")
+    _, err_killed = communicate(killed, "the run killed at epoch 2")
     assert clean.returncode == 0, err_clean[-2000:]
     assert killed.returncode == -9, err_killed[-2000:]
     ckpt = torch.load(tmp_path / "killed" / "checkpoint" / "last.pt", weights_only=True)
@@ -300,7 +301,7 @@ def test_sigkill_mid_epoch_then_rerun_gives_bit_identical_weights(tmp_path: Path
     assert not (tmp_path / "killed" / "model").exists()
 
     rerun = start(tmp_path / "killed", -1, 1)
-    out, err = rerun.communicate(timeout=300)
+    out, err = communicate(rerun, "the resumed run")
     assert rerun.returncode == 0, err[-2000:]
     assert "resumed_from 1" in out and "resumed_from 0" in out_clean
     a = load_file(tmp_path / "clean" / "model" / "model.safetensors")

@@ -7,6 +7,7 @@ half-written file where DVC (or the next stage) would take it for a real one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -29,8 +30,11 @@ METADATA_KEY = b"langdml"
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as err:  # a read-only, forbidden or full folder: name the file the user asked for
+        raise OSError(err.errno, err.strerror, str(target)) from None
     os.close(fd)
     tmp_path = Path(tmp)
     umask = os.umask(0)
@@ -100,6 +104,31 @@ def file_digest(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def save_npy(path: str | os.PathLike[str], array: np.ndarray) -> None:
+    """``np.save`` whose short write is the ``ENOSPC`` it is: numpy reports a full disk as an OSError without an
+    errno ("N requested and M written"), which would otherwise escape the one-line handling of full disks."""
+    try:
+        np.save(path, array)
+    except OSError as err:
+        if err.errno is None and "requested and" in str(err):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        raise
+
+
+def load_npy(path: str | os.PathLike[str], hint: str, mmap_mode: str | None = None) -> np.ndarray:
+    """A numeric ``.npy`` array (never pickled objects); a missing, truncated or object array is one line naming
+    the file and ``hint`` (what makes it again)."""
+    try:
+        array = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except FileNotFoundError:
+        raise LangdmlError(f"{path} does not exist; {hint}") from None
+    except (OSError, ValueError, EOFError) as err:
+        raise LangdmlError(f"{path}: not a readable numeric array ({first_line(err)}); {hint}") from None
+    if not np.issubdtype(array.dtype, np.number) and array.dtype != np.bool_:
+        raise LangdmlError(f"{path}: an array of {array.dtype}, not numbers; {hint}")
+    return array
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from stages.core.config import parse_params
-from stages.core.errors import LangdmlError
+from stages.core.errors import LangdmlError, first_line
 from stages.core.io import read_text, write_text
 
 RECIPES = Path(__file__).parent / "recipes"
@@ -42,11 +42,20 @@ def recipe_names() -> list[str]:
 
 
 def load_recipe(name: str) -> Recipe:
-    """The recipe ``name``; one it ``extends`` gives the values and rows it does not set itself."""
-    path = RECIPES / f"{name}.yaml"
-    if not path.is_file():
+    """The recipe ``name`` (a shipped recipe or family base, by name, never a path); one it ``extends`` gives
+    the values and rows it does not set itself. A malformed file is one line naming it."""
+    if name not in recipe_names() and name not in _bases():
         raise LangdmlError(f"unknown recipe {name!r}; known: {', '.join(recipe_names())}")
-    raw = yaml.safe_load(read_text(path))
+    path = RECIPES / f"{name}.yaml"
+    try:
+        raw = yaml.safe_load(read_text(path))
+    except yaml.YAMLError as err:
+        raise LangdmlError(f"recipe {name}: {path} is not valid YAML ({first_line(err)})") from None
+    if not isinstance(raw, dict):
+        raise LangdmlError(f"recipe {name}: {path} is not a mapping of recipe fields")
+    missing = [f for f in ("version", "title", "source") if f not in raw]
+    if missing:
+        raise LangdmlError(f"recipe {name}: {path} lacks {', '.join(missing)}")
     rows = list(raw.get("official", []))
     for row in rows:
         missing = [f for f in ROW_FIELDS if f not in row]
@@ -62,7 +71,15 @@ def load_recipe(name: str) -> Recipe:
         params = {**parent.params, **params}
         rows = [r for r in parent.official if r["param"] not in own] + rows
         notes = parent.notes + notes
-    return Recipe(name, int(raw["version"]), str(raw["title"]), str(raw["source"]), params, rows, notes)
+    try:
+        version = int(raw["version"])
+    except (TypeError, ValueError):
+        raise LangdmlError(f"recipe {name}: version must be a whole number, got {raw['version']!r}") from None
+    return Recipe(name, version, str(raw["title"]), str(raw["source"]), params, rows, notes)
+
+
+def _bases() -> list[str]:
+    return sorted(p.relative_to(RECIPES).with_suffix("").as_posix() for p in RECIPES.rglob(f"{BASE}.yaml"))
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -140,11 +157,23 @@ def _assign(mapping: dict[str, Any], parts: list[str], value: Any) -> None:
 
 
 def apply_recipe(params_path: Path, name: str, overrides: dict[str, Any] | None = None) -> list[str]:
-    """Write recipe ``name`` (then ``overrides``) into ``params_path``; the changed keys, ``old -> new``."""
+    """Write recipe ``name`` (then ``overrides``) into ``params_path``; the changed keys, ``old -> new``. Only
+    the names ``langdml recipe`` lists: a family's ``base`` is no run of its own, and a path is no name."""
+    if name not in recipe_names():
+        raise LangdmlError(
+            f"unknown recipe {name!r}: recipes are named, not paths; known: {', '.join(recipe_names())} "
+            "(to run your own values, set them with `dvc exp run -S key=value`)"
+        )
     recipe = load_recipe(name)
     values = {**recipe.params, **(overrides or {}), "recipe": f"{recipe.name}@{recipe.version}"}
-    before = yaml.safe_load(read_text(params_path)) or {}
-    new_text = set_values(read_text(params_path), values)
+    text = read_text(params_path)
+    try:
+        before = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise LangdmlError(
+            f"{params_path}: not valid YAML ({first_line(err)}); fix it before applying a recipe"
+        ) from None
+    new_text = set_values(text, values)
     parse_params(yaml.safe_load(new_text), str(params_path))  # one line naming a bad key, nothing written
     write_text(params_path, new_text)
     changed = []

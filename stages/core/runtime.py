@@ -23,9 +23,13 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec == "cuda" and not torch.cuda.is_available():
-        raise LangdmlError("device 'cuda' was asked for but torch sees no CUDA GPU; use device: auto or cpu")
-    return torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise LangdmlError(f"device {spec!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LangdmlError(f"device {spec!r} was asked for but torch sees no CUDA GPU; use device: auto or cpu")
+    return device
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> torch.Generator:

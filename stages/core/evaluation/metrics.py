@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 # plus the per-chunk label and precision arrays: about 100 MB at the default.
 NEIGHBOUR_BUDGET = 2**21
 MAP_DEPTH = 1000  # mAP@1000: the neighbours it reads
+# Leave-one-out rows from which the symmetric self-search (half the products, numba heaps) answers sooner than a
+# flat index; below it a flat index does, and numba is never imported (~0.5 s and ~100 MB on a first call).
+# Measured on 2 CPU cores by benchmarks/eval_scaling.py (docs/metrics.md); both give the same neighbours.
+SELF_SEARCH_MIN_ROWS = 15_000
 
 
 def _validate(embeddings: np.ndarray, labels: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -109,6 +113,7 @@ def retrieval_metrics(
     nmi_restarts: int = KMEANS_RESTARTS,
     f1: bool = False,
     map_at_1000: bool = False,
+    self_search_min_rows: int = SELF_SEARCH_MIN_ROWS,
 ) -> dict[str, float]:
     """Recall@k, MAP@R, R-precision and NMI of ``query`` embeddings (N x D) searching ``gallery``.
 
@@ -121,7 +126,9 @@ def retrieval_metrics(
     ``chunk_size`` (queries per search) defaults to what fits :data:`NEIGHBOUR_BUDGET`. Optional, as the
     language-guidance code reports them: ``f1`` (the pair-counting F1 of the same k-means clustering as NMI) and
     ``map_at_1000`` (its ``metrics/mAP_1000.py``: precision at every hit among the 1,000 nearest, summed and
-    divided by the class's size, the query included).
+    divided by the class's size, the query included). ``self_search_min_rows``: from this many rows a
+    leave-one-out cosine evaluation takes the symmetric self-search instead of the flat index (the same
+    neighbours, ids and tie order; only the time differs).
     """
     xq, yq = _validate(query, query_labels, "query")
     leave_one_out = gallery is None
@@ -153,9 +160,11 @@ def retrieval_metrics(
     deepest = MAP_DEPTH if map_at_1000 else 0
     k_max = min(n_gallery, max(ks[-1], int(r.max()), deepest))
     chunk = min(n, chunk_size or max(1, NEIGHBOUR_BUDGET // (k_max + 1)))
-    # Leave-one-out under the cosine: the symmetric self-search (half the arithmetic) finds every row's
+    # Leave-one-out under the cosine at scale: the symmetric self-search (half the arithmetic) finds every row's
     # neighbours at once; otherwise each chunk of queries searches the gallery.
-    symmetric = leave_one_out and searcher is None and not similarity.sets and not map_at_1000
+    symmetric = (
+        leave_one_out and searcher is None and not similarity.sets and not map_at_1000 and n >= self_search_min_rows
+    )
     if symmetric:
         table = self_search(xq, k_max + 1)[1]
     else:

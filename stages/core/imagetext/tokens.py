@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from stages.core.errors import LangdmlError
+from stages.core.io import load_npy, save_npy
 
 TOWER_INFO = "text_tower.json"  # what building the text tower needs (written beside the caption tokens)
 
@@ -84,19 +85,17 @@ def ragged_token_sets(sets: list[np.ndarray]) -> TokenSets:
 
 
 def save_token_sets(directory: Path, name: str, sets: TokenSets) -> None:
-    np.save(directory / f"{name}_tokens.npy", sets.tokens)
-    np.save(directory / f"{name}_offsets.npy", sets.offsets)
+    save_npy(directory / f"{name}_tokens.npy", sets.tokens)
+    save_npy(directory / f"{name}_offsets.npy", sets.offsets)
 
 
 def load_token_sets(directory: Path, name: str) -> TokenSets:
     """``<name>_tokens.npy`` memory-mapped and ``<name>_offsets.npy`` from the features folder."""
-    try:
-        tokens = np.load(directory / f"{name}_tokens.npy", mmap_mode="r")
-        offsets = np.load(directory / f"{name}_offsets.npy")
-    except FileNotFoundError:
-        raise LangdmlError(f"{directory} lacks the {name} features; run `langdml xm-features`") from None
-    except ValueError as err:
-        raise LangdmlError(f"{directory}: unreadable {name} features ({err}); re-run `langdml xm-features`") from None
+    hint = "run `langdml xm-features` (or `dvc repro`)"
+    if not all((directory / f"{name}_{part}.npy").is_file() for part in ("tokens", "offsets")):
+        raise LangdmlError(f"{directory} lacks the {name} features; {hint}")
+    tokens = load_npy(directory / f"{name}_tokens.npy", hint, mmap_mode="r")
+    offsets = load_npy(directory / f"{name}_offsets.npy", hint)
     if tokens.ndim not in (1, 2) or offsets.ndim != 1 or len(offsets) < 2 or offsets[-1] != len(tokens):
         raise LangdmlError(f"{directory}: {name} features are inconsistent; re-run `langdml xm-features`")
     return TokenSets(tokens, offsets)
@@ -111,7 +110,10 @@ def load_tower_cache(directory: Path) -> tuple[dict, dict[str, np.ndarray]]:
         info = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as err:
         raise LangdmlError(f"{path} is unreadable ({err}); re-run `langdml xm-features`") from None
+    hint = "re-run `langdml xm-features` (or `dvc repro`)"
     arrays = {
-        p.stem: np.load(p) for p in sorted(directory.glob("*.npy")) if not p.stem.endswith(("_tokens", "_offsets"))
+        p.stem: load_npy(p, hint)
+        for p in sorted(directory.glob("*.npy"))
+        if not p.stem.endswith(("_tokens", "_offsets"))
     }
     return info, arrays

@@ -150,8 +150,8 @@ def _bundled_glove(arg: str, wanted: set[str]) -> tuple[int, WordLookup]:
 @WORD_VECTORS.register("file")
 def _vector_file(arg: str, wanted: set[str]) -> tuple[int, WordLookup]:
     """A GloVe-format text file, streamed, only the wanted words' rows kept."""
-    table = _read_vector_file(Path(arg), wanted)
-    return (len(next(iter(table.values()))) if table else 0), table.get
+    width, table = _read_vector_file(Path(arg), wanted)
+    return width, table.get
 
 
 def word_vectors(spec: str, words: list[str]) -> np.ndarray:
@@ -173,20 +173,44 @@ def _hit(word: str) -> str:
     return re.sub(r"[-.']", "", word).split("/")[0]
 
 
-def _read_vector_file(path: Path, wanted: set[str]) -> dict[str, np.ndarray]:
-    """The rows of ``wanted`` words from a GloVe-format text file (word, then its numbers), streamed."""
+def _read_vector_file(path: Path, wanted: set[str]) -> tuple[int, dict[str, np.ndarray]]:
+    """The width and the rows of ``wanted`` words of a GloVe-format text file (word, then its numbers), streamed.
+
+    The width is the first line's count of numbers; every line must have at least that many fields after a word,
+    and a longer line's extra fields belong to its word (glove.840B.300d has words with spaces, such as
+    ``. . .``, which torchtext reads the same way). A file with no numbers, a short line or a wanted row that is
+    not numbers is one line naming the file and the line."""
     if not path.is_file():
         raise LangdmlError(
             f"word vectors {path} not found; download GloVe (e.g. https://nlp.stanford.edu/data/glove.840B.300d.zip, "
             "torchtext's default) and unzip it there, or use bigru:glove:6B-50d (bundled)"
         )
+    expected = "GloVe text: a word, then its numbers separated by spaces, one word a line"
     table: dict[str, np.ndarray] = {}
+    width = 0
     with path.open(encoding="utf-8", errors="replace") as f:
-        for line in f:
-            word, _, rest = line.rstrip().partition(" ")
+        for number, line in enumerate(f, 1):
+            fields = line.rstrip().split(" ")
+            if number == 1:
+                width = len(fields) - 1
+                if width < 1:
+                    raise LangdmlError(f"word vectors {path}, line 1: no numbers after the word; expected {expected}")
+            if len(fields) - 1 < width:
+                raise LangdmlError(
+                    f"word vectors {path}, line {number}: {len(fields) - 1} numbers where line 1 has {width}"
+                )
+            word = " ".join(fields[: len(fields) - width])
             if word in wanted and word not in table:
-                table[word] = np.array(rest.split(" "), dtype=np.float32)
-    return table
+                try:
+                    table[word] = np.array(fields[-width:], dtype=np.float32)
+                except ValueError:
+                    raise LangdmlError(
+                        f"word vectors {path}, line {number}: the row of {word!r} is not all numbers; "
+                        f"expected {expected}"
+                    ) from None
+    if width == 0:
+        raise LangdmlError(f"word vectors {path}: the file is empty; expected {expected}")
+    return width, table
 
 
 class BiGRUTower(nn.Module):

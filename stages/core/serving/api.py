@@ -1,8 +1,10 @@
 """The Python face of a trained model: ``Retriever.load()`` then ``embed`` / ``search`` (``import langdml``).
 
-``Retriever.load(model_dir, index_dir)`` loads the model and checks that the index was made by it; queries
-are image files (or folders of them), embedded as evaluation embeds the test split, and ranked against the
-gallery by the model's own similarity, so they get exactly the neighbours evaluation ranks.
+``Retriever.load(model_dir, index_dir)`` loads the model and checks that the index was made by it and is whole;
+queries are image files (or folders of them), embedded as evaluation embeds the test split, and ranked against
+the gallery by the model's own similarity, so they get exactly the neighbours evaluation ranks. Every input
+problem (a missing or inconsistent file, a bad device, k outside 1..N, a query vector of another width or with
+NaN) raises :class:`stages.core.errors.LangdmlError` (``langdml.LangdmlError``) with a one-line message.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.core.serving.index import GalleryIndex, model_fingerprint
+from stages.core.serving.index import GalleryIndex, check_k, model_fingerprint
 from stages.core.serving.queries import embed_images, image_files
 
 MODEL_DIR = Path("data/model")
@@ -31,13 +33,20 @@ class Retriever:
 
     @classmethod
     def load(
-        cls, model_dir: str | Path = MODEL_DIR, index_dir: str | Path = INDEX_DIR, device: str = "cpu"
+        cls,
+        model_dir: str | Path = MODEL_DIR,
+        index_dir: str | Path = INDEX_DIR,
+        device: str = "cpu",
+        verify: bool = False,
     ) -> Retriever:
+        """The model and its index (``verify``: check the index files' content hashes too, not just sizes)."""
         from stages.core.model.encoder import WEIGHTS_NAME, load_model
+        from stages.core.runtime import resolve_device
 
+        device = resolve_device(device)
         model, model_params = load_model(model_dir, device)
         fingerprint = model_fingerprint(Path(model_dir) / WEIGHTS_NAME)
-        index = GalleryIndex.load(Path(index_dir), fingerprint)
+        index = GalleryIndex.load(Path(index_dir), fingerprint, verify=verify)
         return cls(model, model_params.image_size, index, device, fingerprint)
 
     def embed(self, images: Sequence[str | Path]) -> np.ndarray:
@@ -66,6 +75,7 @@ class Retriever:
 
     def search_files(self, images: Sequence[str | Path], k: int = 10) -> list[tuple[Path, list[dict[str, Any]]]]:
         """Each query file with its k best gallery items: rank, score, class, path."""
+        check_k(k, len(self.index))
         files = image_files(images)
         scores, rows = self.search(embed_images(self.model, self.image_size, files, self.device), k)
         return list(zip(files, self.index.results(scores, rows), strict=True))

@@ -36,6 +36,32 @@ def image_files(paths: Sequence[str | Path]) -> list[Path]:
     return out
 
 
+def gallery_table(gallery: str | None, test_manifest: Path) -> tuple[pa.Table, Path]:
+    """The gallery of ``index.gallery`` as a manifest-like table (path, image_bytes, label, class_name) and its
+    root: the test split (None), a manifest (.parquet) or a folder of images (class = the file's folder). Every
+    image lies inside its root (a manifest's dataset root, or the folder; ``..``, absolute paths and symlinks
+    resolved), by the datasets' own check: the first one outside is one line."""
+    from stages.core.artifacts import load_manifest
+    from stages.core.data.datasets.base import check_paths, inside
+
+    if gallery is None:
+        return load_manifest(test_manifest)
+    source = Path(gallery)
+    if source.suffix == ".parquet":
+        table, root = load_manifest(source)
+        listed = [p for p in table.column("path").to_pylist() if p is not None]
+        check_paths("index.gallery", root, "gallery", listed)
+        return table, root
+    files = image_files([source])
+    outside = [f for f in files if not inside(source, f)]
+    if outside:
+        raise LangdmlError(
+            f"index.gallery: {len(outside)} image(s) of the folder {source} lead outside it (symlinks resolved), "
+            f"e.g. {outside[0]}; copy the images into the folder instead of linking them"
+        )
+    return files_table(files, [f.parent.name for f in files]), Path("/")
+
+
 def files_table(files: Sequence[Path], class_names: Sequence[str] | None = None) -> pa.Table:
     """Image files as a manifest-like table (absolute paths, no bytes; labels numbered by sorted class name)."""
     names = list(class_names) if class_names is not None else [""] * len(files)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from stages.core.errors import LangdmlError
-from stages.core.serving.index import GalleryIndex, model_fingerprint
+from stages.core.serving.index import GalleryIndex, check_k, model_fingerprint
 
 
 @dataclass
@@ -24,13 +24,20 @@ class TextRetriever:
     device: Any
 
     @classmethod
-    def load(cls, model_dir: str | Path, index_dir: str | Path, device: str = "cpu") -> TextRetriever:
+    def load(
+        cls, model_dir: str | Path, index_dir: str | Path, device: str = "cpu", verify: bool = False
+    ) -> TextRetriever:
+        """The image-text model and its index (``verify``: check the index files' content hashes too)."""
         from stages.core.imagetext.model import WEIGHTS_NAME, load_crossmodal
         from stages.core.imagetext.towers import tower_kind
+        from stages.core.runtime import resolve_device
 
+        device = resolve_device(device)
         model_dir, index_dir = Path(model_dir), Path(index_dir)
         model = load_crossmodal(model_dir, device)
-        index = GalleryIndex.load(index_dir, model_fingerprint(model_dir / WEIGHTS_NAME), stage="xm-index")
+        index = GalleryIndex.load(
+            index_dir, model_fingerprint(model_dir / WEIGHTS_NAME), stage="xm-index", verify=verify
+        )
         kind, _ = tower_kind(model.text_info["tower"])
         return cls(model, kind.tokenizer(model.text_info, device), index, device)
 
@@ -45,5 +52,6 @@ class TextRetriever:
         return embed_sets(self.model.text, sets, self.device)
 
     def search_texts(self, texts: Sequence[str], k: int = 10) -> list[tuple[str, list[dict[str, Any]]]]:
+        check_k(k, len(self.index))
         scores, rows = self.index.search(self.embed_text(texts), k)
         return list(zip(texts, self.index.results(scores, rows), strict=True))
