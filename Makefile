@@ -16,6 +16,7 @@ $(VENV)/.installed-$(FAISS): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip uninstall -q -y faiss-cpu faiss-gpu 2>/dev/null || true
 	$(BIN)/pip install -q -e ".[$(FAISS),dev]"
+	$(BIN)/python -c "from stages.core.evaluation.heaps import compile_kernels; compile_kernels()"  # numba's cache
 	rm -f $(VENV)/.installed-*
 	echo $(FAISS) > $(VENV)/.faiss
 	touch $@

@@ -1,8 +1,7 @@
 """Stage ``index``: the gallery embedded once by the trained model, for `langdml search` (data/index/:
-embeddings, items and the model's fingerprint). The gallery is ``index.gallery``: the test split (null), a
-manifest, or a folder of images (each file's class: its folder's name), every image inside its root. DVC
-tracks the param and the test split; a folder's contents are not a dependency: after changing them,
-`dvc repro -f -s index`."""
+embeddings, items and the model's fingerprint). The gallery is ``index.gallery``: the test split's manifest (the
+default), another manifest, or a folder of images (each file's class: its folder's name), every image inside its
+root. dvc.yaml makes that path a dependency, so editing the manifest or the folder's images re-runs the stage."""
 
 from __future__ import annotations
 
@@ -26,7 +25,7 @@ def run(params: Params) -> None:
     ev = params.evaluate
     device = resolve_device(ev.device)
     model, model_params = load_model(paths.MODEL, device)
-    table, root = gallery_table(params.index.gallery, paths.TEST_MANIFEST)
+    table, root = gallery_table(params.index.gallery)
     emb = embed_table(model, model_params.image_size, table, root, device, ev.batch_size, ev.num_workers)
     items = pa.table(
         {

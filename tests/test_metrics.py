@@ -487,3 +487,13 @@ def test_map_at_1000_and_f1_follow_the_official_definitions() -> None:
     from stages.core.vectors import l2_normalize
 
     assert m["f1"] == pytest.approx(pairwise_f1(y, kmeans_assign(l2_normalize(x), 41, seed=0)))
+
+
+def test_the_heap_kernel_is_compiled_into_numbas_cache_at_install() -> None:
+    """`make venv` calls compile_kernels, so a fresh clone's first evaluation finds the kernel on disk."""
+    from stages.core.evaluation import heaps
+
+    heaps.compile_kernels()
+    assert heaps.feed_block.signatures
+    cache = Path(heaps.__file__).parent / "__pycache__"
+    assert any(cache.glob("heaps.feed_block-*.nbi")) and any(cache.glob("heaps.feed_block-*.nbc"))

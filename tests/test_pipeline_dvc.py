@@ -19,12 +19,12 @@ import guards
 import pytest
 import yaml
 from filelock import FileLock
-from fixtures_datasets import fake_npm, make_cub, make_emoji_packages, make_precomp
+from fixtures_datasets import fake_npm, make_cub, make_emoji_packages, make_precomp, tiny_jpeg
 
 import stages.core.data.datasets.emoji as em
 
 REPO = Path(__file__).resolve().parents[1]
-COPY = ["dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", "stages"]
+COPY = ["dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", "stages", "data/local"]
 PRECOMPUTE = ["fetch_data", "prepare", "embed_text", "pseudo_labels", "evaluate_pretrained", "cache_images"]
 CROSSMODAL = ["xm_prepare", "xm_features", "xm_train", "xm_evaluate"]
 BIN = Path(sys.executable).parent
@@ -256,7 +256,7 @@ def test_a_temp_experiment_with_the_data_copied_along_skips_the_precompute(
     the manifests (with a repo-relative root) are byte-identical there, so the precompute stages still skip. (The
     gallery param re-runs the index stage alone: the cheapest change that makes the experiment run a stage.)"""
     repo = workspace(reproduced, tmp_path)
-    out = dvc(repo, "exp", "run", "--temp", "-C", "data/raw", "-S", "index.gallery=data/prepared/test.parquet")
+    out = dvc(repo, "exp", "run", "--temp", "-C", "data/raw", "-S", "index.gallery=data/prepared/train.parquet")
     skipped(out, *PRECOMPUTE, "train", "evaluate")
     ran(out, "index")
 
@@ -267,3 +267,27 @@ def test_an_image_text_sweep_reruns_its_own_training_in_two_processes(reproduced
     out = dvc(repo, "exp", "run", "-S", "crossmodal.model.head=maxpool", "-S", "crossmodal.train.nproc=2")
     skipped(out, *PRECOMPUTE, "train", "evaluate", "xm_prepare", "xm_features")
     ran(out, "xm_train", "xm_evaluate")
+
+
+@pytest.mark.slow
+def test_editing_a_file_that_a_param_names_makes_dvc_status_name_its_stages(
+    reproduced: Reproduced, tmp_path: Path
+) -> None:
+    """Word vectors and local model folders live in the folders the params name (text.local_files,
+    crossmodal.features.local_files), and the gallery is index.gallery itself: each a dependency in dvc.yaml."""
+    repo = workspace(reproduced, tmp_path)
+    for n in range(2):
+        tiny_jpeg(repo / "data/gallery/cats" / f"{n}.jpg", shade=40 * n)
+    out = dvc(repo, "exp", "run", "-S", "index.gallery=data/gallery")
+    ran(out, "index")
+    assert "Data and pipelines are up to date" in dvc(repo, "status")
+    (repo / "data/local/text_towers/glove.txt").write_text("cat 0.1 0.2\n")
+    (repo / "data/local/text_encoders/my-bert").mkdir()
+    (repo / "data/local/text_encoders/my-bert/config.json").write_text("{}")
+    tiny_jpeg(repo / "data/gallery/cats/2.jpg", shade=200)
+    status = dvc(repo, "status", "--json")
+    stale = {stage for stage, changes in json.loads(status).items() if changes}
+    assert stale == {"embed_text", "pseudo_labels", "xm_features", "xm_train", "index"}, status
+    for stage, folder in (("xm_features", "data/local/text_towers"), ("embed_text", "data/local/text_encoders")):
+        assert {"changed deps": {folder: "modified"}} in json.loads(status)[stage], status
+    assert {"changed deps": {"data/gallery": "modified"}} in json.loads(status)["index"], status

@@ -198,9 +198,9 @@ def test_gallery_images_must_lie_inside_their_root(tmp_path: Path) -> None:
     tiny_jpeg(folder / "cats" / "a.jpg")
     (folder / "cats" / "b.jpg").symlink_to(outside)
     with pytest.raises(LangdmlError, match=r"index\.gallery: 1 image\(s\) of the folder .* lead outside it"):
-        gallery_table(str(folder), tmp_path / "unused.parquet")
+        gallery_table(str(folder))
     (folder / "cats" / "b.jpg").unlink()
-    table, _ = gallery_table(str(folder), tmp_path / "unused.parquet")
+    table, _ = gallery_table(str(folder))
     assert table.num_rows == 1
     from stages.core.artifacts import MANIFEST_SCHEMA
     from stages.core.io import write_parquet
@@ -219,7 +219,7 @@ def test_gallery_images_must_lie_inside_their_root(tmp_path: Path) -> None:
         )
         write_parquet(tmp_path / "gallery.parquet", rows, MANIFEST_SCHEMA, {"root": str(root)})
         with pytest.raises(LangdmlError, match=r"index\.gallery: 1 image path\(s\) of the gallery split lead outside"):
-            gallery_table(str(tmp_path / "gallery.parquet"), tmp_path / "unused.parquet")
+            gallery_table(str(tmp_path / "gallery.parquet"))
 
 
 def test_recipes_are_names_and_a_malformed_one_is_one_line(tmp_path: Path, monkeypatch) -> None:

@@ -51,6 +51,33 @@ def registered(registry_path: str, *, require_arg: bool = False) -> Any:
     return Annotated[str, AfterValidator(check)]
 
 
+def local_paths(spec: str) -> list[Path]:
+    """The local files or folders a ``family:argument`` spec names (``bigru:file:/x/glove.txt``,
+    ``hf:./my-bert``, ``frozen:hf:/models/bert``): every ``:``-suffix that exists on disk."""
+    parts = spec.split(":")
+    return [Path(":".join(parts[i:])) for i in range(1, len(parts)) if Path(":".join(parts[i:])).exists()]
+
+
+class _TrackedLocalFiles(_Section):
+    """A section whose spec ``field`` may name local files: they must lie in ``local_files``, the folder that
+    dvc.yaml makes a dependency of the stages that read them, so editing one re-runs them (``dvc status`` says
+    so) instead of DVC seeing only the param's unchanged string."""
+
+    local_files: str
+    _spec_field = ""
+
+    @model_validator(mode="after")
+    def _inside_local_files(self) -> _TrackedLocalFiles:
+        root = Path(self.local_files).resolve()
+        for path in local_paths(getattr(self, self._spec_field)):
+            if not path.resolve().is_relative_to(root):
+                raise ValueError(
+                    f"{self._spec_field} reads {path}, outside local_files ({self.local_files}), so DVC would not "
+                    f"see it change: move it into {self.local_files}, or set local_files to a folder that holds it"
+                )
+        return self
+
+
 DatasetName = registered("stages.core.data.datasets.registry:DATASETS")
 TextEncoderSpec = registered("stages.core.language.encoders:TEXT_ENCODERS", require_arg=True)
 ClassifierSpec = registered("stages.core.language.imagenet:IMAGENET_CLASSIFIERS")
@@ -95,8 +122,10 @@ def _check_template(t: str) -> str:
     return t
 
 
-class TextParams(_Section):
+class TextParams(_TrackedLocalFiles):
     encoder: TextEncoderSpec = "sentence-transformers:all-MiniLM-L6-v2"
+    local_files: str = "data/local/text_encoders"  # a local encoder folder (hf:<folder>) lives here
+    _spec_field = "encoder"
     templates: Annotated[list[str], Field(min_length=1)] = ["a photo of a {}"]
     pooling: Literal["pooler", "cls", "mean"] = "mean"
     batch_size: PositiveInt = 64
@@ -259,7 +288,15 @@ class EvaluateParams(_Section):
 class IndexParams(_Section):
     """The gallery `langdml search` ranks (stage ``index``)."""
 
-    gallery: str | None = None  # null: the test split; or a manifest (.parquet) or a folder of images
+    # the test split's manifest, another manifest (.parquet) or a folder of images: a DVC dependency of `index`
+    gallery: str = "data/prepared/test.parquet"
+
+    @field_validator("gallery", mode="before")
+    @classmethod
+    def _path(cls, v: Any) -> Any:
+        if v is None:
+            raise ValueError("null is no longer a gallery: the test split is data/prepared/test.parquet")
+        return v
 
 
 class CrossModalDataParams(_Section):
@@ -271,11 +308,13 @@ class CrossModalDataParams(_Section):
     verify_images: bool = True  # decode every image file once; unreadable ones are left out and counted
 
 
-class CrossModalFeatureParams(_Section):
+class CrossModalFeatureParams(_TrackedLocalFiles):
     backbone: BackboneSpec = "efficientnet-lite0"
     image_size: Annotated[int, Field(ge=32)] = 64  # the grid is image_size / 32 cells a side
     # frozen:<text encoder> (cached token features) | bigru:<word vectors> | hf:<model> (trainable; token ids)
     text_tower: TextTowerSpec = "frozen:sentence-transformers:all-MiniLM-L6-v2"
+    local_files: str = "data/local/text_towers"  # word-vector files and local model folders the tower reads
+    _spec_field = "text_tower"
     max_tokens: PositiveInt = 32
     batch_size: PositiveInt = 64
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -36,16 +36,14 @@ def image_files(paths: Sequence[str | Path]) -> list[Path]:
     return out
 
 
-def gallery_table(gallery: str | None, test_manifest: Path) -> tuple[pa.Table, Path]:
+def gallery_table(gallery: str) -> tuple[pa.Table, Path]:
     """The gallery of ``index.gallery`` as a manifest-like table (path, image_bytes, label, class_name) and its
-    root: the test split (None), a manifest (.parquet) or a folder of images (class = the file's folder). Every
-    image lies inside its root (a manifest's dataset root, or the folder; ``..``, absolute paths and symlinks
-    resolved), by the datasets' own check: the first one outside is one line."""
+    root: a manifest (.parquet; the test split's by default) or a folder of images (class = the file's folder).
+    Every image lies inside its root (a manifest's dataset root, or the folder; ``..``, absolute paths and
+    symlinks resolved), by the datasets' own check: the first one outside is one line."""
     from stages.core.artifacts import load_manifest
     from stages.core.data.datasets.base import check_paths, inside
 
-    if gallery is None:
-        return load_manifest(test_manifest)
     source = Path(gallery)
     if source.suffix == ".parquet":
         table, root = load_manifest(source)
