@@ -103,4 +103,3 @@ def compile_kernels() -> None:
     evaluation does not spend ~7 s compiling (numba recompiles only when this file changes)."""
     vals, ids = new_heaps(2, 1)
     feed_block(np.zeros((2, 2), dtype=np.float32), 0, 0, True, vals, ids)
-
