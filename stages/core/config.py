@@ -9,7 +9,7 @@ never the whole file.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -64,7 +64,7 @@ class _TrackedLocalFiles(_Section):
     so) instead of DVC seeing only the param's unchanged string."""
 
     local_files: str
-    _spec_field = ""
+    _spec_field: ClassVar[str] = ""  # the spec that may name local files
 
     @model_validator(mode="after")
     def _inside_local_files(self) -> _TrackedLocalFiles:
@@ -125,7 +125,7 @@ def _check_template(t: str) -> str:
 class TextParams(_TrackedLocalFiles):
     encoder: TextEncoderSpec = "sentence-transformers:all-MiniLM-L6-v2"
     local_files: str = "data/local/text_encoders"  # a local encoder folder (hf:<folder>) lives here
-    _spec_field = "encoder"
+    _spec_field: ClassVar[str] = "encoder"
     templates: Annotated[list[str], Field(min_length=1)] = ["a photo of a {}"]
     pooling: Literal["pooler", "cls", "mean"] = "mean"
     batch_size: PositiveInt = 64
@@ -314,7 +314,7 @@ class CrossModalFeatureParams(_TrackedLocalFiles):
     # frozen:<text encoder> (cached token features) | bigru:<word vectors> | hf:<model> (trainable; token ids)
     text_tower: TextTowerSpec = "frozen:sentence-transformers:all-MiniLM-L6-v2"
     local_files: str = "data/local/text_towers"  # word-vector files and local model folders the tower reads
-    _spec_field = "text_tower"
+    _spec_field: ClassVar[str] = "text_tower"
     max_tokens: PositiveInt = 32
     batch_size: PositiveInt = 64
     device: Literal["auto", "cpu", "cuda"] = "auto"

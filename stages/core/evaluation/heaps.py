@@ -100,6 +100,6 @@ def best_first(vals: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarra
 def compile_kernels() -> None:
     """Compile :func:`feed_block` for the types the self-search feeds it (a C-contiguous float32 block, float32 and
     int64 heaps) into numba's on-disk cache beside this file. ``make venv`` calls it, so a fresh clone's first
-    evaluation does not spend ~7 s compiling (numba recompiles only when this file changes)."""
+    evaluation does not spend 2.5-7 s compiling (numba recompiles only when this file changes)."""
     vals, ids = new_heaps(2, 1)
     feed_block(np.zeros((2, 2), dtype=np.float32), 0, 0, True, vals, ids)

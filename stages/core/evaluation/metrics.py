@@ -37,7 +37,8 @@ NEIGHBOUR_BUDGET = 2**21
 MAP_DEPTH = 1000  # mAP@1000: the neighbours it reads
 # Leave-one-out rows from which the symmetric self-search (half the products, numba heaps) answers sooner than a
 # flat index; below it a flat index does, and numba is never imported (~0.5 s and ~100 MB on a first call).
-# Measured on 2 CPU cores by benchmarks/eval_scaling.py (docs/metrics.md); both give the same neighbours.
+# Measured on 2 CPU cores by benchmarks/eval_scaling.py (docs/metrics.md). Both give a flat index's neighbours,
+# ids and tie order; their scores come from different BLAS calls, which may order near-ties apart (MAP@R ~1e-7).
 SELF_SEARCH_MIN_ROWS = 15_000
 
 
@@ -127,8 +128,8 @@ def retrieval_metrics(
     language-guidance code reports them: ``f1`` (the pair-counting F1 of the same k-means clustering as NMI) and
     ``map_at_1000`` (its ``metrics/mAP_1000.py``: precision at every hit among the 1,000 nearest, summed and
     divided by the class's size, the query included). ``self_search_min_rows``: from this many rows a
-    leave-one-out cosine evaluation takes the symmetric self-search instead of the flat index (the same
-    neighbours, ids and tie order; only the time differs).
+    leave-one-out cosine evaluation takes the symmetric self-search instead of the flat index (the same rule for
+    neighbours, ids and ties; torch's and faiss' products may round a near-tie apart, ~1e-7 of MAP@R).
     """
     xq, yq = _validate(query, query_labels, "query")
     leave_one_out = gallery is None
