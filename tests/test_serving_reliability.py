@@ -119,7 +119,6 @@ def test_the_api_checks_its_inputs_at_the_boundary(served) -> None:
 def test_search_k_below_one_is_a_usage_line(served, monkeypatch) -> None:
     model_dir, _, files = served
     monkeypatch.chdir(model_dir.parent.parent)
-    (model_dir.parent.parent / "data").mkdir(exist_ok=True)
     for k in ("0", "-1"):
         line = _one_line(CliRunner().invoke(app, ["search", str(files[0]), "--k", k]), "search")
         assert line == f"langdml search: error: --k {k}: ask for at least 1 neighbour"
