@@ -7,7 +7,7 @@ FAISS ?= $(shell cat $(VENV)/.faiss 2>/dev/null || echo cpu)
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: venv repro test lint bench clean-venv
+.PHONY: venv repro test deps lint bench clean-venv
 
 venv: $(VENV)/.installed-$(FAISS)
 
@@ -26,6 +26,9 @@ repro: venv  ## the whole DVC pipeline on the embedded default; its first stage 
 
 test: venv  ## both cores (pytest-xdist); one file or test: pytest tests/test_x.py
 	pytest -q -n logical
+
+deps: venv  ## rewrite dvc.yaml's code deps from the stages' imports (tests/test_dvc_deps.py checks them)
+	python tests/dvc_deps.py
 
 lint: venv
 	ruff check stages tests benchmarks langdml

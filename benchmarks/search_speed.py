@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def build(index_dir: Path, n: int, dim: int) -> None:
-    from stages.core.model.encoder import WEIGHTS_NAME
+    from stages.core.model.saved import WEIGHTS_NAME
     from stages.core.model.similarity import COSINE
     from stages.core.serving.index import model_fingerprint, write_index
 

@@ -17,12 +17,12 @@ from functools import partial
 import torch
 from step_timing import interleaved_medians, print_step_table, setup, step_arguments, synthetic_batch
 
+from stages.core.dml.losses import build_dml_loss
+from stages.core.dml.objective import DMLObjective
 from stages.core.language.targets import EmbeddingTarget
 from stages.core.model.encoder import build_model
 from stages.core.model.similarity import SimilaritySpec
-from stages.core.training.dml import DMLObjective
 from stages.core.training.fit import TrainStep
-from stages.core.training.losses import build_dml_loss
 from stages.core.training.optim import build_optimizer
 
 

@@ -35,12 +35,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from stages.core.artifacts import MANIFEST_SCHEMA, write_class_embeddings
-from stages.core.config import eval_resize, parse_params
+from stages.core.config import parse_params
 from stages.core.data.image_cache import ImageCache, SquashResize, write_image_cache
 from stages.core.data.torch_dataset import ImageDataset
 from stages.core.data.train_images import CachedImages, DecodedImages, Pipeline, TrainData, TrainImages, whole_batch
+from stages.core.data.transforms import eval_resize
+from stages.core.dml.objective import TrainPaths, train_dml
 from stages.core.runtime import resolve_device
-from stages.core.training.dml import TrainPaths, train_dml
 
 
 def write_photos(folder: Path, n: int, classes: int, size: tuple[int, int], seed: int = 0) -> pa.Table:

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 def run(params: Params) -> None:
     from stages.core.artifacts import load_manifest
-    from stages.core.data.image_cache import SquashResize, write_disabled, write_image_cache
+    from stages.core.data.image_cache import SquashResize, cache_side, write_disabled, write_image_cache
     from stages.core.data.torch_dataset import ImageDataset
     from stages.core.io import file_digest
 
@@ -30,7 +30,7 @@ def run(params: Params) -> None:
         return
     t0 = time.perf_counter()
     table, root = load_manifest(paths.TRAIN_MANIFEST)
-    side = cp.resolved_side(params.model.image_size)
+    side = cache_side(cp, params.model.image_size)
     summary = write_image_cache(
         ImageDataset(table, root, SquashResize(side)),
         paths.IMAGE_CACHE,

@@ -123,76 +123,35 @@ def _fail(command: str, err: BaseException) -> None:
     sys.exit(1)
 
 
-@app.command()
-def prepare(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Read the dataset root and write the train/test/classes manifests (data/prepared/)."""
-    _run_stage("prepare", params)
+# The stage commands, in pipeline order (dvc.yaml's DAG), each ``langdml <stage>`` running ``stages.<module>``.
+STAGES: list[tuple[str, str]] = [
+    ("fetch_data", "Obtain the dataset into dataset.root when langdml can (emoji: npm; fashion-mnist), else check it."),
+    ("prepare", "Read the dataset root and write the train/test/classes manifests (data/prepared/)."),
+    ("embed_text", 'Embed "a photo of a {class}" with the frozen text encoder (ELG cache, data/language/).'),
+    ("pseudo_labels", "Top-k ImageNet pseudo-labels per training class, embedded (PLG cache, data/pseudolabels/)."),
+    ("evaluate_pretrained", "Retrieval metrics of the untrained backbone's pooled features: the control."),
+    ("cache_images", "Decode the training images once into a memory-mapped uint8 array (train.image_cache)."),
+    ("train", "Train the image encoder with the DML loss plus omega times language matching (data/model/)."),
+    ("evaluate", "Embed the test split with the trained model; metrics JSON, embeddings and pictures (data/eval/)."),
+    ("index", "Embed the gallery (index.gallery) once with the trained model, for `langdml search` (data/index/)."),
+    ("imagetext_prepare", "Image-text task: the images and captions manifests of imagetext.data."),
+    ("imagetext_features", "Image-text task: frozen image tokens and what the text tower needs of every caption."),
+    ("imagetext_train", "Image-text task: train the image set head and the text tower (data/imagetext/model/)."),
+    ("imagetext_evaluate", "Image-text task: i2t / t2i recall and RSUM of the test split (data/imagetext/eval/)."),
+    ("imagetext_index", "Image-text task: embed the test images once, for `langdml search --text`."),
+]
 
 
-@app.command("embed-text")
-def embed_text(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Embed "a photo of a {class}" with the frozen text encoder (ELG cache, data/language/)."""
-    _run_stage("embed_text", params)
+def _stage_command(module: str, summary: str) -> None:
+    def command(params: ParamsOpt = Path("params.yaml")) -> None:
+        _run_stage(module, params)
+
+    command.__doc__ = summary
+    app.command(module.replace("_", "-"))(command)
 
 
-@app.command("pseudo-labels")
-def pseudo_labels(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Top-k ImageNet pseudo-labels per training class, embedded (PLG cache, data/pseudolabels/)."""
-    _run_stage("pseudo_labels", params)
-
-
-@app.command("cache-images")
-def cache_images(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Decode the training images once into a memory-mapped uint8 array (data/image_cache/; train.image_cache)."""
-    _run_stage("cache_images", params)
-
-
-@app.command()
-def train(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Train the image encoder with the DML loss plus omega times language matching (data/model/)."""
-    _run_stage("train", params)
-
-
-@app.command("evaluate-pretrained")
-def evaluate_pretrained(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Retrieval metrics of the untrained backbone's pooled features: the control (data/pretrained_eval/)."""
-    _run_stage("evaluate_pretrained", params)
-
-
-@app.command()
-def evaluate(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Embed the test split with the trained model; metrics JSON, embeddings and pictures (data/eval/)."""
-    _run_stage("evaluate", params)
-
-
-@app.command("fetch-data")
-def fetch_data(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Obtain the dataset into dataset.root when langdml can (emoji: npm; fashion-mnist), else check it is there."""
-    _run_stage("fetch_data", params)
-
-
-@app.command("xm-prepare")
-def xm_prepare(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Image-text task: images and captions manifests of crossmodal.data (data/crossmodal/prepared/)."""
-    _run_stage("xm_prepare", params)
-
-
-@app.command("xm-features")
-def xm_features(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Image-text task: frozen image grid and caption token features, float16 (data/crossmodal/features/)."""
-    _run_stage("xm_features", params)
-
-
-@app.command("xm-train")
-def xm_train(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Image-text task: train the image and caption set heads (data/crossmodal/model/)."""
-    _run_stage("xm_train", params)
-
-
-@app.command("xm-evaluate")
-def xm_evaluate(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Image-text task: i2t / t2i recall and RSUM of the test split (data/crossmodal/eval/metrics.json)."""
-    _run_stage("xm_evaluate", params)
+for _module, _summary in STAGES:
+    _stage_command(_module, _summary)
 
 
 @app.command()
@@ -228,13 +187,6 @@ def recipe(
     for line in changed:
         typer.echo(line)
     typer.echo(f"{params}: {len(changed)} value(s) set by {name}; run `dvc exp run` (DVC tracks every one of them)")
-
-
-@app.command()
-def index(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Embed the gallery (`index.gallery`: the test split, a manifest or a folder) once with the trained model, for
-    `langdml search` (data/index/)."""
-    _run_stage("index", params)
 
 
 @app.command()
@@ -284,12 +236,6 @@ def export(
     )
 
 
-@app.command("xm-index")
-def xm_index(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Image-text task: embed the test images once with the trained model, for `langdml search --text`."""
-    _run_stage("xm_index", params)
-
-
 @app.command()
 def search(
     queries: Annotated[list[Path] | None, typer.Argument(help="query images: files or folders")] = None,
@@ -316,7 +262,7 @@ def search(
         if k < 1:
             raise LangdmlError(f"--k {k}: ask for at least 1 neighbour")
         if text:
-            retriever = TextRetriever.load(paths.XM_MODEL, paths.XM_INDEX, verify=verify)
+            retriever = TextRetriever.load(paths.IMAGETEXT_MODEL, paths.IMAGETEXT_INDEX, verify=verify)
             results = retriever.search_texts(text, k)
         else:
             results = Retriever.load(verify=verify).search_files(queries, k)

@@ -54,17 +54,17 @@ RECALL_CSV = EVAL / "recall_at_k.csv"
 
 INDEX = DATA / "index"  # the gallery embedded by the trained model, for `langdml search`
 
-# Image-text retrieval (the cross-modal task, `xm-*` stages).
-XM = DATA / "crossmodal"
-XM_PREPARED = XM / "prepared"
-XM_IMAGES = XM_PREPARED / "images.parquet"
-XM_CAPTIONS = XM_PREPARED / "captions.parquet"
-XM_FEATURES = XM / "features"
-XM_MODEL = XM / "model"
-XM_CHECKPOINT = XM / "checkpoint"
-XM_CHECKPOINT_FILE = XM_CHECKPOINT / "last.pt"
-XM_LOGS = XM / "train"
-XM_EVAL = XM / "eval"
-XM_METRICS = XM_EVAL / "metrics.json"
-XM_PICTURE = XM_EVAL / "retrieval.png"
-XM_INDEX = XM / "index"  # the image-text model's test images, for `langdml search --text`
+# Image-text retrieval (the cross-modal task, `imagetext-*` stages).
+IMAGETEXT = DATA / "imagetext"
+IMAGETEXT_PREPARED = IMAGETEXT / "prepared"
+IMAGETEXT_IMAGES = IMAGETEXT_PREPARED / "images.parquet"
+IMAGETEXT_CAPTIONS = IMAGETEXT_PREPARED / "captions.parquet"
+IMAGETEXT_FEATURES = IMAGETEXT / "features"
+IMAGETEXT_MODEL = IMAGETEXT / "model"
+IMAGETEXT_CHECKPOINT = IMAGETEXT / "checkpoint"
+IMAGETEXT_CHECKPOINT_FILE = IMAGETEXT_CHECKPOINT / "last.pt"
+IMAGETEXT_LOGS = IMAGETEXT / "train"
+IMAGETEXT_EVAL = IMAGETEXT / "eval"
+IMAGETEXT_METRICS = IMAGETEXT_EVAL / "metrics.json"
+IMAGETEXT_PICTURE = IMAGETEXT_EVAL / "retrieval.png"
+IMAGETEXT_INDEX = IMAGETEXT / "index"  # the image-text model's test images, for `langdml search --text`

@@ -9,7 +9,8 @@ from stages import paths
 from stages.core.artifacts import CLASSES_SCHEMA, MANIFEST_SCHEMA
 from stages.core.config import Params
 from stages.core.data.datasets.registry import build_manifests
-from stages.core.io import atomic_path, write_parquet
+from stages.core.io import atomic_path
+from stages.core.tables import write_parquet
 
 log = logging.getLogger(__name__)
 

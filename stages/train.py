@@ -15,13 +15,13 @@ from typing import Any
 from stages import paths
 from stages.core.artifacts import check_provenance, load_manifest, manifest_class_names
 from stages.core.config import Params
-from stages.core.data.image_cache import INDEX, ImageCache
+from stages.core.data.image_cache import INDEX, ImageCache, cache_side
 from stages.core.data.torch_dataset import ImageDataset
 from stages.core.data.train_images import CachedImages, DecodedImages, TrainImages
 from stages.core.data.transforms import eval_transform
+from stages.core.dml.objective import TrainPaths, train_dml
 from stages.core.evaluation.per_epoch import PREFIX, per_epoch_metrics
 from stages.core.io import file_digest, write_json
-from stages.core.training.dml import TrainPaths, train_dml
 
 
 def processes(params: Params) -> int:
@@ -36,7 +36,7 @@ def run(params: Params) -> None:
     if params.train.image_cache.enabled:
         cache = ImageCache(paths.IMAGE_CACHE)
         expected = {
-            "side": params.train.image_cache.resolved_side(params.model.image_size),
+            "side": cache_side(params.train.image_cache, params.model.image_size),
             "manifest_sha256": file_digest(paths.TRAIN_MANIFEST),
         }
         check_provenance(paths.IMAGE_CACHE / INDEX, cache.meta, expected, "cache-images")

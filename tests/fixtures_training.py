@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -12,12 +12,15 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from stages.core.config import TrainConfig, parse_params
-from stages.core.io import embedding_array, embedding_type, write_parquet
-from stages.core.training.dml import TrainPaths
+from stages.core.dml.objective import TrainPaths
+from stages.core.tables import embedding_array, embedding_type, write_parquet
 
 # Original class ids are sparse on purpose: training must densify them.
 CLASS_IDS = (0, 2, 4, 6)
 CLASS_NAMES = {0: "cat", 2: "dog", 4: "car", 6: "truck"}
+
+if TYPE_CHECKING:
+    from stages.core.imagetext.towers import TextTower
 
 
 class TinyImages(Dataset):
@@ -135,9 +138,11 @@ def train_paths(root: Path) -> TrainPaths:
     )
 
 
-def frozen_text_info(channels: int, encoder: str = "sentence-transformers:all-MiniLM-L6-v2") -> dict:
-    """``text_tower.json`` of a frozen text tower over ``channels``-wide cached token features."""
-    return {"tower": f"frozen:{encoder}", "max_tokens": 32, "channels": channels}
+def frozen_tower(channels: int, encoder: str = "sentence-transformers:all-MiniLM-L6-v2") -> TextTower:
+    """A frozen text tower over ``channels``-wide cached token features (what ``text_tower.json`` says)."""
+    from stages.core.imagetext.towers import TextTower
+
+    return TextTower(f"frozen:{encoder}", 32, details={"channels": channels})
 
 
 def tiny_bert(directory: Path) -> Path:

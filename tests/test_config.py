@@ -99,9 +99,9 @@ def test_list_shows_every_registry() -> None:
 
 
 def test_a_local_file_a_spec_names_must_lie_in_its_tracked_folder(tmp_path: Path, monkeypatch) -> None:
-    """dvc.yaml makes text.local_files and crossmodal.features.local_files dependencies; a spec naming a local
+    """dvc.yaml makes text.local_files and imagetext.features.local_files dependencies; a spec naming a local
     path outside them would change unseen by DVC, so it is a params error naming the key."""
-    from stages.core.config import local_paths
+    from stages.core.config.base import local_paths
 
     monkeypatch.chdir(tmp_path)
     vectors = Path("data/local/text_towers/glove.txt")
@@ -111,12 +111,12 @@ def test_a_local_file_a_spec_names_must_lie_in_its_tracked_folder(tmp_path: Path
     Path("elsewhere/glove.txt").write_text("cat 1 2\n")
     assert local_paths(f"bigru:file:{vectors}") == [vectors]
     assert local_paths("bigru:glove:6B-50d") == [] and local_paths("hf:bert-base-uncased") == []
-    features = parse_params({"crossmodal": {"features": {"text_tower": f"bigru:file:{vectors}"}}}).crossmodal.features
+    features = parse_params({"imagetext": {"features": {"text_tower": f"bigru:file:{vectors}"}}}).imagetext.features
     assert features.local_files == "data/local/text_towers"
-    with pytest.raises(LangdmlError, match=r"crossmodal\.features: text_tower reads elsewhere/glove\.txt, outside"):
-        parse_params({"crossmodal": {"features": {"text_tower": "bigru:file:elsewhere/glove.txt"}}})
+    with pytest.raises(LangdmlError, match=r"imagetext\.features: text_tower reads elsewhere/glove\.txt, outside"):
+        parse_params({"imagetext": {"features": {"text_tower": "bigru:file:elsewhere/glove.txt"}}})
     moved = {"text_tower": "bigru:file:elsewhere/glove.txt", "local_files": "elsewhere"}
-    assert parse_params({"crossmodal": {"features": moved}}).crossmodal.features.local_files == "elsewhere"
+    assert parse_params({"imagetext": {"features": moved}}).imagetext.features.local_files == "elsewhere"
     Path("my-bert").mkdir()
     with pytest.raises(LangdmlError, match=r"text: encoder reads my-bert, outside local_files"):
         parse_params({"text": {"encoder": "hf:my-bert"}})

@@ -10,8 +10,8 @@ from scipy.special import logsumexp
 
 from stages.core.errors import LangdmlError
 from stages.core.evaluation.crossmodal import crossmodal_recall, crossmodal_recall_folds
+from stages.core.model.set_losses import hardest_negative_triplet, mmd_exp_kernel
 from stages.core.model.similarity import SimilaritySpec
-from stages.core.training.set_losses import hardest_negative_triplet, mmd_exp_kernel
 
 torch.set_num_threads(1)
 

@@ -29,8 +29,9 @@ from fixtures_datasets import (
 )
 from PIL import Image
 
-from stages.core.artifacts import CLASSES_SCHEMA, MANIFEST_SCHEMA, first_per_class
+from stages.core.artifacts import CLASSES_SCHEMA, MANIFEST_SCHEMA
 from stages.core.data.datasets import fashion_mnist as fm
+from stages.core.data.datasets.base import first_per_class
 from stages.core.data.datasets.cub200 import class_name
 from stages.core.data.datasets.fashion_mnist import fetch_fashion_mnist
 from stages.core.data.datasets.registry import DATASETS, build_manifests

@@ -30,7 +30,7 @@ WORKER = textwrap.dedent(
     torch.set_num_threads(1)
     from pathlib import Path
     from fixtures_training import CLASS_NAMES, TinyImages, tiny_params, train_paths
-    from stages.core.training import dml
+    from stages.core.dml import objective as dml
     from stages.core.data.train_images import DecodedImages
 
     root, nproc, epochs, kill_at = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -158,32 +158,32 @@ def test_langdml_train_relaunches_itself_under_torchrun(tmp_path: Path, monkeypa
     assert torch.load(paths.CHECKPOINT_FILE, weights_only=True)["epoch"] == 2
 
 
-XM_WORKER = textwrap.dedent(
+IMAGETEXT_WORKER = textwrap.dedent(
     """
     import sys
     sys.path.insert(0, {tests!r})
     import torch
     torch.set_num_threads(1)
     from pathlib import Path
-    from test_crossmodal_pipeline import _toy_data
-    from stages.core.config import CrossModalModelParams, CrossModalTrainParams
-    from stages.core.imagetext.objective import CrossModalPaths, train_crossmodal
+    from test_imagetext_pipeline import _toy_data
+    from stages.core.config.imagetext import ImageTextModelParams, ImageTextTrainParams
+    from stages.core.imagetext.objective import ImageTextPaths, train_imagetext
 
     root = Path(sys.argv[1])
-    mp = CrossModalModelParams(embed_dim=16, slots=2, slot_depth=1, slot_heads=2)
-    tp = CrossModalTrainParams(epochs=2, batch_size=5, lr=3e-3, warmup_epochs=1, device="cpu")
-    paths = CrossModalPaths(root / "model", root / "ckpt" / "last.pt", root / "logs")
-    train_crossmodal(_toy_data(), mp, tp, 0, paths, [])
+    mp = ImageTextModelParams(embed_dim=16, slots=2, slot_depth=1, slot_heads=2)
+    tp = ImageTextTrainParams(epochs=2, batch_size=5, lr=3e-3, warmup_epochs=1, device="cpu")
+    paths = ImageTextPaths(root / "model", root / "ckpt" / "last.pt", root / "logs")
+    train_imagetext(_toy_data(), mp, tp, 0, paths, [])
     """
 )
 
 
 @pytest.mark.slow
-def test_crossmodal_two_processes_equal_one(tmp_path: Path) -> None:
+def test_imagetext_two_processes_equal_one(tmp_path: Path) -> None:
     """6 images (12 captions) in global batches of 5 images: uneven shares (3 + 2 images, 5 + 5 captions), a
     warm-up and a hardest epoch."""
-    script = tmp_path / "xm_worker.py"
-    script.write_text(XM_WORKER.format(tests=str(TESTS)))
+    script = tmp_path / "imagetext_worker.py"
+    script.write_text(IMAGETEXT_WORKER.format(tests=str(TESTS)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name, launcher in (("one", []), ("two", ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"])):
         res = run([sys.executable, *launcher, str(script), str(tmp_path / name)], env=env)

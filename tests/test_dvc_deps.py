@@ -1,84 +1,20 @@
-"""Each DVC stage's deps cover every module of the package that the stage's code imports.
+"""Each DVC stage's deps are what ``tests/dvc_deps.py`` makes from its import closure, and they cover it.
 
 A module missing from ``deps`` means DVC would not re-run the stage when that module changes, and
-``dvc repro`` would keep outputs made by old code. The import closure is found statically (AST),
-function-level imports included (imports under ``if TYPE_CHECKING:`` are never run: left out), so
-the test runs in milliseconds and imports nothing. Parameter validation looks names up in registries
-by "module:NAME" (stages/core/config.py); that checks names and computes nothing, so it is left out.
+``dvc repro`` would keep outputs made by old code. The closure is static (AST), so these tests import
+nothing. Parameter validation looks names up in registries by "module:NAME" (stages/core/config/base.py);
+that checks names and computes nothing, so it is left out.
 """
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
-import yaml
+from dvc_deps import ROOT, _referenced, code_deps, import_closure, module_file, rewrite, stage_module, stages
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def module_file(name: str) -> Path | None:
-    base = ROOT.joinpath(*name.split("."))
-    if (base / "__init__.py").is_file():
-        return base / "__init__.py"
-    if base.with_suffix(".py").is_file():
-        return base.with_suffix(".py")
-    return None
-
-
-def _type_checking_blocks(tree: ast.AST) -> set[int]:
-    """ids of the nodes under ``if TYPE_CHECKING:``: imports for annotations only, never run."""
-    skipped: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            skipped |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
-    return skipped
-
-
-def _referenced(path: Path) -> set[str]:
-    names: set[str] = set()
-    tree = ast.parse(path.read_text())
-    skipped = _type_checking_blocks(tree)
-    for node in ast.walk(tree):
-        if id(node) in skipped:
-            continue
-        if isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-            names |= {f"{node.module}.{a.name}" for a in node.names}
-    return {n for n in names if n == "stages" or n.startswith("stages.")}
-
-
-def _trivial(path: Path) -> bool:
-    """A package ``__init__`` holding only its docstring runs no code worth a dependency."""
-    body = ast.parse(path.read_text()).body
-    return path.name == "__init__.py" and all(isinstance(n, ast.Expr) for n in body)
-
-
-def import_closure(module: str) -> set[Path]:
-    seen: set[Path] = set()
-    todo = [module]
-    while todo:
-        name = todo.pop()
-        parts = name.split(".")
-        for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__ and a/b/__init__ first
-            path = module_file(".".join(parts[:i]))
-            if path is not None and path not in seen:
-                seen.add(path)
-                todo.extend(_referenced(path))
-    return {p for p in seen if not _trivial(p)}
-
-
-def _stages() -> dict[str, dict]:
-    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-
-
-def _stage_module(cmd: str) -> str:
-    words = cmd.split()
-    assert words[0] == "langdml", f"stage command {cmd!r} does not run langdml"
-    return "stages." + words[1].replace("-", "_")
+_stages = stages
+_stage_module = stage_module
 
 
 def _covered(path: Path, deps: list[str]) -> bool:
@@ -86,10 +22,20 @@ def _covered(path: Path, deps: list[str]) -> bool:
     return any(rel == Path(d) or Path(d) in rel.parents for d in deps)
 
 
-def test_closure_follows_function_level_imports_and_the_dataset_registry() -> None:
+def test_dvc_yaml_holds_the_generated_code_deps() -> None:
+    """A contributor who adds a module to a package that a stage imports edits nothing; one who adds a new
+    package or a new import across packages runs ``python tests/dvc_deps.py`` (``make deps``)."""
+    text = (ROOT / "dvc.yaml").read_text()
+    assert rewrite(text) == text, "dvc.yaml's code deps are stale: run `make deps` (python tests/dvc_deps.py)"
+
+
+def test_closure_follows_function_level_imports_and_registries_are_covered_by_their_folder() -> None:
     closure = {p.relative_to(ROOT).as_posix() for p in import_closure("stages.prepare")}
-    assert "stages/core/data/datasets/cub200.py" in closure  # a lazily registered adapter
-    assert "stages/core/config.py" in closure
+    assert "stages/core/config/__init__.py" in closure
+    # the dataset registry imports its package's modules when first asked: its folder is the dep
+    assert "stages/core/data/datasets" in code_deps("langdml prepare")
+    assert "stages/core/dml/losses" in code_deps("langdml train")
+    assert "stages/core/imagetext/towers" in code_deps("langdml imagetext-train")
     evaluate = {p.relative_to(ROOT).as_posix() for p in import_closure("stages.evaluate")}
     assert "stages/core/evaluation/report.py" in evaluate  # imported inside run()
 
@@ -146,18 +92,18 @@ def test_the_library_has_no_import_cycle_and_never_imports_a_stage() -> None:
             visit(node, [node])
 
 
-@pytest.mark.parametrize("stage", ["train", "xm_train"])
+@pytest.mark.parametrize("stage", ["train", "imagetext_train"])
 def test_train_stage_params_are_exactly_what_its_checkpoint_fingerprint_reads(stage: str) -> None:
     """A param DVC tracks but the fingerprint ignores would resume a checkpoint made under another value;
     one the fingerprint reads but DVC does not track would leave `dvc repro` blind to it."""
     from stages.core.config import Params
-    from stages.core.imagetext.objective import fingerprint_params as xm_fingerprint
-    from stages.core.training.dml import fingerprint_params as dml_fingerprint
+    from stages.core.dml.objective import fingerprint_params as dml_fingerprint
+    from stages.core.imagetext.objective import fingerprint_params as imagetext_fingerprint
 
     params = Params()
-    xm = params.crossmodal
+    xm = params.imagetext
     read = {
         "train": dml_fingerprint(params.training),
-        "xm_train": xm_fingerprint(params.seed, xm.model, xm.train),
+        "imagetext_train": imagetext_fingerprint(params.seed, xm.model, xm.train),
     }[stage]
     assert set(read) == set(_stages()[stage]["params"])

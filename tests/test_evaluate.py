@@ -17,12 +17,13 @@ from torch.utils.data import Dataset, TensorDataset
 from stages import evaluate, evaluate_pretrained, paths
 from stages.core.artifacts import MANIFEST_SCHEMA
 from stages.core.config import Params, parse_params
+from stages.core.dml.evaluate import read_best_epoch
 from stages.core.errors import LangdmlError
 from stages.core.evaluation.embedding import embed_dataset
 from stages.core.evaluation.metrics import retrieval_metrics
 from stages.core.evaluation.report import GALLERY_NEIGHBOURS, gallery_size, similarity_size, slot_size
-from stages.core.io import embedding_array, embedding_matrix, embedding_type, read_parquet, write_parquet
 from stages.core.model.similarity import SimilaritySpec
+from stages.core.tables import embedding_array, embedding_matrix, embedding_type, read_parquet, write_parquet
 
 torch.set_num_threads(1)
 
@@ -331,18 +332,18 @@ def test_cli_error_is_one_line(workdir: Path) -> None:
 
 def test_best_epoch_summary_is_read_from_the_training_test_metrics(tmp_path: Path) -> None:
     path = tmp_path / "test_per_epoch.json"
-    assert evaluate.read_best_epoch(path) == {}
+    assert read_best_epoch(path) == {}
     rows = [
         {"epoch": 1.0, "test/recall@1": 0.5, "test/map@r": 0.2},
         {"epoch": 2.0, "test/recall@1": 0.7, "test/map@r": 0.3},
         {"epoch": 3.0, "test/recall@1": 0.6, "test/map@r": 0.35},
     ]
     path.write_text(json.dumps({"every": 1, "epochs": rows}))
-    assert evaluate.read_best_epoch(path) == {
+    assert read_best_epoch(path) == {
         "best_epoch/epoch": 2,
         "best_epoch/recall@1": 0.7,
         "best_epoch/map@r": 0.3,
     }
     path.write_text("{broken")
     with pytest.raises(LangdmlError, match=r"test_per_epoch\.json: unreadable"):
-        evaluate.read_best_epoch(path)
+        read_best_epoch(path)

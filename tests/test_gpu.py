@@ -63,7 +63,7 @@ def test_batched_augmentation_on_cuda_matches_the_cpu() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_crossmodal_set_recall_on_cuda_matches_the_cpu() -> None:
+def test_imagetext_set_recall_on_cuda_matches_the_cpu() -> None:
     from stages.core.evaluation.crossmodal import crossmodal_recall
     from stages.core.model.similarity import SimilaritySpec
 

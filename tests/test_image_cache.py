@@ -23,8 +23,8 @@ from stages.core.data.augment import adjust_colour, augment_batch, box_theta, ce
 from stages.core.data.image_cache import IMAGES, INDEX, SUMMARY, ImageCache, SquashResize, write_image_cache
 from stages.core.data.torch_dataset import ImageDataset
 from stages.core.data.train_images import CachedImages, Pipeline
+from stages.core.dml.objective import train_dml
 from stages.core.errors import LangdmlError
-from stages.core.training.dml import train_dml
 
 torch.set_num_threads(1)
 
@@ -207,7 +207,7 @@ def test_cache_stage_then_train_stage_and_a_stale_cache(tmp_path: Path, monkeypa
 
     from stages import paths
     from stages.cli import app
-    from stages.core.io import write_parquet
+    from stages.core.tables import write_parquet
 
     monkeypatch.chdir(tmp_path)
     write_parquet(paths.TRAIN_MANIFEST, manifest([(14, 10)] * 24), MANIFEST_SCHEMA, {"dataset": "t", "root": "."})

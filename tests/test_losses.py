@@ -10,11 +10,11 @@ import torch
 from scipy.special import log_softmax
 
 from stages.core.config import load_params
+from stages.core.dml.losses import DML_LOSSES, build_dml_loss
+from stages.core.dml.matching import language_matching
 from stages.core.errors import LangdmlError
 from stages.core.model.similarity import SimilaritySpec
 from stages.core.registry import RegistryError
-from stages.core.training.losses import DML_LOSSES, build_dml_loss
-from stages.core.training.matching import language_matching
 
 torch.set_num_threads(1)
 
@@ -228,9 +228,8 @@ def test_wrong_loss_kwarg_and_unknown_loss_are_one_line_errors() -> None:
 
 def _pml_losses() -> list[str]:
     """The registered losses built on pytorch-metric-learning (the others compare by the head's spec)."""
-    import inspect
 
-    return [n for n in DML_LOSSES.names() if "similarity" not in inspect.signature(DML_LOSSES.get(n)).parameters]
+    return [n for n in DML_LOSSES.names() if not DML_LOSSES.get(n).by_spec]
 
 
 @pytest.mark.parametrize("name", _pml_losses())
@@ -273,7 +272,7 @@ def _official_multisimilarity(emb: np.ndarray, labels: np.ndarray, a=2.0, b=40.0
     ("n", "classes", "dim", "seed"), [(12, 3, 8, 0), (30, 6, 16, 1), (40, 20, 4, 2), (16, 2, 32, 3)]
 )
 def test_multisimilarity_roth_equals_the_official_formula(n: int, classes: int, dim: int, seed: int) -> None:
-    from stages.core.training.losses import multisimilarity_roth
+    from stages.core.dml.losses.roth import multisimilarity_roth
 
     rng = np.random.default_rng(seed)
     emb = rng.standard_normal((n, dim))

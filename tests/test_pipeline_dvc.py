@@ -26,7 +26,7 @@ import stages.core.data.datasets.emoji as em
 REPO = Path(__file__).resolve().parents[1]
 COPY = ["dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", "stages", "data/local"]
 PRECOMPUTE = ["fetch_data", "prepare", "embed_text", "pseudo_labels", "evaluate_pretrained", "cache_images"]
-CROSSMODAL = ["xm_prepare", "xm_features", "xm_train", "xm_evaluate"]
+IMAGETEXT = ["imagetext_prepare", "imagetext_features", "imagetext_train", "imagetext_evaluate"]
 BIN = Path(sys.executable).parent
 
 
@@ -105,10 +105,10 @@ def _new_repo(repo: Path) -> None:
     params["model"]["image_size"] = 32
     params["train"].update(epochs=1, batch_size=16, samples_per_class=4, num_workers=0, log_every=2)
     params["evaluate"].update(num_workers=0, gallery_queries=4)
-    params["crossmodal"]["data"]["max_images"] = None
-    params["crossmodal"]["model"].update(embed_dim=16, slot_depth=1)
-    params["crossmodal"]["train"].update(epochs=2, batch_size=8)
-    params["crossmodal"]["evaluate"].update(ks=[1, 2], queries=2)
+    params["imagetext"]["data"]["max_images"] = None
+    params["imagetext"]["model"].update(embed_dim=16, slot_depth=1)
+    params["imagetext"]["train"].update(epochs=2, batch_size=8)
+    params["imagetext"]["evaluate"].update(ks=[1, 2], queries=2)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git(repo, "init", "-q")
     dvc(repo, "init", "-q")
@@ -154,8 +154,8 @@ def workspace(base: Reproduced, tmp_path: Path) -> Path:
 @pytest.mark.slow
 def test_dvc_repro_builds_every_stage_and_leaves_nothing_to_do(reproduced: Reproduced) -> None:
     repo = reproduced.repo
-    ran(reproduced.repro, *PRECOMPUTE, "train", "evaluate", *CROSSMODAL)
-    xm = json.loads((repo / "data/crossmodal/eval/metrics.json").read_text())
+    ran(reproduced.repro, *PRECOMPUTE, "train", "evaluate", *IMAGETEXT)
+    xm = json.loads((repo / "data/imagetext/eval/metrics.json").read_text())
     assert set(xm) >= {"i2t/recall@1", "i2t/recall@2", "t2i/recall@1", "t2i/recall@2", "rsum"}
     assert 0 <= xm["rsum"] <= 400 and xm["n_images"] == 4
     metrics = json.loads((repo / "data/eval/metrics.json").read_text())
@@ -204,7 +204,7 @@ def test_the_image_cache_stage_runs_then_training_reads_it(reproduced: Reproduce
     """The decoded-image cache: its stage runs, then training reads it; nothing upstream re-runs."""
     repo = workspace(reproduced, tmp_path)
     out = dvc(repo, "exp", "run", "-S", "train.image_cache.enabled=true")
-    skipped(out, *PRECOMPUTE[:-1], *CROSSMODAL)
+    skipped(out, *PRECOMPUTE[:-1], *IMAGETEXT)
     ran(out, "cache_images", "train", "evaluate")
     assert (repo / "data/image_cache/images.npy").is_file()
 
@@ -213,7 +213,7 @@ def test_the_image_cache_stage_runs_then_training_reads_it(reproduced: Reproduce
 def test_an_omega_sweep_reruns_only_training_and_evaluation(reproduced: Reproduced, tmp_path: Path) -> None:
     repo = workspace(reproduced, tmp_path)
     out = dvc(repo, "exp", "run", "-S", "omega=5.0")
-    skipped(out, *PRECOMPUTE, *CROSSMODAL)
+    skipped(out, *PRECOMPUTE, *IMAGETEXT)
     ran(out, "train", "evaluate")
     diff = json.loads(dvc(repo, "metrics", "diff", "--all", "--json"))
     eval_diff = diff["data/eval/metrics.json"]
@@ -228,23 +228,23 @@ def test_dives_recipe_in_one_word_trains_the_bigru_tower_end_to_end(reproduced: 
     repo = workspace(reproduced, tmp_path)
     make_precomp(repo / "data/raw/precomp")
     scaled = [
-        "crossmodal.data.root=data/raw/precomp",
-        "crossmodal.features.text_tower=bigru:glove:6B-50d",
-        "crossmodal.model.embed_dim=16",
-        "crossmodal.model.slot_head_dim=8",
-        "crossmodal.model.slot_depth=1",
-        "crossmodal.train.epochs=2",
-        "crossmodal.train.batch_size=4",
-        "crossmodal.evaluate.folds=null",
+        "imagetext.data.root=data/raw/precomp",
+        "imagetext.features.text_tower=bigru:glove:6B-50d",
+        "imagetext.model.embed_dim=16",
+        "imagetext.model.slot_head_dim=8",
+        "imagetext.model.slot_depth=1",
+        "imagetext.train.epochs=2",
+        "imagetext.train.batch_size=4",
+        "imagetext.evaluate.folds=null",
     ]
     recipe(repo, "dive/coco-butd-bigru", scaled)
     written = yaml.safe_load((repo / "params.yaml").read_text())
-    assert written["recipe"] == "dive/coco-butd-bigru@1" and written["crossmodal"]["train"]["caption_drop"] == 0.2
+    assert written["recipe"] == "dive/coco-butd-bigru@1" and written["imagetext"]["train"]["caption_drop"] == 0.2
     out = dvc(repo, "exp", "run")
     skipped(out, *PRECOMPUTE, "train", "evaluate")
-    xm = json.loads((repo / "data/crossmodal/eval/metrics.json").read_text())
+    xm = json.loads((repo / "data/imagetext/eval/metrics.json").read_text())
     assert 0 <= xm["rsum"] <= 600 and xm["n_images"] == 4 and xm["n_captions"] == 20
-    text = json.loads((repo / "data/crossmodal/model/config.json").read_text())["text"]
+    text = json.loads((repo / "data/imagetext/model/config.json").read_text())["text"]
     assert text["tower"] == "bigru:glove:6B-50d" and text["words_with_vectors"] == len(text["vocab"]) - 5
 
 
@@ -264,9 +264,9 @@ def test_a_temp_experiment_with_the_data_copied_along_skips_the_precompute(
 @pytest.mark.slow
 def test_an_image_text_sweep_reruns_its_own_training_in_two_processes(reproduced: Reproduced, tmp_path: Path) -> None:
     repo = workspace(reproduced, tmp_path)
-    out = dvc(repo, "exp", "run", "-S", "crossmodal.model.head=maxpool", "-S", "crossmodal.train.nproc=2")
-    skipped(out, *PRECOMPUTE, "train", "evaluate", "xm_prepare", "xm_features")
-    ran(out, "xm_train", "xm_evaluate")
+    out = dvc(repo, "exp", "run", "-S", "imagetext.model.head=maxpool", "-S", "imagetext.train.nproc=2")
+    skipped(out, *PRECOMPUTE, "train", "evaluate", "imagetext_prepare", "imagetext_features")
+    ran(out, "imagetext_train", "imagetext_evaluate")
 
 
 @pytest.mark.slow
@@ -274,7 +274,7 @@ def test_editing_a_file_that_a_param_names_makes_dvc_status_name_its_stages(
     reproduced: Reproduced, tmp_path: Path
 ) -> None:
     """Word vectors and local model folders live in the folders the params name (text.local_files,
-    crossmodal.features.local_files), and the gallery is index.gallery itself: each a dependency in dvc.yaml."""
+    imagetext.features.local_files), and the gallery is index.gallery itself: each a dependency in dvc.yaml."""
     repo = workspace(reproduced, tmp_path)
     for n in range(2):
         tiny_jpeg(repo / "data/gallery/cats" / f"{n}.jpg", shade=40 * n)
@@ -287,7 +287,7 @@ def test_editing_a_file_that_a_param_names_makes_dvc_status_name_its_stages(
     tiny_jpeg(repo / "data/gallery/cats/2.jpg", shade=200)
     status = dvc(repo, "status", "--json")
     stale = {stage for stage, changes in json.loads(status).items() if changes}
-    assert stale == {"embed_text", "pseudo_labels", "xm_features", "xm_train", "index"}, status
-    for stage, folder in (("xm_features", "data/local/text_towers"), ("embed_text", "data/local/text_encoders")):
+    assert stale == {"embed_text", "pseudo_labels", "imagetext_features", "imagetext_train", "index"}, status
+    for stage, folder in (("imagetext_features", "data/local/text_towers"), ("embed_text", "data/local/text_encoders")):
         assert {"changed deps": {folder: "modified"}} in json.loads(status)[stage], status
     assert {"changed deps": {"data/gallery": "modified"}} in json.loads(status)["index"], status

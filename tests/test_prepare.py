@@ -26,7 +26,7 @@ from stages.core.artifacts import load_manifest
 from stages.core.data.datasets import fashion_mnist as fm
 from stages.core.data.torch_dataset import ImageDataset
 from stages.core.errors import LangdmlError
-from stages.core.io import read_parquet
+from stages.core.tables import read_parquet
 
 OUTPUTS = (paths.TRAIN_MANIFEST, paths.TEST_MANIFEST, paths.CLASSES)
 

@@ -17,11 +17,11 @@ from torch import nn
 from stages import paths
 from stages.core.config import parse_params
 from stages.core.errors import LangdmlError
-from stages.core.io import embedding_matrix, read_parquet, write_parquet
 from stages.core.language import imagenet
 from stages.core.language.encoders import TextEncoder
 from stages.core.language.pseudo import ClassAverager, average_per_class, topk_per_class
 from stages.core.registry import RegistryError
+from stages.core.tables import embedding_matrix, read_parquet, write_parquet
 
 torch.set_num_threads(1)
 
@@ -298,7 +298,7 @@ def test_pseudo_labels_stage_caps_images_and_sets_size(stub_stage: Letters, capl
     from stages import pseudo_labels
 
     cfg = {"k": 2, "num_workers": 0, "batch_size": 2, "device": "cpu", "image_size": 8, "max_per_class": 1}
-    with caplog.at_level("INFO", logger="stages.pseudo_labels"):
+    with caplog.at_level("INFO", logger="stages.core.language.plg"):
         pseudo_labels.run(parse_params({"pseudo_labels": cfg}))
     assert stub_stage.sizes == [8]  # type: ignore[attr-defined]
     table, meta = read_parquet(paths.PSEUDOLABELS_TABLE)

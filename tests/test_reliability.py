@@ -23,10 +23,10 @@ from stages.cli import app
 from stages.core.config import load_params, parse_params
 from stages.core.data.datasets.registry import build_manifests
 from stages.core.data.train_images import DecodedImages
+from stages.core.dml import objective as dml
+from stages.core.dml.objective import train_dml
 from stages.core.errors import LangdmlError
-from stages.core.io import read_parquet
-from stages.core.training import dml
-from stages.core.training.dml import train_dml
+from stages.core.tables import read_parquet
 from stages.lock import stage_lock
 
 torch.set_num_threads(1)

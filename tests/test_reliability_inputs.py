@@ -29,7 +29,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from stages.cli import app
-from stages.core.config import CrossModalDataParams, load_params
+from stages.core.config import load_params
+from stages.core.config.imagetext import ImageTextDataParams
 from stages.core.data.datasets.captions import CAPTION_DATASETS
 from stages.core.data.datasets.registry import build_manifests
 from stages.core.data.sampling import ClassBalancedBatchSampler
@@ -41,14 +42,14 @@ from stages.core.training.checkpoint import load_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _coco(root: Path, entries: list[dict]) -> CrossModalDataParams:
+def _coco(root: Path, entries: list[dict]) -> ImageTextDataParams:
     for e in entries:
         folder = Path(e["filepath"])
         target = folder / e["filename"] if folder.is_absolute() else root / folder / e["filename"]
         if not target.exists():
             tiny_jpeg(target)
     (root / "dataset_coco.json").write_text(json.dumps({"images": entries}))
-    return CrossModalDataParams(name="coco", root=str(root))
+    return ImageTextDataParams(name="coco", root=str(root))
 
 
 def _entry(name: str, split: str, captions: list[str] | None = None, folder: str = "val2014") -> dict:
@@ -97,7 +98,7 @@ def test_precomp_blank_lines_are_left_out_and_the_rest_stay_with_their_images(tm
         np.save(tmp_path / f"{stem}_ims.npy", rng.normal(size=(n, 3, 4)).astype(np.float32))
     (tmp_path / "train_caps.txt").write_text("one\n\nthree\nfour\n")  # 2 per image, image 0's second is blank
     (tmp_path / "testall_caps.txt").write_text("a\nb\nc\nd\n")
-    out = CAPTION_DATASETS.get("precomp")(CrossModalDataParams(name="precomp", root=str(tmp_path)))
+    out = CAPTION_DATASETS.get("precomp")(ImageTextDataParams(name="precomp", root=str(tmp_path)))
     train = out.captions.filter(np.asarray(out.captions["split"].to_pylist()) == "train")
     assert train["text"].to_pylist() == ["one", "three", "four"]
     assert train["image_id"].to_pylist() == [0, 1, 1]
@@ -181,7 +182,7 @@ def test_a_stage_killed_with_live_dataloader_workers_can_be_rerun_at_once(tmp_pa
 
 
 def test_evaluate_refuses_the_control_of_another_test_split() -> None:
-    from stages.evaluate import check_control
+    from stages.core.dml.evaluate import check_control
 
     labels = np.repeat(np.arange(5), 3)
     check_control({"pretrained/n_queries": 15, "pretrained/n_skipped_queries": 0, "pretrained/n_classes": 5}, labels)
@@ -211,7 +212,7 @@ def test_precomp_splits_of_different_widths_are_one_line(tmp_path: Path) -> None
     for stem in ("train", "testall"):
         (tmp_path / f"{stem}_caps.txt").write_text("a\nb\n")
     with pytest.raises(LangdmlError, match=r"train_ims\.npy: 4 channels, testall_ims\.npy: 6 channels"):
-        CAPTION_DATASETS.get("precomp")(CrossModalDataParams(name="precomp", root=str(tmp_path)))
+        CAPTION_DATASETS.get("precomp")(ImageTextDataParams(name="precomp", root=str(tmp_path)))
 
 
 @pytest.mark.parametrize(
@@ -220,26 +221,28 @@ def test_precomp_splits_of_different_widths_are_one_line(tmp_path: Path) -> None
 )
 def test_a_full_disk_or_read_only_folder_is_one_line(tmp_path, monkeypatch, code: int, cause: str) -> None:
     import stages.lock
-    from stages import xm_features
+    from stages import imagetext_features
 
     monkeypatch.chdir(tmp_path)
     Path("params.yaml").write_text(yaml.safe_dump({}))
     if code == errno.EROFS:  # the lock file itself cannot be written
 
         def read_only(stage: str):
-            raise OSError(code, os.strerror(code), "data/.xm-features.lock")
+            raise OSError(code, os.strerror(code), "data/.imagetext-features.lock")
 
         monkeypatch.setattr(stages.lock, "stage_lock", read_only)
     else:
 
         def full(params) -> None:
-            raise OSError(code, os.strerror(code), "data/crossmodal/.features.partial/image_tokens.npy")
+            raise OSError(code, os.strerror(code), "data/imagetext/.features.partial/image_tokens.npy")
 
-        monkeypatch.setattr(xm_features, "run", full)
-    result = CliRunner().invoke(app, ["xm-features"])
+        monkeypatch.setattr(imagetext_features, "run", full)
+    result = CliRunner().invoke(app, ["imagetext-features"])
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("langdml xm-features: error: cannot write or lock data/"), lines
+    assert len(lines) == 1 and lines[0].startswith("langdml imagetext-features: error: cannot write or lock data/"), (
+        lines
+    )
     assert cause in lines[0]
 
 
@@ -268,7 +271,7 @@ def test_a_non_utf8_byte_is_one_line_naming_the_file_and_line(tmp_path: Path) ->
 def test_precomp_caption_counts_are_logged_and_non_finite_features_are_one_line(tmp_path: Path, caplog) -> None:
     import pyarrow as pa
 
-    from stages.xm_features import precomputed_tokens
+    from stages.core.imagetext.features import precomputed_tokens
 
     caplog.set_level(logging.INFO)
     features = np.zeros((2, 3, 4), np.float32)
@@ -277,7 +280,7 @@ def test_precomp_caption_counts_are_logged_and_non_finite_features_are_one_line(
     np.save(tmp_path / "testall_ims.npy", features)
     (tmp_path / "train_caps.txt").write_text("a\nb\nc\nd\n")  # 2 per image
     (tmp_path / "testall_caps.txt").write_text("".join(f"{i}\n" for i in range(10)))  # 5 per image
-    out = CAPTION_DATASETS.get("precomp")(CrossModalDataParams(name="precomp", root=str(tmp_path)))
+    out = CAPTION_DATASETS.get("precomp")(ImageTextDataParams(name="precomp", root=str(tmp_path)))
     assert any(
         "captions per image differ between splits: {'train': 2, 'test': 5}" in r.getMessage() for r in caplog.records
     )
@@ -303,7 +306,7 @@ def test_classes_smaller_than_samples_per_class_are_one_log_line(caplog) -> None
 def test_a_newline_in_a_class_name_stays_inside_its_markdown_row() -> None:
     import pyarrow as pa
 
-    from stages.pseudo_labels import markdown_report
+    from stages.core.language.plg import markdown_report
 
     table = pa.table({"class_id": [0], "rank": [0], "imagenet_name": ["tabby\ncat"], "score": [0.5]})
     report = markdown_report(table, {0: "cat|\nkitten"}, 1, [], "probabilities")

@@ -10,8 +10,8 @@ import torch
 from fixtures_training import CLASS_NAMES, TinyImages, tiny_params, train_paths, write_class_embeddings
 
 from stages.core.data.train_images import DecodedImages
-from stages.core.training.dml import train_dml
-from stages.core.training.s2sd import S2SD, pooled_features, similarity_distillation
+from stages.core.dml.objective import train_dml
+from stages.core.dml.s2sd import S2SD, pooled_features, similarity_distillation
 
 
 def test_similarity_distillation_by_hand() -> None:

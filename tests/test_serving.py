@@ -10,14 +10,15 @@ import pyarrow as pa
 import pytest
 import torch
 from fixtures_datasets import tiny_jpeg
-from fixtures_training import frozen_text_info
+from fixtures_training import frozen_tower
 from typer.testing import CliRunner
 
 from stages.cli import app
 from stages.core.config import parse_params
 from stages.core.errors import LangdmlError
 from stages.core.evaluation.search import drop_self, nearest_neighbours
-from stages.core.model.encoder import WEIGHTS_NAME, build_model, save_model
+from stages.core.model.encoder import build_model, save_model
+from stages.core.model.saved import WEIGHTS_NAME
 from stages.core.serving.api import search_picture
 from stages.core.serving.index import GalleryIndex, model_fingerprint, write_index
 from stages.core.serving.queries import embed_images, image_files
@@ -113,7 +114,7 @@ def test_cli_search_prints_a_table_or_json_and_errors_in_one_line(tmp_path: Path
 
 def test_embed_writes_parquet_with_the_models_fingerprint_and_keeps_sets(tmp_path: Path) -> None:
     import langdml
-    from stages.core.io import embedding_matrix, read_parquet
+    from stages.core.tables import embedding_matrix, read_parquet
 
     model_dir, index_dir, _files = _setup(tmp_path, "dive")
     retriever = langdml.Retriever.load(model_dir, index_dir)
@@ -145,15 +146,15 @@ def test_onnx_export_equals_pytorch_with_a_dynamic_batch(tmp_path: Path, head: s
 
 
 def test_text_queries_rank_the_image_text_index_by_the_models_similarity(tmp_path: Path) -> None:
-    from stages.core.config import CrossModalModelParams
-    from stages.core.imagetext.model import WEIGHTS_NAME as XM_WEIGHTS
-    from stages.core.imagetext.model import CrossModalModel, save_crossmodal
+    from stages.core.config.imagetext import ImageTextModelParams
+    from stages.core.imagetext.model import ImageTextModel, save_imagetext
+    from stages.core.model.saved import WEIGHTS_NAME as IMAGETEXT_WEIGHTS
     from stages.core.serving.text import TextRetriever
 
     torch.manual_seed(0)
-    mp = CrossModalModelParams(embed_dim=16, slots=2, slot_depth=1, slot_heads=2)
-    model = CrossModalModel(8, frozen_text_info(384), mp)
-    save_crossmodal(model, tmp_path / "model")
+    mp = ImageTextModelParams(embed_dim=16, slots=2, slot_depth=1, slot_heads=2)
+    model = ImageTextModel(8, frozen_tower(384), mp)
+    save_imagetext(model, tmp_path / "model")
     images = torch.nn.functional.normalize(torch.randn(12, 2, 16), dim=-1).numpy()
     items = pa.table(
         {
@@ -163,7 +164,7 @@ def test_text_queries_rank_the_image_text_index_by_the_models_similarity(tmp_pat
             "class_name": [f"caption {i}" for i in range(12)],
         }
     )
-    fingerprint = model_fingerprint(tmp_path / "model" / XM_WEIGHTS)
+    fingerprint = model_fingerprint(tmp_path / "model" / IMAGETEXT_WEIGHTS)
     write_index(tmp_path / "index", images, items, fingerprint, model.similarity)
     retriever = TextRetriever.load(tmp_path / "model", tmp_path / "index")
     [(text, results)] = retriever.search_texts(["a sleepy cat"], k=5)
@@ -174,7 +175,7 @@ def test_text_queries_rank_the_image_text_index_by_the_models_similarity(tmp_pat
     assert (tmp_path / "text.png").stat().st_size > 1000
     with pytest.raises(LangdmlError, match="a text query is empty"):
         retriever.search_texts(["  "], k=3)
-    with pytest.raises(LangdmlError, match=r"run `langdml xm-index`"):
+    with pytest.raises(LangdmlError, match=r"run `langdml imagetext-index`"):
         TextRetriever.load(tmp_path / "model", tmp_path / "nowhere")
     with pytest.raises(LangdmlError, match="is an image-text model; load it with TextRetriever"):
         __import__("langdml").Retriever.load(tmp_path / "model", tmp_path / "index")

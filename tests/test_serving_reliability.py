@@ -202,7 +202,7 @@ def test_gallery_images_must_lie_inside_their_root(tmp_path: Path) -> None:
     table, _ = gallery_table(str(folder))
     assert table.num_rows == 1
     from stages.core.artifacts import MANIFEST_SCHEMA
-    from stages.core.io import write_parquet
+    from stages.core.tables import write_parquet
 
     root = tmp_path / "dataset"
     tiny_jpeg(root / "a.jpg")
@@ -263,7 +263,7 @@ def test_recipes_are_names_and_a_malformed_one_is_one_line(tmp_path: Path, monke
     ],
 )
 def test_word_vector_files_are_checked_when_read(tmp_path: Path, text: str, message: str) -> None:
-    from stages.core.imagetext.towers import word_vectors
+    from stages.core.imagetext.towers.bigru import word_vectors
 
     path = tmp_path / "vectors.txt"
     path.write_text(text, encoding="utf-8")
@@ -273,7 +273,7 @@ def test_word_vector_files_are_checked_when_read(tmp_path: Path, text: str, mess
 
 def test_a_word_with_spaces_keeps_the_last_numbers_as_its_row(tmp_path: Path) -> None:
     """glove.840B.300d has words with spaces (". . ."): the row is the last `width` fields, as torchtext reads it."""
-    from stages.core.imagetext.towers import word_vectors
+    from stages.core.imagetext.towers.bigru import word_vectors
 
     path = tmp_path / "vectors.txt"
     path.write_text("cat 1 2\n. . . 3 4\ndog 5 6\n")

@@ -17,7 +17,6 @@ from stages import paths
 from stages.core import hub
 from stages.core.config import parse_params
 from stages.core.errors import LangdmlError
-from stages.core.io import embedding_matrix, read_parquet, write_parquet
 from stages.core.language.encoders import (
     TEXT_ENCODERS,
     GloveEncoder,
@@ -30,6 +29,7 @@ from stages.core.language.encoders import (
 )
 from stages.core.language.prompts import average_templates, clean_class_name, embed_names, fill_template
 from stages.core.registry import RegistryError
+from stages.core.tables import embedding_matrix, read_parquet, write_parquet
 
 torch.set_num_threads(1)
 

@@ -8,31 +8,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures_training import frozen_text_info, tiny_bert
+from fixtures_training import frozen_tower, tiny_bert
 
-from stages.core.config import CrossModalModelParams
+from stages.core.config.imagetext import ImageTextModelParams
 from stages.core.errors import LangdmlError
-from stages.core.imagetext.model import CrossModalModel, embed_sets, load_crossmodal, save_crossmodal
-from stages.core.imagetext.objective import CrossModalData, CrossModalObjective
+from stages.core.imagetext.model import ImageTextModel, embed_sets, load_imagetext, save_imagetext
+from stages.core.imagetext.objective import ImageTextData, ImageTextObjective
 from stages.core.imagetext.tokens import ragged_token_sets
-from stages.core.imagetext.towers import (
-    END,
-    MASK,
-    SPECIALS,
-    START,
-    UNK,
-    augment_ids,
-    build_vocabulary,
-    drop_regions,
-    tower_kind,
-    word_ids,
-    word_vectors,
-)
+from stages.core.imagetext.towers import augment_ids, drop_regions, tower_kind
+from stages.core.imagetext.towers.bigru import END, MASK, SPECIALS, START, UNK, build_vocabulary, word_ids, word_vectors
 from stages.core.model.heads import DivEHead, SlotOptions, sine_positions
 
 CAPTIONS = ["A dog runs on the grass.", "Two dogs play", "a red car", "A car on the road"]
 TRAIN = np.array([True, True, True, False])
-MP = CrossModalModelParams(embed_dim=16, slots=2, slot_depth=1, slot_heads=2)
+MP = ImageTextModelParams(embed_dim=16, slots=2, slot_depth=1, slot_heads=2)
 
 
 def _bigru_cache(spec: str = "bigru:random:8"):
@@ -75,10 +64,9 @@ def test_the_bigru_tower_embeds_ids_ignoring_padding_and_starts_from_the_word_ve
     cache = _bigru_cache("bigru:glove:6B-50d")
     assert {len(s) for s in cache.sets} >= {5} and all(s.dtype == np.int32 for s in cache.sets)
     torch.manual_seed(0)
-    model = CrossModalModel(8, cache.info, MP).eval()
-    tower, _ = tower_kind(cache.info["tower"])
-    tower.initialise(model.text, cache.info, cache.arrays)
-    dog = cache.info["vocab"].index("dog")
+    model = ImageTextModel(8, cache.tower, MP).eval()
+    cache.tower.kind.initialise(model.text, cache.tower, cache.arrays)
+    dog = cache.tower.details["vocab"].index("dog")
     np.testing.assert_array_equal(model.text.embed.weight[dog].detach().numpy(), cache.arrays["word_vectors"][dog])
     sets = ragged_token_sets(cache.sets)
     ids, mask = sets.batch(np.arange(4), torch.device("cpu"))
@@ -97,18 +85,16 @@ def test_the_bigru_tower_embeds_ids_ignoring_padding_and_starts_from_the_word_ve
 
 def test_parameter_groups_put_the_word_embeddings_and_gru_at_the_text_scale() -> None:
     cache = _bigru_cache()
-    model = CrossModalModel(8, cache.info, MP)
-    data = CrossModalData(
+    model = ImageTextModel(8, cache.tower, MP)
+    data = ImageTextData(
         images=ragged_token_sets([np.ones((2, 8), np.float32)] * 4),
         image_ids=np.arange(4),
         captions=ragged_token_sets(cache.sets),
         caption_image_ids=np.arange(4),
-        text_info=cache.info,
+        tower=cache.tower,
     )
     scales = {"image": 0.1, "text": 1.0, "text_set": 0.1}
-    objective = CrossModalObjective(
-        model, data, margin=0.2, warmup_epochs=0, mmd=0.01, diversity=0.01, lr_scales=scales
-    )
+    objective = ImageTextObjective(model, data, margin=0.2, warmup_epochs=0, mmd=0.01, diversity=0.01, lr_scales=scales)
     groups = {g["name"]: {id(p) for p in g["params"]} for g in objective.param_groups()}
     assert id(model.text.embed.weight) in groups["text"] and id(model.text.rnn.weight_hh_l0) in groups["text"]
     assert id(model.text.head.queries) in groups["text_set"]
@@ -152,10 +138,10 @@ def test_an_hf_tower_fine_tunes_a_local_tiny_bert_and_reloads_without_the_hub(tm
     kind, arg = tower_kind(f"hf:{path}")
     cache = kind.cache(arg, ["a photo of a sparrow", "a truck"], np.array([True, True]), 32, "cpu")
     assert [len(s) for s in cache.sets] == [7, 4] and all(s[0] == 2 and s[-1] == 3 for s in cache.sets)  # [CLS] [SEP]
-    assert cache.info["mask_id"] == 4 and cache.info["vocab_size"] == 10
+    assert cache.tower.mask_id == 4 and cache.tower.vocab_size == 10
     torch.manual_seed(0)
-    model = CrossModalModel(8, cache.info, MP).eval()
-    kind.initialise(model.text, cache.info, cache.arrays)
+    model = ImageTextModel(8, cache.tower, MP).eval()
+    kind.initialise(model.text, cache.tower, cache.arrays)
     from transformers import AutoModel
 
     pretrained = AutoModel.from_pretrained(path).state_dict()
@@ -163,8 +149,8 @@ def test_an_hf_tower_fine_tunes_a_local_tiny_bert_and_reloads_without_the_hub(tm
         torch.testing.assert_close(value, pretrained[name])
     emb = embed_sets(model.text, ragged_token_sets(cache.sets), torch.device("cpu"))
     assert emb.shape == (2, 2, 16)
-    save_crossmodal(model, tmp_path / "model")
-    again = load_crossmodal(tmp_path / "model", torch.device("cpu"))  # built from the saved config
+    save_imagetext(model, tmp_path / "model")
+    again = load_imagetext(tmp_path / "model", torch.device("cpu"))  # built from the saved config
     np.testing.assert_allclose(
         embed_sets(again.text, ragged_token_sets(cache.sets), torch.device("cpu")), emb, atol=1e-6
     )
@@ -218,49 +204,49 @@ def test_sine_key_positions_follow_the_official_formula_per_caption_length() -> 
 
 
 def test_a_frozen_tower_is_the_set_head_over_cached_features() -> None:
-    model = CrossModalModel(8, frozen_text_info(6), MP)
+    model = ImageTextModel(8, frozen_tower(6), MP)
     assert isinstance(model.text.head, DivEHead) and model.text.set_module() == model.text.head.set_module()
 
 
 def test_a_bigru_run_with_dives_augmentation_learns_and_repeats_bit_for_bit(tmp_path: Path) -> None:
-    from stages.core.config import CrossModalTrainParams
-    from stages.core.imagetext.objective import CrossModalPaths, train_crossmodal
+    from stages.core.config.imagetext import ImageTextTrainParams
+    from stages.core.imagetext.objective import ImageTextPaths, train_imagetext
 
     words = ["dog", "cat", "car", "boat", "tree", "house"]
     captions = [f"a photo of a {words[i // 3]} number {i % 3}" for i in range(18)]  # 6 images x 3 captions
     cache = tower_kind("bigru:glove:6B-50d")[0].cache("glove:6B-50d", captions, np.ones(18, bool), 32, "cpu")
     rng = np.random.default_rng(0)
     base = rng.normal(size=(6, 8)).astype(np.float32)
-    data = CrossModalData(
+    data = ImageTextData(
         images=ragged_token_sets([base[i] + 0.1 * rng.normal(size=(5, 8)).astype(np.float32) for i in range(6)]),
         image_ids=np.arange(6),
         captions=ragged_token_sets(cache.sets),
         caption_image_ids=np.repeat(np.arange(6), 3),
-        text_info=cache.info,
+        tower=cache.tower,
         text_arrays=cache.arrays,
     )
-    mp = CrossModalModelParams(embed_dim=16, slots=2, slot_depth=1, slot_heads=2, dropout=0.1, text_positions=True)
-    tp = CrossModalTrainParams(epochs=8, batch_size=6, lr=3e-3, device="cpu", caption_drop=0.2, region_drop=0.2)
+    mp = ImageTextModelParams(embed_dim=16, slots=2, slot_depth=1, slot_heads=2, dropout=0.1, text_positions=True)
+    tp = ImageTextTrainParams(epochs=8, batch_size=6, lr=3e-3, device="cpu", caption_drop=0.2, region_drop=0.2)
     runs = []
     for name in ("a", "b"):
-        paths = CrossModalPaths(tmp_path / name, tmp_path / f"ckpt-{name}" / "last.pt", tmp_path / f"logs-{name}")
-        history = train_crossmodal(data, mp, tp, 0, paths, []).history
+        paths = ImageTextPaths(tmp_path / name, tmp_path / f"ckpt-{name}" / "last.pt", tmp_path / f"logs-{name}")
+        history = train_imagetext(data, mp, tp, 0, paths, []).history
         runs.append(((tmp_path / name / "model.safetensors").read_bytes(), [r["loss/triplet"] for r in history]))
     assert runs[0] == runs[1]  # seeded: augmentation and dropout draw the same in a rerun
     assert runs[0][1][-1] < runs[0][1][0]
 
 
 def test_bad_text_tower_inputs_are_one_line(tmp_path: Path) -> None:
-    from stages.core.config import CrossModalFeatureParams
+    from stages.core.config.imagetext import ImageTextFeatureParams
     from stages.core.imagetext.tokens import load_tower_cache
 
     with pytest.raises(ValueError, match="unknown text tower 'bert'; known: bigru, frozen, hf"):
-        CrossModalFeatureParams(text_tower="bert:base")
+        ImageTextFeatureParams(text_tower="bert:base")
     with pytest.raises(ValueError, match="must look like 'family:argument'"):
-        CrossModalFeatureParams(text_tower="bigru")
+        ImageTextFeatureParams(text_tower="bigru")
     with pytest.raises(LangdmlError, match="the width must be a positive integer"):
         word_vectors("random:abc", ["a"])
-    with pytest.raises(LangdmlError, match=r"lacks text_tower\.json; re-run `langdml xm-features`"):
+    with pytest.raises(LangdmlError, match=r"lacks text_tower\.json; re-run `langdml imagetext-features`"):
         load_tower_cache(tmp_path)
     (tmp_path / "text_tower.json").write_text("{not json")
     with pytest.raises(LangdmlError, match="unreadable"):

@@ -31,11 +31,12 @@ from torchvision import transforms as T
 
 from stages.core.data.sampling import ClassBalancedBatchSampler, SeededSamples
 from stages.core.data.train_images import DecodedImages
+from stages.core.dml import objective as dml
+from stages.core.dml.losses import DMLLoss
+from stages.core.dml.objective import train_dml
 from stages.core.errors import LangdmlError
 from stages.core.model.encoder import load_model
-from stages.core.training import checkpoint, dml, fit
-from stages.core.training.dml import train_dml
-from stages.core.training.losses import DMLLoss
+from stages.core.training import checkpoint, fit
 
 torch.set_num_threads(1)
 TESTS = Path(__file__).parent
@@ -207,7 +208,7 @@ def test_train_stage_on_a_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     from stages import paths
     from stages.cli import app
     from stages.core.artifacts import MANIFEST_SCHEMA
-    from stages.core.io import write_parquet
+    from stages.core.tables import write_parquet
 
     monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(0)
@@ -250,7 +251,7 @@ SCRIPT = textwrap.dedent(
     torch.set_num_threads(1)
     from pathlib import Path
     from fixtures_training import CLASS_NAMES, TinyImages, tiny_params, train_paths, write_class_embeddings
-    from stages.core.training import dml
+    from stages.core.dml import objective as dml
     from stages.core.data.train_images import DecodedImages
 
     root, kill_at, workers = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
@@ -340,9 +341,9 @@ def test_step_meter_and_logs_follow_whatever_terms_the_objective_returns(tmp_pat
             terms = super().forward(images, labels)
             return {**terms, "extra": terms["dml"].detach() * 0 + self.extra_value}
 
+    from stages.core.dml.losses import build_dml_loss
     from stages.core.model.encoder import build_model
     from stages.core.model.similarity import COSINE
-    from stages.core.training.losses import build_dml_loss
 
     config = tiny_params()
     model = build_model(config.model)
@@ -432,6 +433,9 @@ class _ToyObjective(torch.nn.Module):
     def set_epoch(self, epoch: int) -> None:
         self.epochs_seen.append(epoch)
 
+    def distribute(self, ctx) -> None:
+        raise AssertionError("one process: the loop never distributes")
+
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"mse": torch.nn.functional.mse_loss(self.layer(x), y)}
 
@@ -449,27 +453,22 @@ class _ToyBatches:
 
 
 def _toy_fit(root: Path, epochs: int, evaluate=None, every: int = 0, schedule: str = "cosine_step"):
-    from stages.core.training.optim import ScheduleSpec, build_optimizer, build_schedule
+    from stages.core.training.optim import ScheduleSpec
 
     run = fit.start_run("cpu", 0)
     objective = _ToyObjective()
-    optimizer = build_optimizer("adamw", objective.param_groups(), 0.1, 0.0)
     batches = _ToyBatches()
-    sched = build_schedule(schedule, optimizer, ScheduleSpec(epochs, len(batches)))
     exported: list[int] = []
-    result = fit.fit(
-        run,
-        objective,
-        batches,
-        optimizer,
-        sched,
+    spec = fit.FitSpec(
         fit.LoopOptions(epochs=epochs, batch_size=4, clip=0.5, evaluate_every=every),
+        fit.OptimSpec("adamw", 0.1, 0.0, schedule, ScheduleSpec(epochs, len(batches))),
         fit.CheckpointSpec(root / "ckpt" / "last.pt", {"params": {"toy": 1}}),
         root / "logs",
         lambda: exported.append(1),
         evaluate=evaluate,
     )
-    return result, objective, optimizer, exported
+    result = fit.fit(run, objective, batches, spec)
+    return result, objective, result.optimizer, exported
 
 
 def test_one_loop_runs_any_objective_with_its_schedule_hook_and_evaluation(tmp_path: Path) -> None:

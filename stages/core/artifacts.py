@@ -9,8 +9,6 @@ foreign or outdated file is one line naming the stage that rebuilds it.
 from __future__ import annotations
 
 import os
-from collections import Counter
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from stages.core.errors import LangdmlError
-from stages.core.io import embedding_array, embedding_type, read_parquet, write_parquet
+from stages.core.tables import embedding_array, embedding_type, read_parquet, write_parquet
 
 PathLike = str | os.PathLike[str]
 
@@ -95,19 +93,6 @@ def load_manifest(path: PathLike) -> tuple[pa.Table, Path]:
         what = f"column(s) {', '.join(missing)}" if missing else "'root' metadata"
         raise LangdmlError(f"{path}: not a langdml manifest (no {what}); re-run `langdml prepare`")
     return table, Path(meta["root"])
-
-
-def first_per_class(labels: Sequence[int], cap: int | None) -> list[int]:
-    """Manifest rows kept by a per-class cap: the first ``cap`` of each label, in order (seed-free)."""
-    if cap is None:
-        return list(range(len(labels)))
-    seen: Counter[int] = Counter()
-    keep = []
-    for i, y in enumerate(labels):
-        if seen[y] < cap:
-            seen[y] += 1
-            keep.append(i)
-    return keep
 
 
 def manifest_class_names(table: pa.Table) -> dict[int, str]:

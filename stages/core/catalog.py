@@ -7,6 +7,7 @@ def registries() -> dict[str, list[str]]:
     """Names registered in each family (imports the modules that fill the registries)."""
     from stages.core.data.datasets.captions import CAPTION_DATASETS
     from stages.core.data.datasets.registry import DATASETS
+    from stages.core.dml.losses import DML_LOSSES
     from stages.core.evaluation.search import SEARCHERS
     from stages.core.imagetext.model import SET_HEADS
     from stages.core.imagetext.towers import TEXT_TOWERS
@@ -16,7 +17,6 @@ def registries() -> dict[str, list[str]]:
     from stages.core.model.backbones import BACKBONES
     from stages.core.model.heads import HEADS
     from stages.core.model.similarity import SIMILARITIES
-    from stages.core.training.losses import DML_LOSSES
     from stages.core.training.optim import OPTIMIZERS, SCHEDULERS
 
     return {
@@ -31,7 +31,7 @@ def registries() -> dict[str, list[str]]:
         "schedulers (train.scheduler)": SCHEDULERS.names(),
         "similarities (language matching)": SIMILARITIES.names(),
         "retrieval similarities (evaluation)": SEARCHERS.names(),
-        "caption datasets (crossmodal.data.name)": CAPTION_DATASETS.names(),
-        "set heads (crossmodal.model.head)": SET_HEADS.names(),
-        "text towers (crossmodal.features.text_tower, family:argument)": TEXT_TOWERS.names(),
+        "caption datasets (imagetext.data.name)": CAPTION_DATASETS.names(),
+        "set heads (imagetext.model.head)": SET_HEADS.names(),
+        "text towers (imagetext.features.text_tower, family:argument)": TEXT_TOWERS.names(),
     }

@@ -1,14 +1,17 @@
 """A tiny name -> factory registry, the way timm's ``create_model`` finds models.
 
 Every pluggable family (dataset adapters, text encoders, backbones, ImageNet classifiers, DML losses,
-similarities, language guidances, optimisers, schedulers) is one ``Registry``; code looks things up by
-name instead of branching on strings, and an unknown name fails with the list of known ones. A registry
-is filled where its entries are defined (decorators) or, where those live in several modules, by one
-module that imports them all (``data/datasets/registry.py``): never by lazy imports that run in a circle.
+similarities, text towers, language guidances, optimisers, schedulers) is one ``Registry``; code looks
+things up by name instead of branching on strings, and an unknown name fails with the list of known ones.
+Entries register themselves where they are defined (decorators). A family with an entry per module
+names its package (``discover``): the first lookup imports every module of that package, so a new entry
+is one new module there and no edit anywhere else (and DVC sees it: stage deps are package folders).
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -38,9 +41,22 @@ def parse_spec(spec: str, *, kind: str = "spec", require_arg: bool = False) -> t
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, discover: str | None = None) -> None:
+        """``discover``: the package whose modules define the entries (imported on the first lookup)."""
         self.kind = kind
+        self.discover = discover
         self._items: dict[str, T] = {}
+        self._searched: set[str] = set()
+
+    def _discover(self) -> None:
+        """Import the package's modules not imported yet (a module added since is found on the next miss)."""
+        if self.discover is None:
+            return
+        package = importlib.import_module(self.discover)
+        for info in pkgutil.iter_modules(package.__path__, f"{self.discover}."):
+            if info.name not in self._searched:
+                self._searched.add(info.name)
+                importlib.import_module(info.name)
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator: ``@REG.register("name")`` adds a factory under ``name``."""
@@ -54,15 +70,20 @@ class Registry(Generic[T]):
         return add
 
     def get(self, name: str) -> T:
+        if name not in self._items:
+            self._discover()
         try:
             return self._items[name]
         except KeyError:
             raise RegistryError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}") from None
 
     def names(self) -> list[str]:
+        self._discover()
         return sorted(self._items)
 
     def __contains__(self, name: object) -> bool:
+        if name not in self._items:
+            self._discover()
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:

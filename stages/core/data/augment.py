@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stages.core.config import AugmentParams, eval_resize
+from stages.core.config import AugmentParams
+from stages.core.data.transforms import eval_resize
 
 RATIO = (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop default
 GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights

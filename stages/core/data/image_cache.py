@@ -29,13 +29,23 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from stages.core.config import ImageCacheParams
+from stages.core.data.transforms import eval_resize
 from stages.core.errors import LangdmlError
-from stages.core.io import read_parquet, replace_directory, write_json, write_parquet
+from stages.core.io import replace_directory, write_json
+from stages.core.tables import read_parquet, write_parquet
 
 log = logging.getLogger(__name__)
 
 IMAGES = "images.npy"
 INDEX = "index.parquet"
+
+
+def cache_side(params: ImageCacheParams, image_size: int) -> int:
+    """The stored square's side: ``train.image_cache.side``, or the evaluation resize of ``image_size``."""
+    return params.side if params.side is not None else eval_resize(image_size)
+
+
 SUMMARY = "cache.json"
 STAGE = "cache-images"
 INDEX_SCHEMA = pa.schema(

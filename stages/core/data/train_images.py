@@ -1,6 +1,6 @@
 """Where training images come from: decoded from files every epoch, or read from the decoded-image cache.
 
-Both give :func:`stages.core.training.dml.fit` a :class:`TrainData`: a Dataset the class-balanced batch
+Both give :func:`stages.core.dml.objective.fit` a :class:`TrainData`: a Dataset the class-balanced batch
 sampler indexes with ``(index, augmentation seed)`` items, and a function that turns a loader batch
 into the model's input on the device. ``DecodedImages`` decodes and augments per item in DataLoader
 workers (PIL + torchvision; any dataset size). ``CachedImages`` gathers uint8 rows of the memory-mapped

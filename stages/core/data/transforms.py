@@ -8,7 +8,12 @@ from typing import Any
 
 import torch
 
-from stages.core.config import AugmentParams, eval_resize
+from stages.core.config import AugmentParams
+
+
+def eval_resize(image_size: int) -> int:
+    """The short side an ``image_size`` crop is taken from at evaluation (256 for 224, as the paper)."""
+    return round(image_size * 256 / 224)
 
 
 def train_transform(

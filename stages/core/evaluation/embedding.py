@@ -1,4 +1,5 @@
-"""Run an embedding function over a dataset: the one inference loop both evaluation stages share."""
+"""Run an embedding function over a dataset: the one inference loop of the evaluation stages and of the
+image-text features stage."""
 
 from __future__ import annotations
 
@@ -25,13 +26,17 @@ def embed_dataset(
     batch_size: int,
     num_workers: int,
     device: torch.device | str,
+    normalize: bool = True,
+    dtype: Any = np.float32,
 ) -> np.ndarray:
     """``fn`` (a model, or its ``pooled``) over ``dataset`` in order: float32, L2-normalised along the
     last axis; N x D for one vector per image, N x K x D for a set of K (never flattened).
 
     When ``fn`` is an ``nn.Module`` or one's bound method, the module is moved to ``device`` and put in
     eval mode for the loop (batch-norm statistics and dropout must not change what an image maps to),
-    then given back its previous mode. bf16 autocast on CUDA; full precision on the CPU.
+    then given back its previous mode. bf16 autocast on CUDA; full precision on the CPU. ``normalize``
+    False keeps the raw outputs (feature maps as tokens); ``dtype``: each batch's rows are stored so (float16
+    halves a feature cache, batch by batch, never holding a float32 copy of the whole).
     """
     import torch
     from torch import nn
@@ -64,11 +69,12 @@ def embed_dataset(
                     raise LangdmlError(
                         f"the model gives outputs of shape {tuple(out.shape)}; expected B x D or B x K x D (a set)"
                     )
-                chunks.append(F.normalize(out, dim=-1).cpu().numpy())
+                rows = F.normalize(out, dim=-1) if normalize else out
+                chunks.append(rows.cpu().numpy().astype(dtype, copy=False))
     finally:
         if module is not None:
             module.train(was_training)
-    emb = np.concatenate(chunks).astype(np.float32, copy=False)
+    emb = np.concatenate(chunks)
     shape = " x ".join(str(d) for d in emb.shape[1:])
-    log.info("embedded %d images into %s dimensions", emb.shape[0], shape)
+    log.info("embedded %d images into %s %s", emb.shape[0], shape, "dimensions" if normalize else "(raw outputs)")
     return emb

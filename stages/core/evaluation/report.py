@@ -253,13 +253,12 @@ def similarity_figure(
     """Language vs learned image similarity of the test classes (a seeded sample of
     :data:`MAX_SIMILARITY_CLASSES` when there are more).
 
-    ``language`` is (class ids, C x D class embeddings, class names) of the ELG cache. Returns why
-    the picture was not drawn, or None when it was.
+    ``emb``: one unit vector per image (a set's: ``SimilaritySpec.single_vectors``); ``language`` is (class
+    ids, C x D class embeddings, class names) of the ELG cache. Returns why the picture was not drawn, or
+    None when it was.
     """
     from stages.core.evaluation.metrics import class_centroids, cosine_similarity_matrix
-    from stages.core.vectors import l2_normalize
 
-    emb = emb if emb.ndim == 2 else l2_normalize(emb.mean(axis=1))  # a set: its normalised slot mean
     classes = np.unique(labels)
     if len(classes) > MAX_SIMILARITY_CLASSES:
         pick = np.random.default_rng(seed).choice(len(classes), MAX_SIMILARITY_CLASSES, replace=False)
@@ -318,7 +317,7 @@ def plot_slots(
     return _save(fig, path)
 
 
-def plot_crossmodal(
+def plot_imagetext(
     image_rows: Sequence[tuple[np.ndarray, Sequence[str], Sequence[bool]]],
     caption_rows: Sequence[tuple[str, Sequence[np.ndarray], Sequence[bool]]],
     path: str | os.PathLike[str],

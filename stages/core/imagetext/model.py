@@ -11,7 +11,6 @@ baseline) turns each into unit vectors; the head's :class:`SimilaritySpec` says 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,17 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.core.config import CrossModalModelParams
-from stages.core.errors import LangdmlError
+from stages.core.config.imagetext import ImageTextModelParams
 from stages.core.imagetext.tokens import TokenSets
-from stages.core.imagetext.towers import tower_kind
-from stages.core.io import atomic_path, write_json
+from stages.core.imagetext.towers import TextTower
+from stages.core.model import saved
 from stages.core.model.heads import DivEHead, SlotOptions, masked_pool
 from stages.core.model.similarity import COSINE
 from stages.core.registry import Registry
-
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 
 
 class MaxPoolHead(nn.Module):
@@ -63,12 +58,12 @@ class MaxPoolHead(nn.Module):
         return {"embeddings": F.normalize(pooled.float(), dim=-1), "residual": pooled.float()}
 
 
-SetHeadFactory = Callable[[int, CrossModalModelParams, SlotOptions], nn.Module]
+SetHeadFactory = Callable[[int, ImageTextModelParams, SlotOptions], nn.Module]
 SET_HEADS: Registry[SetHeadFactory] = Registry("set head")
 
 
 @SET_HEADS.register("dive")
-def _dive(channels: int, mp: CrossModalModelParams, options: SlotOptions) -> nn.Module:
+def _dive(channels: int, mp: ImageTextModelParams, options: SlotOptions) -> nn.Module:
     return DivEHead(
         channels,
         mp.embed_dim,
@@ -81,11 +76,11 @@ def _dive(channels: int, mp: CrossModalModelParams, options: SlotOptions) -> nn.
 
 
 @SET_HEADS.register("maxpool")
-def _maxpool(channels: int, mp: CrossModalModelParams, options: SlotOptions) -> nn.Module:
+def _maxpool(channels: int, mp: ImageTextModelParams, options: SlotOptions) -> nn.Module:
     return MaxPoolHead(channels, mp.embed_dim)
 
 
-def slot_options(mp: CrossModalModelParams, modality: str, project: bool = True) -> SlotOptions:
+def slot_options(mp: ImageTextModelParams, modality: str, project: bool = True) -> SlotOptions:
     """The set module's options for one modality: the image head has DivE's projection details
     (``img_1x1_dropout``, the MLP's BatchNorm, the global pooling), the text head its key positions."""
     image = modality == "image"
@@ -100,14 +95,14 @@ def slot_options(mp: CrossModalModelParams, modality: str, project: bool = True)
     )
 
 
-class CrossModalModel(nn.Module):
+class ImageTextModel(nn.Module):
     """An image set head over cached image tokens and a text tower (:mod:`stages.core.imagetext.towers`)
-    over what the features stage cached for the captions (``text_info``)."""
+    over what the features stage cached for the captions (its :class:`TextTower`)."""
 
-    def __init__(self, image_channels: int, text_info: dict[str, Any], mp: CrossModalModelParams) -> None:
+    def __init__(self, image_channels: int, tower: TextTower, mp: ImageTextModelParams) -> None:
         super().__init__()
         self.params = mp
-        self.text_info = text_info
+        self.tower = tower
         head = SET_HEADS.get(mp.head)
         self.image = head(image_channels, mp, slot_options(mp, "image"))
         self.image_channels = image_channels
@@ -115,8 +110,7 @@ class CrossModalModel(nn.Module):
         def text_head(channels: int, project: bool = True) -> nn.Module:
             return head(channels, mp, slot_options(mp, "text", project))
 
-        kind, _ = tower_kind(text_info["tower"])
-        self.text = kind.build(text_info, text_head, mp.embed_dim, mp.dropout)
+        self.text = tower.kind.build(tower, text_head, mp.embed_dim, mp.dropout)
         self.similarity = self.image.similarity
 
     def score(self, images: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
@@ -135,36 +129,15 @@ def embed_sets(head: nn.Module, sets: TokenSets, device: torch.device, batch_siz
     return np.concatenate(out)
 
 
-def save_crossmodal(model: CrossModalModel, directory: Path) -> None:
-    """Weights as safetensors and the head config as JSON, each written atomically."""
-    from safetensors.torch import save_file
-
-    directory.mkdir(parents=True, exist_ok=True)
-    with atomic_path(directory / WEIGHTS_NAME) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    config = {"model": model.params.model_dump(), "image_channels": model.image_channels, "text": model.text_info}
-    write_json(directory / CONFIG_NAME, config)
+def save_imagetext(model: ImageTextModel, directory: Path) -> None:
+    """The trained model in the one model format (:mod:`stages.core.model.saved`)."""
+    config = {"model": model.params.model_dump(), "image_channels": model.image_channels}
+    saved.save(model, directory, "imagetext", {**config, "text": model.tower.to_json()})
 
 
-def load_crossmodal(directory: Path, device: torch.device) -> CrossModalModel:
-    from safetensors.torch import load_file
+def load_imagetext(directory: Path, device: torch.device) -> ImageTextModel:
+    def build(config: dict[str, Any]) -> nn.Module:
+        tower = TextTower.from_json(config["text"])
+        return ImageTextModel(config["image_channels"], tower, ImageTextModelParams(**config["model"]))
 
-    cfg_path, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    if not cfg_path.is_file() or not weights.is_file():
-        raise LangdmlError(f"no cross-modal model in {directory}; run `langdml xm-train`")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except ValueError as err:  # not JSON, or not UTF-8
-        raise LangdmlError(f"{cfg_path} is unreadable ({err}); re-run `langdml xm-train`") from None
-    if "image_channels" not in cfg and "embed_dim" in cfg:  # the DML model's config: it has no text tower
-        raise LangdmlError(
-            f"{directory} is an image-only model: text queries need the image-text model (`langdml xm-train`)"
-        )
-    try:
-        model = CrossModalModel(cfg["image_channels"], cfg["text"], CrossModalModelParams(**cfg["model"]))
-        model.load_state_dict(load_file(str(weights)))
-    except Exception as err:  # a damaged file of either kind: one line naming the fix
-        raise LangdmlError(
-            f"{directory}: unreadable cross-modal model ({str(err).splitlines()[0]}); re-run `langdml xm-train`"
-        ) from None
-    return model.to(device).eval()
+    return saved.load(directory, "imagetext", build, device)[0]  # type: ignore[return-value]

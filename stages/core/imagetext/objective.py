@@ -13,28 +13,28 @@ import numpy as np
 import torch
 from torch import nn
 
-from stages.core.config import CrossModalModelParams, CrossModalTrainParams
+from stages.core.config.imagetext import ImageTextModelParams, ImageTextTrainParams
 from stages.core.errors import LangdmlError
-from stages.core.imagetext.model import CrossModalModel, save_crossmodal
+from stages.core.imagetext.model import ImageTextModel, save_imagetext
 from stages.core.imagetext.tokens import TokenSets
-from stages.core.imagetext.towers import augment_ids, drop_regions, tower_kind
+from stages.core.imagetext.towers import TextTower, augment_ids, drop_regions
+from stages.core.model.set_losses import hardest_negative_triplet, mmd_exp_kernel, slot_diversity
 from stages.core.training import checkpoint as ckpt
 from stages.core.training import distributed
-from stages.core.training.fit import CheckpointSpec, LoopOptions, TrainResult, fit, start_run
-from stages.core.training.optim import ScheduleSpec, build_optimizer, build_schedule
-from stages.core.training.set_losses import hardest_negative_triplet, mmd_exp_kernel, slot_diversity
+from stages.core.training.fit import CheckpointSpec, FitSpec, LoopOptions, OptimSpec, TrainResult, fit, start_run
+from stages.core.training.optim import ScheduleSpec
 
 
 @dataclass
-class CrossModalData:
+class ImageTextData:
     """Training inputs: image files' and captions' token sets, which image id each row shows, and what the
-    features stage cached for the text tower (``text_tower.json`` and its arrays)."""
+    features stage cached for the text tower (its description, ``text_tower.json``, and its arrays)."""
 
     images: TokenSets
     image_ids: np.ndarray  # per image file (several files may show one image id)
     captions: TokenSets
     caption_image_ids: np.ndarray
-    text_info: dict[str, Any]
+    tower: TextTower
     text_arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
 
@@ -60,7 +60,9 @@ class ImageBatches:
         min_size: int = 2,
     ) -> None:
         if set(caption_image_ids.tolist()) - set(image_ids.tolist()):
-            raise LangdmlError("some training captions show an image with no image file; re-run `langdml xm-prepare`")
+            raise LangdmlError(
+                "some training captions show an image with no image file; re-run `langdml imagetext-prepare`"
+            )
         self.views = _views(image_ids)
         self.captions = _views(caption_image_ids)
         self.ids = np.array(sorted(set(self.views) & set(self.captions)), dtype=np.int64)
@@ -83,7 +85,7 @@ class ImageBatches:
             yield files, np.concatenate([self.captions[int(i)] for i in chosen]), (self.seed, epoch, step)
 
 
-class CrossModalObjective(nn.Module):
+class ImageTextObjective(nn.Module):
     """Both set heads and DivE's terms. ``forward(images, captions, image_ids, caption_image_ids)`` returns
     the unweighted terms: the heads embed this process's rows; under DDP their outputs are gathered into
     the global batch (:func:`distributed.gather_rows`), whose ``*_ids`` say which image each row shows, so
@@ -92,8 +94,8 @@ class CrossModalObjective(nn.Module):
 
     def __init__(
         self,
-        model: CrossModalModel,
-        data: CrossModalData,
+        model: ImageTextModel,
+        data: ImageTextData,
         *,
         margin: float,
         warmup_epochs: int,
@@ -146,13 +148,13 @@ class CrossModalObjective(nn.Module):
         imgs, caps, key = batch
         world, rank = self.ctx.world, self.ctx.rank  # each rank embeds its contiguous share of both
         rng = np.random.default_rng([*key, rank])
-        info = self.data.text_info
+        tower = self.data.tower
 
         def regions(x: np.ndarray) -> np.ndarray:
             return drop_regions(x, self.region_drop, rng)
 
         def words(x: np.ndarray) -> np.ndarray:
-            return augment_ids(x, self.caption_drop, info["vocab_size"], info["mask_id"], rng)
+            return augment_ids(x, self.caption_drop, tower.vocab_size, tower.mask_id, rng)
 
         ids = self.data.captions.channels == 0
         return (
@@ -190,44 +192,40 @@ class CrossModalObjective(nn.Module):
 
 
 @dataclass(frozen=True)
-class CrossModalPaths:
+class ImageTextPaths:
     model: Path
     checkpoint: Path
     logs: Path
 
 
-# crossmodal.train params that never change the weights: out of the fingerprint.
-NEUTRAL_TRAIN_KEYS = frozenset({"device", "nproc"})
-
-
-def fingerprint_params(seed: int, mp: CrossModalModelParams, tp: CrossModalTrainParams) -> dict[str, Any]:
-    """The params (by their dvc.yaml names) that decide the weights of the image-text model."""
+def fingerprint_params(seed: int, mp: ImageTextModelParams, tp: ImageTextTrainParams) -> dict[str, Any]:
+    """The params (by their dvc.yaml names) that decide the weights of the image-text model
+    (:func:`ckpt.train_section_fingerprint`, the rule of both tasks)."""
     return {
         "seed": seed,
-        "crossmodal.model": mp.model_dump(),
-        "crossmodal.train": tp.model_dump(exclude=set(NEUTRAL_TRAIN_KEYS)),
+        "imagetext.model": mp.model_dump(),
+        "imagetext.train": ckpt.train_section_fingerprint(tp),
     }
 
 
-def train_crossmodal(
-    data: CrossModalData,
-    mp: CrossModalModelParams,
-    tp: CrossModalTrainParams,
+def train_imagetext(
+    data: ImageTextData,
+    mp: ImageTextModelParams,
+    tp: ImageTextTrainParams,
     seed: int,
-    paths: CrossModalPaths,
+    paths: ImageTextPaths,
     input_files: list[Path],
 ) -> TrainResult:
     """Train both set heads through the shared loop (checkpoint every epoch, resume, export).
 
-    Under torchrun (``crossmodal.train.nproc``) every process draws the same global batches and embeds its
+    Under torchrun (``imagetext.train.nproc``) every process draws the same global batches and embeds its
     contiguous share; the terms are computed on the gathered global batch, so a run depends on the global
     batch size, not on the process count."""
     run = start_run(tp.device, seed)
     batches = ImageBatches(data.caption_image_ids, data.image_ids, tp.batch_size, seed, max(2, run.ctx.world))
-    model = CrossModalModel(data.images.channels, data.text_info, mp)
-    tower, _ = tower_kind(data.text_info["tower"])
-    tower.initialise(model.text, data.text_info, data.text_arrays)
-    objective = CrossModalObjective(
+    model = ImageTextModel(data.images.channels, data.tower, mp)
+    data.tower.kind.initialise(model.text, data.tower, data.text_arrays)
+    objective = ImageTextObjective(
         model,
         data,
         margin=tp.margin,
@@ -239,18 +237,13 @@ def train_crossmodal(
         caption_drop=tp.caption_drop,
         region_drop=tp.region_drop,
     ).to(run.device)
-    optimizer = build_optimizer(tp.optimizer, objective.param_groups(), tp.lr, tp.weight_decay)
-    schedule = build_schedule(tp.scheduler, optimizer, ScheduleSpec(tp.epochs, len(batches)))
     config = ckpt.fingerprint_config(fingerprint_params(seed, mp, tp), run.device.type, input_files)
-    return fit(
-        run,
-        objective,
-        batches,
-        optimizer,
-        schedule,
-        LoopOptions(epochs=tp.epochs, batch_size=tp.batch_size, amp=tp.amp, clip=tp.clip, params="crossmodal.train"),
+    spec = FitSpec(
+        LoopOptions(epochs=tp.epochs, batch_size=tp.batch_size, amp=tp.amp, clip=tp.clip, params="imagetext.train"),
+        OptimSpec(tp.optimizer, tp.lr, tp.weight_decay, tp.scheduler, ScheduleSpec(tp.epochs, len(batches))),
         CheckpointSpec(paths.checkpoint, config),
         paths.logs,
-        lambda: save_crossmodal(model, paths.model),
+        lambda: save_imagetext(model, paths.model),
         outputs=[paths.model],
     )
+    return fit(run, objective, batches, spec)

@@ -3,7 +3,7 @@
 A set holds either feature vectors (T x C float16: image tokens, a frozen text encoder's token features) or
 token ids (T int32: the captions of a trainable text tower, which embeds them itself).
 
-Written by ``xm_features`` and read by the image-text training and evaluation: this module imports no
+Written by ``imagetext_features`` and read by the image-text training and evaluation: this module imports no
 model or loss, so the frozen feature stage depends on nothing that training changes.
 """
 
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from stages.core.errors import LangdmlError
+from stages.core.imagetext.towers import TextTower
 from stages.core.io import load_npy, save_npy
 
 TOWER_INFO = "text_tower.json"  # what building the text tower needs (written beside the caption tokens)
@@ -91,29 +92,32 @@ def save_token_sets(directory: Path, name: str, sets: TokenSets) -> None:
 
 def load_token_sets(directory: Path, name: str) -> TokenSets:
     """``<name>_tokens.npy`` memory-mapped and ``<name>_offsets.npy`` from the features folder."""
-    hint = "run `langdml xm-features` (or `dvc repro`)"
+    hint = "run `langdml imagetext-features` (or `dvc repro`)"
     if not all((directory / f"{name}_{part}.npy").is_file() for part in ("tokens", "offsets")):
         raise LangdmlError(f"{directory} lacks the {name} features; {hint}")
     tokens = load_npy(directory / f"{name}_tokens.npy", hint, mmap_mode="r")
     offsets = load_npy(directory / f"{name}_offsets.npy", hint)
     if tokens.ndim not in (1, 2) or offsets.ndim != 1 or len(offsets) < 2 or offsets[-1] != len(tokens):
-        raise LangdmlError(f"{directory}: {name} features are inconsistent; re-run `langdml xm-features`")
+        raise LangdmlError(f"{directory}: {name} features are inconsistent; re-run `langdml imagetext-features`")
     return TokenSets(tokens, offsets)
 
 
-def load_tower_cache(directory: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """The text tower's ``text_tower.json`` and its extra arrays (every ``.npy`` but the token sets)."""
+def load_tower_cache(directory: Path) -> tuple[TextTower, dict[str, np.ndarray]]:
+    """The text tower's description (``text_tower.json``) and its extra arrays (every ``.npy`` but the token sets)."""
     path = directory / TOWER_INFO
     if not path.is_file():
-        raise LangdmlError(f"{directory} lacks {TOWER_INFO}; re-run `langdml xm-features`")
+        raise LangdmlError(f"{directory} lacks {TOWER_INFO}; re-run `langdml imagetext-features`")
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as err:
-        raise LangdmlError(f"{path} is unreadable ({err}); re-run `langdml xm-features`") from None
-    hint = "re-run `langdml xm-features` (or `dvc repro`)"
+        raise LangdmlError(f"{path} is unreadable ({err}); re-run `langdml imagetext-features`") from None
+    hint = "re-run `langdml imagetext-features` (or `dvc repro`)"
     arrays = {
         p.stem: load_npy(p, hint)
         for p in sorted(directory.glob("*.npy"))
         if not p.stem.endswith(("_tokens", "_offsets"))
     }
-    return info, arrays
+    try:
+        return TextTower.from_json(info), arrays
+    except (KeyError, TypeError, ValueError) as err:
+        raise LangdmlError(f"{path} is incomplete ({err!r}); re-run `langdml imagetext-features`") from None

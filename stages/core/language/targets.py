@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 from stages.core.artifacts import check_provenance, read_class_embeddings, read_pseudolabels
 from stages.core.errors import LangdmlError
-from stages.core.io import embedding_matrix
 from stages.core.model.similarity import Similarity
 from stages.core.registry import Registry
+from stages.core.tables import embedding_matrix
 
 log = logging.getLogger(__name__)
 

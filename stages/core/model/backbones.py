@@ -1,4 +1,4 @@
-"""Backbones by name (``model.backbone``, ``crossmodal.features.backbone``): a module that maps images to a
+"""Backbones by name (``model.backbone``, ``imagetext.features.backbone``): a module that maps images to a
 feature map, with its channel count and input normalisation. The family is a :class:`Registry`, so a new
 architecture is one decorated factory; ``family:<arg>`` specs reach timm (``timm:resnet50.tv_in1k``).
 """

@@ -1,12 +1,10 @@
 """The image encoder: a registered backbone, a registered head, L2-normalised embeddings; save and load.
 
-``load_model`` rebuilds the architecture without pretrained weights and loads our own safetensors, so
-evaluation never needs a model hub.
+``save_model`` / ``load_model`` go through the one model format of both tasks (:mod:`stages.core.model.saved`).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +12,11 @@ import torch
 from torch import nn
 
 from stages.core.config import ModelParams
-from stages.core.errors import LangdmlError, first_line
-from stages.core.io import atomic_path, write_json
+from stages.core.errors import LangdmlError
+from stages.core.model import saved
 from stages.core.model.backbones import Backbone, create_backbone
 from stages.core.model.heads import HEADS, global_pool
 from stages.core.model.similarity import SimilaritySpec
-
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-CONFIG_FORMAT = 1
 
 
 class EmbeddingModel(nn.Module):
@@ -80,48 +74,16 @@ def build_model(model_params: ModelParams) -> EmbeddingModel:
 
 
 def save_model(model: EmbeddingModel, model_params: ModelParams, directory: str | Path) -> None:
-    """Weights (safetensors) and ``config.json`` (the ModelParams), each written atomically."""
-    from safetensors.torch import save_model as st_save
-
-    directory = Path(directory)
-    with atomic_path(directory / WEIGHTS_NAME) as tmp:
-        st_save(model, str(tmp))
-    write_json(
-        directory / CONFIG_NAME,
-        {
-            "format": CONFIG_FORMAT,
-            "model": model_params.model_dump(),
-            "embed_dim": model.embed_dim,
-            "channels": model.channels,
-            "mean": list(model.mean),
-            "std": list(model.std),
-        },
-    )
+    """The trained encoder in the one model format (:mod:`stages.core.model.saved`)."""
+    config = {"model": model_params.model_dump(), "embed_dim": model.embed_dim, "channels": model.channels}
+    saved.save(model, directory, "dml", {**config, "mean": list(model.mean), "std": list(model.std)})
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[EmbeddingModel, ModelParams]:
     """Rebuild the architecture (no pretrained download) and load the saved weights; eval mode."""
-    from safetensors.torch import load_model as st_load
 
-    directory = Path(directory)
-    cfg_path, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    for p in (cfg_path, weights):
-        if not p.is_file():
-            raise LangdmlError(f"{p} does not exist (run `langdml train` first)")
-    try:
-        cfg: dict[str, Any] = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as err:
-        raise LangdmlError(f"{cfg_path} is unreadable ({err}); re-run `langdml train`") from None
-    if "image_channels" in cfg:  # the image-text model's config: another loader
-        raise LangdmlError(f"{directory} is an image-text model; load it with TextRetriever (`langdml search --text`)")
-    if cfg.get("format") != CONFIG_FORMAT:
-        raise LangdmlError(f"{cfg_path}: unsupported model format {cfg.get('format')!r}; re-run `langdml train`")
-    model_params = ModelParams(**cfg["model"])
-    model = build_model(model_params.model_copy(update={"pretrained": False}))
-    try:
-        st_load(model, str(weights), strict=True)
-    except RuntimeError as err:
-        raise LangdmlError(f"{weights} does not match {cfg_path}: {str(err).splitlines()[0]}") from None
-    except Exception as err:  # safetensors' own errors (truncated file, bad header) have no common base
-        raise LangdmlError(f"{weights} is unreadable ({first_line(err)}); re-run `langdml train`") from None
-    return model.to(device).eval(), model_params
+    def build(config: dict[str, Any]) -> nn.Module:
+        return build_model(ModelParams(**config["model"]).model_copy(update={"pretrained": False}))
+
+    model, config = saved.load(directory, "dml", build, device)
+    return model, ModelParams(**config["model"])  # type: ignore[return-value]

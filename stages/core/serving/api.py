@@ -40,7 +40,8 @@ class Retriever:
         verify: bool = False,
     ) -> Retriever:
         """The model and its index (``verify``: check the index files' content hashes too, not just sizes)."""
-        from stages.core.model.encoder import WEIGHTS_NAME, load_model
+        from stages.core.model.encoder import load_model
+        from stages.core.model.saved import WEIGHTS_NAME
         from stages.core.runtime import resolve_device
 
         device = resolve_device(device)
@@ -58,7 +59,7 @@ class Retriever:
         the model's fingerprint and the shape in the metadata); how many images."""
         import pyarrow as pa
 
-        from stages.core.io import embedding_array, write_parquet
+        from stages.core.tables import embedding_array, write_parquet
 
         files = image_files(images)
         emb = embed_images(self.model, self.image_size, files, self.device)
@@ -98,7 +99,7 @@ def search_picture(results: Sequence[tuple[Any, list[dict[str, Any]]]], path: Pa
 
     if text_queries:
         rows = [(query, [load(r["path"]) for r in found], [None] * len(found)) for query, found in results]
-        report.plot_crossmodal([], rows, path)
+        report.plot_imagetext([], rows, path)
         return
     gallery = [
         report.GalleryRow(

@@ -24,17 +24,9 @@ import pyarrow as pa
 
 from stages.core.errors import LangdmlError, first_line
 from stages.core.evaluation.search import searcher_for
-from stages.core.io import (
-    file_digest,
-    load_npy,
-    read_parquet,
-    replace_directory,
-    save_npy,
-    staging_directory,
-    write_json,
-    write_parquet,
-)
+from stages.core.io import file_digest, load_npy, replace_directory, save_npy, staging_directory, write_json
 from stages.core.model.similarity import SimilaritySpec
+from stages.core.tables import read_parquet, write_parquet
 
 EMBEDDINGS, ITEMS, META = "embeddings.npy", "items.parquet", "index.json"
 FILES = (EMBEDDINGS, ITEMS)  # what index.json proves

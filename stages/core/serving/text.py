@@ -1,7 +1,7 @@
 """Text queries against the image-text model's index: a caption turned into what the features stage cached
 for it (the frozen encoder's token features, or the text tower's token ids: the tower's own tokenizer, saved
 with the model), through the trained text tower, then the images ranked by the model's similarity (as
-xm_evaluate)."""
+imagetext_evaluate)."""
 
 from __future__ import annotations
 
@@ -28,18 +28,17 @@ class TextRetriever:
         cls, model_dir: str | Path, index_dir: str | Path, device: str = "cpu", verify: bool = False
     ) -> TextRetriever:
         """The image-text model and its index (``verify``: check the index files' content hashes too)."""
-        from stages.core.imagetext.model import WEIGHTS_NAME, load_crossmodal
-        from stages.core.imagetext.towers import tower_kind
+        from stages.core.imagetext.model import load_imagetext
+        from stages.core.model.saved import WEIGHTS_NAME
         from stages.core.runtime import resolve_device
 
         device = resolve_device(device)
         model_dir, index_dir = Path(model_dir), Path(index_dir)
-        model = load_crossmodal(model_dir, device)
+        model = load_imagetext(model_dir, device)
         index = GalleryIndex.load(
-            index_dir, model_fingerprint(model_dir / WEIGHTS_NAME), stage="xm-index", verify=verify
+            index_dir, model_fingerprint(model_dir / WEIGHTS_NAME), stage="imagetext-index", verify=verify
         )
-        kind, _ = tower_kind(model.text_info["tower"])
-        return cls(model, kind.tokenizer(model.text_info, device), index, device)
+        return cls(model, model.tower.kind.tokenizer(model.tower, device), index, device)
 
     def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         """N x K x D sets of the captions (an empty one is one line)."""

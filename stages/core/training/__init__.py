@@ -1,2 +1,3 @@
-"""Training: the one loop (``fit``) and what it runs: the DML objective, the loss terms (base DML losses,
-language matching, DivE's set terms), optimisers and schedules, checkpoints, DDP and the live logs."""
+"""The one training loop (``fit``) and its services: optimisers and schedules, checkpoints and their
+fingerprints, DDP, the live logs. Nothing here knows a task: each task package (:mod:`stages.core.dml`,
+:mod:`stages.core.imagetext`) hands the loop an objective."""

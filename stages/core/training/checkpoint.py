@@ -24,6 +24,20 @@ from stages.core.io import atomic_path, file_digest
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 3
+# Keys of a task's train section that never change the weights: out of the fingerprint. The global batch,
+# not the process count, decides a run, so a checkpoint of one process count resumes under another.
+NEUTRAL_TRAIN_KEYS = frozenset({"num_workers", "log_every", "device", "nproc", "evaluate_every"})
+EPOCH_SHAPED_SCHEDULES = frozenset({"cosine", "cosine_step"})  # the lr at epoch e depends on the epoch count
+
+
+def train_section_fingerprint(train: Any) -> dict[str, Any]:
+    """A task's train section (a params model with ``scheduler``) as the fingerprint reads it, one rule for
+    both tasks: every key but the neutral ones, and ``epochs`` only where the schedule's shape depends on it,
+    so raising ``epochs`` continues a finished run instead of starting over."""
+    neutral = set(NEUTRAL_TRAIN_KEYS)
+    if train.scheduler not in EPOCH_SHAPED_SCHEDULES:
+        neutral.add("epochs")
+    return train.model_dump(exclude=neutral)
 
 
 def fingerprint_config(params: dict[str, Any], device_type: str, files: Sequence[Path]) -> dict[str, Any]:

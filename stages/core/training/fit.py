@@ -2,9 +2,10 @@
 
 What a task brings (:class:`Objective`): a module whose ``forward`` returns unweighted loss terms by name,
 the ``weights`` the loop sums them with, its optimiser ``param_groups`` (each with its own lr), how a loader
-batch reaches the device (``inputs``), and optionally ``set_epoch`` (a schedule of its own, e.g. a warm-up)
-and ``distribute`` (global-batch terms under DDP). What the loop owns: the optimiser and schedule from the
-registries (per epoch or per step), bf16 autocast, optional gradient-norm clipping, the per-step stop on a
+batch reaches the device (``inputs``), ``set_epoch`` (a schedule of its own, e.g. a warm-up; may do
+nothing) and ``distribute`` (global-batch terms under DDP), and a :class:`FitSpec` (what to build and
+where to write). What the loop owns: the optimiser and schedule, built from the registries by the spec's
+:class:`OptimSpec` (per epoch or per step), bf16 autocast, optional gradient-norm clipping, the per-step stop on a
 non-finite total, DDP gradient scales, the fingerprinted checkpoint with every rank's RNG state (an exact
 resume), dvclive rows, the per-epoch evaluation hook and everything that rank 0 alone does.
 
@@ -32,7 +33,7 @@ from stages.core.runtime import autocast, resolve_device, seed_everything
 from stages.core.training import checkpoint as ckpt
 from stages.core.training import distributed
 from stages.core.training.live import TIMINGS, LiveLog
-from stages.core.training.optim import Schedule
+from stages.core.training.optim import Schedule, ScheduleSpec, build_optimizer, build_schedule
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ class Objective(Protocol):
     def __call__(self, *inputs: Any) -> dict[str, torch.Tensor]: ...
     def param_groups(self) -> list[dict[str, Any]]: ...
     def inputs(self, batch: Any, device: torch.device) -> tuple[Any, ...]: ...
+    def set_epoch(self, epoch: int) -> None: ...
+    def distribute(self, ctx: distributed.Context) -> None: ...
 
 
 class Batches(Protocol):
@@ -85,7 +88,7 @@ class LoopOptions:
     log_every: int = 10
     amp: bool = False  # bf16 autocast of the forward pass (CUDA only)
     clip: float | None = None  # gradient-norm clipping (None: off)
-    params: str = "train"  # the params section named in messages ("crossmodal.train")
+    params: str = "train"  # the params section named in messages ("imagetext.train")
     evaluate_every: int = 0  # epochs between calls of the evaluation hook (0: never)
 
 
@@ -103,12 +106,41 @@ class CheckpointSpec:
 EpochHook = Callable[[int], dict[str, float]]
 
 
+@dataclass(frozen=True)
+class OptimSpec:
+    """The optimiser and schedule by name (their registries), the base lr and weight decay."""
+
+    optimizer: str
+    lr: float
+    weight_decay: float
+    scheduler: str
+    schedule: ScheduleSpec
+
+
+@dataclass(frozen=True)
+class FitSpec:
+    """Everything :func:`fit` is told besides the objective and its batches. ``outputs``: the folders
+    ``export`` writes (their stale temporaries, like the checkpoint's, go first); ``evaluate``: the
+    per-epoch hook, every ``loop.evaluate_every`` epochs and after the last, its metrics logged with the
+    losses; ``compile_model``: ``torch.compile`` the model after a resume."""
+
+    loop: LoopOptions
+    optim: OptimSpec
+    checkpoint: CheckpointSpec
+    log_dir: Path
+    export: Callable[[], None]
+    outputs: Sequence[Path] = ()
+    evaluate: EpochHook | None = None
+    compile_model: Callable[[], None] | None = None
+
+
 @dataclass
 class TrainResult:
     epochs_trained: int
     resumed_from: int
     history: list[dict[str, float]] = field(default_factory=list)
     main: bool = True  # this process wrote the outputs (rank 0)
+    optimizer: torch.optim.Optimizer | None = None  # as the last epoch left it
 
 
 class NonFiniteLoss(Exception):
@@ -166,32 +198,20 @@ def weighted_total(
     return total
 
 
-def fit(
-    run: Run,
-    objective: nn.Module,
-    batches: Batches,
-    optimizer: torch.optim.Optimizer,
-    schedule: Schedule | None,
-    options: LoopOptions,
-    checkpoint: CheckpointSpec,
-    log_dir: Path,
-    export: Callable[[], None],
-    *,
-    outputs: Sequence[Path] = (),
-    evaluate: EpochHook | None = None,
-    compile_model: Callable[[], None] | None = None,
-) -> TrainResult:
-    """Train ``objective`` (or resume it, or just re-export a finished run) and call ``export`` on rank 0.
-    ``outputs``: the folders ``export`` writes (their stale temporaries, like the checkpoint's, go first);
-    ``evaluate``: the per-epoch hook, every ``options.evaluate_every`` epochs and after the last, its
-    metrics logged with the losses; ``compile_model``: ``torch.compile`` the model after a resume."""
+def fit(run: Run, objective: Objective, batches: Batches, spec: FitSpec) -> TrainResult:
+    """Train ``objective`` (or resume it, or just re-export a finished run) and call ``spec.export`` on rank 0."""
     ctx, device = run.ctx, run.device
+    options, checkpoint, evaluate = spec.loop, spec.checkpoint, spec.evaluate
+    o = spec.optim
+    optimizer = build_optimizer(o.optimizer, objective.param_groups(), o.lr, o.weight_decay)
+    schedule = build_schedule(o.scheduler, optimizer, o.schedule)
+    outputs = spec.outputs
     for folder in (checkpoint.path.parent, *outputs) if ctx.main else ():
         if folder.is_dir() and remove_stale_temporaries(folder):
             log.info("removed stale temporary files in %s", folder)
     start, history = _resume(checkpoint, options.epochs, objective, optimizer, schedule, ctx)
-    if compile_model is not None:
-        compile_model()
+    if spec.compile_model is not None:
+        spec.compile_model()
     forward = None
     if ctx.distributed:
         from torch.nn.parallel import DistributedDataParallel
@@ -207,10 +227,9 @@ def fit(
         schedule=schedule,
         forward=forward,
     )
-    live = LiveLog(log_dir, history) if ctx.main else None
+    live = LiveLog(spec.log_dir, history) if ctx.main else None
     for epoch in range(start, options.epochs):
-        if hasattr(objective, "set_epoch"):
-            objective.set_epoch(epoch)
+        objective.set_epoch(epoch)
         objective.train()
         row = _train_epoch(step_fn, batches, epoch, options, show=ctx.main)
         if not _weights_finite(objective):
@@ -245,12 +264,12 @@ def fit(
         distributed.barrier(ctx)  # no rank starts an epoch whose checkpoint is not on disk
     if ctx.main:
         live.end()
-        export()
+        spec.export()
         if start == options.epochs:
             log.info("checkpoint already finished all %d epochs: re-exported the model", options.epochs)
     distributed.barrier(ctx)
     distributed.teardown(ctx)
-    return TrainResult(epochs_trained=options.epochs - start, resumed_from=start, history=history, main=ctx.main)
+    return TrainResult(options.epochs - start, start, history, ctx.main, optimizer)
 
 
 def _evaluation_due(epoch: int, options: LoopOptions) -> bool:

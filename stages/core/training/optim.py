@@ -1,5 +1,5 @@
 """Optimisers and learning-rate schedules by name (``train.optimizer`` / ``train.scheduler`` and the
-``crossmodal.train`` twins), for the one training loop.
+``imagetext.train`` twins), for the one training loop.
 
 A schedule factory gets a :class:`ScheduleSpec` (epochs, steps per epoch, milestones, decay) and returns a
 :class:`Schedule` that says whether the loop steps it after every optimiser step or after every epoch,

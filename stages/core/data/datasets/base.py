@@ -20,10 +20,11 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from stages.core.artifacts import CLASSES_SCHEMA, MANIFEST_SCHEMA, first_per_class
+from stages.core.artifacts import CLASSES_SCHEMA, MANIFEST_SCHEMA
 from stages.core.config import DatasetParams
 from stages.core.errors import LangdmlError
 from stages.core.language.prompts import clean_class_name
+from stages.core.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,24 @@ class Manifests:
 Adapter = Callable[[DatasetParams], Manifests]
 # Datasets that langdml can obtain itself (from a package registry): fill(root) -> root.
 Fetcher = Callable[[Path], Path]
+
+# Every module of this package registers its adapter (and fetcher, where langdml can download the dataset)
+# where it defines it; the first lookup imports them all, so a new dataset is one new module here.
+DATASETS: Registry[Adapter] = Registry("dataset", discover="stages.core.data.datasets")
+FETCHERS: Registry[Fetcher] = Registry("fetcher", discover="stages.core.data.datasets")
+
+
+def first_per_class(labels: Sequence[int], cap: int | None) -> list[int]:
+    """Manifest rows kept by a per-class cap: the first ``cap`` of each label, in order (seed-free)."""
+    if cap is None:
+        return list(range(len(labels)))
+    seen: Counter[int] = Counter()
+    keep = []
+    for i, y in enumerate(labels):
+        if seen[y] < cap:
+            seen[y] += 1
+            keep.append(i)
+    return keep
 
 
 def require_root(params: DatasetParams) -> Path:

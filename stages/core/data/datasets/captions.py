@@ -11,7 +11,7 @@ per batch); in the test split each image id has exactly one file, so retrieval h
   under the vendors' licences (README), and nothing more to download.
 - ``precomp``: the precomputed-feature layout of SCAN / VSE-infinity / DivE (``{split}_ims.npy``, N x R x C
   region features, and ``{split}_caps.txt``, a fixed number of captions per image, one per line); a "file"
-  is then a row of the feature file (``train_ims.npy#17``), which ``xm_features`` copies instead of running a
+  is then a row of the feature file (``train_ims.npy#17``), which ``imagetext_features`` copies instead of running a
   backbone. Train is ``train``; test is ``testall`` (COCO 5K) when present, else ``test``.
 - ``coco`` / ``flickr30k``: Karpathy's split files (``dataset_coco.json`` / ``dataset_flickr30k.json``)
   beside the image folders; ``restval`` joins train and ``val`` is left out, as in every paper since VSE++.
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from stages.core.config import CrossModalDataParams
+from stages.core.config.imagetext import ImageTextDataParams
 from stages.core.data.datasets.base import check_images, check_paths
 from stages.core.errors import LangdmlError
 from stages.core.registry import Registry
@@ -75,7 +75,7 @@ class CaptionManifests:
     captions: pa.Table
 
 
-CaptionAdapter = Callable[[CrossModalDataParams], CaptionManifests]
+CaptionAdapter = Callable[[ImageTextDataParams], CaptionManifests]
 CAPTION_DATASETS: Registry[CaptionAdapter] = Registry("caption dataset")
 
 
@@ -88,7 +88,7 @@ def _tables(
     root: Path,
     files: list[tuple[int, str, str]],
     captions: list[tuple[int, str, str]],
-    source: CrossModalDataParams,
+    source: ImageTextDataParams,
 ) -> CaptionManifests:
     """Check and build the two tables from (image id, path, split) and (image id, text, split) rows: paths
     confined to the root (the DML adapters' check), empty captions and (``verify_images``) unreadable image
@@ -155,7 +155,7 @@ def _require_splits(name: str, files: list[tuple[int, str, str]]) -> None:
 
 
 @CAPTION_DATASETS.register("emoji")
-def emoji_captions(source: CrossModalDataParams) -> CaptionManifests:
+def emoji_captions(source: ImageTextDataParams) -> CaptionManifests:
     from stages.core.data.datasets.base import seeded_class_split
     from stages.core.data.datasets.emoji import RECEIPT, concepts
 
@@ -183,7 +183,7 @@ def emoji_captions(source: CrossModalDataParams) -> CaptionManifests:
 
 
 def _karpathy(name: str, split_file: str, folder: Callable[[dict], str]) -> CaptionAdapter:
-    def adapter(source: CrossModalDataParams) -> CaptionManifests:
+    def adapter(source: ImageTextDataParams) -> CaptionManifests:
         root = Path(source.root).expanduser().resolve()
         path = root / split_file
         try:
@@ -216,7 +216,7 @@ CAPTION_DATASETS.register("flickr30k")(_karpathy("flickr30k", "dataset_flickr30k
 
 
 @CAPTION_DATASETS.register("precomp")
-def precomp(source: CrossModalDataParams) -> CaptionManifests:
+def precomp(source: ImageTextDataParams) -> CaptionManifests:
     root = Path(source.root).expanduser().resolve()
     files: list[tuple[int, str, str]] = []
     captions: list[tuple[int, str, str]] = []

@@ -13,6 +13,7 @@ import numpy as np
 
 from stages.core.config import DatasetParams
 from stages.core.data.datasets.base import (
+    DATASETS,
     ClassInfo,
     Images,
     Manifests,
@@ -69,6 +70,7 @@ def _from_folders(root: Path) -> tuple[list[ClassInfo], list[str], list[int]]:
     return classes, rel, labels
 
 
+@DATASETS.register("cars196")
 def cars196(params: DatasetParams) -> Manifests:
     root = require_root(params)
     if (root / ANNOTATIONS).is_file():

@@ -9,6 +9,7 @@ import polars as pl
 
 from stages.core.config import DatasetParams
 from stages.core.data.datasets.base import (
+    DATASETS,
     ClassInfo,
     Images,
     Manifests,
@@ -46,6 +47,7 @@ def class_name(folder: str) -> str:
     return folder.partition(".")[2].replace("_", " ") if "." in folder else folder.replace("_", " ")
 
 
+@DATASETS.register("cub200")
 def cub200(params: DatasetParams) -> Manifests:
     root = require_root(params)
     require_files(root, "cub200", FILES, hint="dataset.root should be the CUB_200_2011 folder")

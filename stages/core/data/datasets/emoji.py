@@ -32,6 +32,8 @@ from pathlib import Path
 
 from stages.core.config import DatasetParams
 from stages.core.data.datasets.base import (
+    DATASETS,
+    FETCHERS,
     ClassInfo,
     Images,
     Manifests,
@@ -173,6 +175,7 @@ def _receipt() -> dict[str, str]:
     return {p.spec: p.integrity for p in SOURCES.values()}
 
 
+@FETCHERS.register("emoji")
 def fetch_emoji(root: Path) -> Path:
     """Put the emoji images and metadata into ``root`` (kept when its receipt names the same packages).
 
@@ -281,6 +284,7 @@ def concepts(root: Path) -> list[Concept]:
     return result
 
 
+@DATASETS.register("emoji")
 def emoji(params: DatasetParams) -> Manifests:
     root = require_root(params)
     if not (root / RECEIPT).is_file():

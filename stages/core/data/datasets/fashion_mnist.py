@@ -20,14 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.core.artifacts import first_per_class
 from stages.core.config import DatasetParams
 from stages.core.data.datasets.base import (
+    DATASETS,
+    FETCHERS,
     ClassInfo,
     Images,
     Manifests,
     assemble,
     choose_train_classes,
+    first_per_class,
 )
 from stages.core.errors import LangdmlError
 from stages.core.io import atomic_path
@@ -143,6 +145,7 @@ def _download(name: str, root: Path) -> Path:
     return target
 
 
+@FETCHERS.register("fashion-mnist")
 def fetch_fashion_mnist(root: Path) -> Path:
     """Make sure the four IDX files are in ``root``: keep verified ones, else copy Debian's, else download."""
     root = Path(root)
@@ -200,6 +203,7 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+@DATASETS.register("fashion-mnist")
 def fashion_mnist(params: DatasetParams) -> Manifests:
     root, files = _locate(Path(params.root).expanduser().resolve())
     classes = [ClassInfo(i, name) for i, name in enumerate(CLASS_NAMES)]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from stages.core.config import DatasetParams
 from stages.core.data.datasets.base import (
+    DATASETS,
     IMAGE_SUFFIXES,
     ClassInfo,
     Images,
@@ -64,6 +65,7 @@ def scan_class_folders(root: Path, dataset: str) -> list[tuple[str, list[str]]]:
     return result
 
 
+@DATASETS.register("folder")
 def folder(params: DatasetParams) -> Manifests:
     root = require_root(params)
     folders = scan_class_folders(root, "folder")

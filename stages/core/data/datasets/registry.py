@@ -1,30 +1,13 @@
-"""The dataset adapters by name (``dataset.name``) and the datasets langdml can fetch itself.
-
-Filled here, explicitly: the adapters import only ``base`` (their shared checks and table builders), and
-this module imports them, so no import runs in a circle.
-"""
+"""Fetch or build the dataset that ``dataset.name`` names (the registries, filled by the adapters' own
+modules, are in ``base``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from stages.core.config import DatasetParams
-from stages.core.data.datasets import cars196, cub200, emoji, fashion_mnist, folder, sop
-from stages.core.data.datasets.base import Adapter, Fetcher, Manifests
+from stages.core.data.datasets.base import DATASETS, FETCHERS, Manifests
 from stages.core.errors import LangdmlError
-from stages.core.registry import Registry
-
-DATASETS: Registry[Adapter] = Registry("dataset")
-DATASETS.register("cars196")(cars196.cars196)
-DATASETS.register("cub200")(cub200.cub200)
-DATASETS.register("emoji")(emoji.emoji)
-DATASETS.register("fashion-mnist")(fashion_mnist.fashion_mnist)
-DATASETS.register("folder")(folder.folder)
-DATASETS.register("sop")(sop.sop)
-
-FETCHERS: Registry[Fetcher] = Registry("fetcher")
-FETCHERS.register("emoji")(emoji.fetch_emoji)
-FETCHERS.register("fashion-mnist")(fashion_mnist.fetch_fashion_mnist)
 
 
 def fetch_dataset(params: DatasetParams) -> Path:

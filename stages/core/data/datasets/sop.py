@@ -12,6 +12,7 @@ import polars as pl
 
 from stages.core.config import DatasetParams
 from stages.core.data.datasets.base import (
+    DATASETS,
     ClassInfo,
     Images,
     Manifests,
@@ -45,6 +46,7 @@ def read_ebay(path: Path) -> pl.DataFrame:
     )
 
 
+@DATASETS.register("sop")
 def sop(params: DatasetParams) -> Manifests:
     if params.train_classes is not None:
         raise LangdmlError("sop: dataset.train_classes is not supported; SOP's split is fixed by Ebay_train/test.txt")

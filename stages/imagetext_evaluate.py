@@ -1,4 +1,4 @@
-"""Stage ``xm_evaluate``: image-to-text and text-to-image recall of the test split (data/crossmodal/eval/)."""
+"""Stage ``imagetext_evaluate``: image-to-text and text-to-image recall of the test split (data/imagetext/eval/)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ from stages.core.data.torch_dataset import ImageDataset
 from stages.core.errors import LangdmlError
 from stages.core.evaluation.crossmodal import crossmodal_recall, crossmodal_recall_folds
 from stages.core.evaluation.metrics import format_metrics
-from stages.core.evaluation.report import plot_crossmodal, thumbnail
+from stages.core.evaluation.report import plot_imagetext, thumbnail
 from stages.core.evaluation.search import top_k
-from stages.core.imagetext.model import embed_sets, load_crossmodal
+from stages.core.imagetext.model import embed_sets, load_imagetext
 from stages.core.imagetext.tokens import load_token_sets
-from stages.core.io import read_parquet, write_json
+from stages.core.io import write_json
 from stages.core.model.similarity import SimilaritySpec
 from stages.core.runtime import resolve_device
+from stages.core.tables import read_parquet
 
 log = logging.getLogger(__name__)
 SHOWN = 3  # results per query in the picture
@@ -28,20 +29,20 @@ THUMB = 64  # size of the grey stand-in for a precomputed-feature "image"
 
 
 def run(params: Params) -> None:
-    xm = params.crossmodal
+    xm = params.imagetext
     device = resolve_device(xm.train.device)
-    images, meta = read_parquet(paths.XM_IMAGES, "xm-prepare")
-    captions, _ = read_parquet(paths.XM_CAPTIONS, "xm-prepare")
+    images, meta = read_parquet(paths.IMAGETEXT_IMAGES, "imagetext-prepare")
+    captions, _ = read_parquet(paths.IMAGETEXT_CAPTIONS, "imagetext-prepare")
     img_test = np.asarray(images["split"].to_pylist()) == "test"
     cap_test = np.asarray(captions["split"].to_pylist()) == "test"
     image_ids = images["image_id"].to_numpy()[img_test]
     if len(np.unique(image_ids)) != len(image_ids):
-        raise LangdmlError("the test split has several files per image id; re-run `langdml xm-prepare`")
+        raise LangdmlError("the test split has several files per image id; re-run `langdml imagetext-prepare`")
     row_of = {int(i): r for r, i in enumerate(image_ids)}
     owner = np.array([row_of[int(i)] for i in captions["image_id"].to_numpy()[cap_test]], dtype=np.int64)
-    model = load_crossmodal(paths.XM_MODEL, device)
-    img = embed_sets(model.image, load_token_sets(paths.XM_FEATURES, "image").subset(img_test), device)
-    cap = embed_sets(model.text, load_token_sets(paths.XM_FEATURES, "caption").subset(cap_test), device)
+    model = load_imagetext(paths.IMAGETEXT_MODEL, device)
+    img = embed_sets(model.image, load_token_sets(paths.IMAGETEXT_FEATURES, "image").subset(img_test), device)
+    cap = embed_sets(model.text, load_token_sets(paths.IMAGETEXT_FEATURES, "caption").subset(cap_test), device)
     ks, similarity = xm.evaluate.ks, model.similarity
     if xm.evaluate.folds:
         metrics = crossmodal_recall_folds(
@@ -50,7 +51,7 @@ def run(params: Params) -> None:
     else:
         metrics = crossmodal_recall(img, cap, owner, ks, device=str(device), similarity=similarity)
     metrics = {**metrics, "n_images": len(img), "n_captions": len(cap)}
-    write_json(paths.XM_METRICS, metrics)
+    write_json(paths.IMAGETEXT_METRICS, metrics)
     log.info("cross-modal metrics: %s", format_metrics(metrics))
     texts = np.asarray(captions["text"].to_pylist(), dtype=object)[cap_test]
     _picture(params, images.filter(img_test), meta["root"], texts, img, cap, owner, similarity)
@@ -67,7 +68,7 @@ def _picture(
     similarity: SimilaritySpec,
 ) -> None:
     """A few seeded image and caption queries with their best results (``retrieval.png``)."""
-    n = params.crossmodal.evaluate.queries
+    n = params.imagetext.evaluate.queries
     rng = np.random.default_rng(params.seed)
     if is_precomputed(images):  # no image files to show
 
@@ -91,4 +92,4 @@ def _picture(
         (str(texts[q]), [load(int(j)) for j in row], list(row == owner[q]))
         for q, row in zip(q_cap, best_imgs, strict=True)
     ]
-    plot_crossmodal(image_rows, caption_rows, paths.XM_PICTURE)
+    plot_imagetext(image_rows, caption_rows, paths.IMAGETEXT_PICTURE)

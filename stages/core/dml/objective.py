@@ -23,24 +23,29 @@ from torch.utils.data import DataLoader
 from stages.core.config import TrainConfig
 from stages.core.data.sampling import ClassBalancedBatchSampler
 from stages.core.data.train_images import Pipeline, TrainImages, move_images
+from stages.core.dml.losses import DMLLoss, build_dml_loss
+from stages.core.dml.matching import language_matching
+from stages.core.dml.s2sd import S2SD
 from stages.core.errors import LangdmlError
 from stages.core.language.targets import LanguageSources, LanguageTarget, build_language_targets, cache_files
 from stages.core.model.encoder import EmbeddingModel, build_model, save_model
+from stages.core.model.set_losses import slot_diversity
 from stages.core.model.similarity import SimilaritySpec
 from stages.core.training import checkpoint as ckpt
 from stages.core.training.distributed import Context, gather_all
-from stages.core.training.fit import CheckpointSpec, EpochHook, LoopOptions, TrainResult, fit, start_run
-from stages.core.training.losses import DMLLoss, build_dml_loss
-from stages.core.training.matching import language_matching
-from stages.core.training.optim import ScheduleSpec, build_optimizer, build_schedule
-from stages.core.training.s2sd import S2SD
-from stages.core.training.set_losses import slot_diversity
+from stages.core.training.fit import (
+    CheckpointSpec,
+    EpochHook,
+    FitSpec,
+    LoopOptions,
+    OptimSpec,
+    TrainResult,
+    fit,
+    start_run,
+)
+from stages.core.training.optim import ScheduleSpec
 
 log = logging.getLogger(__name__)
-
-# Train params that never change the weights: out of the fingerprint (the global batch, not the process
-# count, decides a run, so a checkpoint of one process count resumes under another).
-NEUTRAL_TRAIN_KEYS = frozenset({"num_workers", "log_every", "device", "nproc", "evaluate_every"})
 
 
 class DMLObjective(nn.Module):
@@ -87,6 +92,9 @@ class DMLObjective(nn.Module):
         self.world = ctx.world
         self.dml.distribute()
         self.gradient_scales = {"dml": float(ctx.world), "language": float(ctx.world)}
+
+    def set_epoch(self, epoch: int) -> None:
+        """No schedule of its own (S2SD's feature-distillation delay counts steps)."""
 
     def compile_model(self) -> None:
         """``torch.compile`` the encoder's forward; state dicts keep the plain module's keys."""
@@ -156,17 +164,13 @@ class TrainPaths:
 
 
 def fingerprint_params(config: TrainConfig) -> dict[str, Any]:
-    """The params (by their dvc.yaml names) that decide the weights. ``epochs`` is left out unless the
-    schedule depends on it, so raising ``epochs`` continues a finished run instead of starting over."""
-    neutral = set(NEUTRAL_TRAIN_KEYS)
-    if config.train.scheduler not in ("cosine", "cosine_step"):
-        neutral.add("epochs")
+    """The params (by their dvc.yaml names) that decide the weights (:func:`ckpt.train_section_fingerprint`)."""
     return {
         "seed": config.seed,
         "omega": config.omega,
         "model": config.model.model_dump(),
         "language": config.language.model_dump(),
-        "train": config.train.model_dump(exclude=neutral),
+        "train": ckpt.train_section_fingerprint(config.train),
         "losses": {k: dict(v or {}) for k, v in config.losses.items()},
     }
 
@@ -259,8 +263,6 @@ def train_dml(
     ).to(run.device)
     if run.cuda:
         model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(tp.optimizer, objective.param_groups(), tp.lr, tp.weight_decay)
-    schedule = build_schedule(tp.scheduler, optimizer, ScheduleSpec(tp.epochs, steps, tp.milestones, tp.lr_decay))
     loader = DataLoader(
         data.dataset,
         batch_sampler=sampler,
@@ -271,19 +273,17 @@ def train_dml(
         # Own generator: creating an iterator must not consume the global RNG we checkpoint.
         generator=run.generator,
     )
-    return fit(
-        run,
-        objective,
-        LoaderBatches(loader, sampler),
-        optimizer,
-        schedule,
-        LoopOptions(
-            epochs=tp.epochs,
-            batch_size=tp.batch_size,
-            log_every=tp.log_every,
-            amp=tp.amp,
-            evaluate_every=tp.evaluate_every if evaluation is not None else 0,
-        ),
+    loop = LoopOptions(
+        epochs=tp.epochs,
+        batch_size=tp.batch_size,
+        log_every=tp.log_every,
+        amp=tp.amp,
+        evaluate_every=tp.evaluate_every if evaluation is not None else 0,
+    )
+    schedule = ScheduleSpec(tp.epochs, steps, tp.milestones, tp.lr_decay)
+    fit_spec = FitSpec(
+        loop,
+        OptimSpec(tp.optimizer, tp.lr, tp.weight_decay, tp.scheduler, schedule),
         spec,
         paths.log_dir,
         lambda: save_model(model, mp, paths.model_dir),
@@ -291,3 +291,4 @@ def train_dml(
         evaluate=evaluation(model) if evaluation is not None and tp.evaluate_every else None,
         compile_model=objective.compile_model if tp.compile else None,
     )
+    return fit(run, objective, LoaderBatches(loader, sampler), fit_spec)

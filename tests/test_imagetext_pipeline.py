@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 from fixtures_datasets import fake_npm, make_emoji_packages, tiny_jpeg
-from fixtures_training import frozen_text_info
+from fixtures_training import frozen_tower
 
 import stages.core.data.datasets.emoji as em
-from stages.core.config import CrossModalDataParams, CrossModalModelParams, CrossModalTrainParams
+from stages.core.config.imagetext import ImageTextDataParams, ImageTextModelParams, ImageTextTrainParams
 from stages.core.data.datasets.captions import CAPTION_DATASETS, image_manifest, is_precomputed
 from stages.core.errors import LangdmlError
-from stages.core.imagetext.model import CrossModalModel, MaxPoolHead, embed_sets, load_crossmodal
-from stages.core.imagetext.objective import CrossModalData, CrossModalPaths, train_crossmodal
+from stages.core.imagetext.model import ImageTextModel, MaxPoolHead, embed_sets, load_imagetext
+from stages.core.imagetext.objective import ImageTextData, ImageTextPaths, train_imagetext
 from stages.core.imagetext.tokens import load_token_sets, ragged_token_sets, save_token_sets
 from stages.core.model.heads import DivEHead
 from stages.core.training.live import TIMINGS
@@ -36,7 +36,7 @@ def emoji_root(tmp_path, monkeypatch) -> Path:
 
 
 def test_emoji_captions_are_names_and_keywords_one_test_file_per_image(emoji_root) -> None:
-    out = CAPTION_DATASETS.get("emoji")(CrossModalDataParams(name="emoji", root=str(emoji_root)))
+    out = CAPTION_DATASETS.get("emoji")(ImageTextDataParams(name="emoji", root=str(emoji_root)))
     images, captions = out.images.to_pylist(), out.captions.to_pylist()
     test_ids = [r["image_id"] for r in images if r["split"] == "test"]
     assert len(test_ids) == len(set(test_ids))  # one file per test image
@@ -50,7 +50,7 @@ def test_emoji_captions_are_names_and_keywords_one_test_file_per_image(emoji_roo
     manifest = image_manifest(out.images)
     assert manifest["label"].to_pylist() == out.images["image_id"].to_pylist()
     assert manifest["image_bytes"].null_count == len(images)  # read from the paths
-    capped = CAPTION_DATASETS.get("emoji")(CrossModalDataParams(name="emoji", root=str(emoji_root), max_images=2))
+    capped = CAPTION_DATASETS.get("emoji")(ImageTextDataParams(name="emoji", root=str(emoji_root), max_images=2))
     assert len({r["image_id"] for r in capped.images.to_pylist()}) == 4  # 2 per split
 
 
@@ -73,17 +73,17 @@ def test_coco_karpathy_split_restval_joins_train_val_is_left_out(tmp_path) -> No
     root = _karpathy(
         tmp_path, [entry("a.jpg", "train"), entry("b.jpg", "restval"), entry("c.jpg", "val"), entry("d.jpg", "test", 5)]
     )
-    out = CAPTION_DATASETS.get("coco")(CrossModalDataParams(name="coco", root=str(root)))
+    out = CAPTION_DATASETS.get("coco")(ImageTextDataParams(name="coco", root=str(root)))
     assert out.images["path"].to_pylist() == ["val2014/a.jpg", "val2014/b.jpg", "val2014/d.jpg"]
     assert out.images["split"].to_pylist() == ["train", "train", "test"]
     assert out.captions["text"].to_pylist()[0] == "a.jpg 0"  # stripped
     assert out.captions["split"].to_pylist().count("test") == 5
     (root / "val2014" / "d.jpg").unlink()
     with pytest.raises(LangdmlError, match=r"coco: 1 image\(s\) of the test split do not exist .* 'val2014/d.jpg'"):
-        CAPTION_DATASETS.get("coco")(CrossModalDataParams(name="coco", root=str(root)))
+        CAPTION_DATASETS.get("coco")(ImageTextDataParams(name="coco", root=str(root)))
     (root / "dataset_coco.json").write_text("{not json")
     with pytest.raises(LangdmlError, match="cannot read Karpathy's split file"):
-        CAPTION_DATASETS.get("coco")(CrossModalDataParams(name="coco", root=str(root)))
+        CAPTION_DATASETS.get("coco")(ImageTextDataParams(name="coco", root=str(root)))
 
 
 def test_ragged_token_sets_round_trip_and_pad_with_a_mask(tmp_path) -> None:
@@ -98,15 +98,15 @@ def test_ragged_token_sets_round_trip_and_pad_with_a_mask(tmp_path) -> None:
     with pytest.raises(LangdmlError, match="no tokens"):
         ragged_token_sets([sets[0], np.zeros((0, 3), np.float32)])
     (tmp_path / "caption_offsets.npy").unlink()
-    with pytest.raises(LangdmlError, match="lacks the caption features; run `langdml xm-features`"):
+    with pytest.raises(LangdmlError, match="lacks the caption features; run `langdml imagetext-features`"):
         load_token_sets(tmp_path, "caption")
 
 
 @pytest.mark.parametrize("head", ["dive", "maxpool"])
 def test_padded_caption_tokens_change_nothing(head: str) -> None:
     torch.manual_seed(0)
-    mp = CrossModalModelParams(head=head, embed_dim=16, slots=3, slot_depth=2, slot_heads=2)
-    model = CrossModalModel(8, frozen_text_info(6), mp).eval()
+    mp = ImageTextModelParams(head=head, embed_dim=16, slots=3, slot_depth=2, slot_heads=2)
+    model = ImageTextModel(8, frozen_tower(6), mp).eval()
     tokens = torch.randn(2, 5, 6)
     mask = torch.tensor([[False, False, True, True, True], [False] * 5])
     garbage = tokens.clone()
@@ -120,7 +120,7 @@ def test_padded_caption_tokens_change_nothing(head: str) -> None:
     assert isinstance(model.text.head, DivEHead if head == "dive" else MaxPoolHead)
 
 
-def _toy_data(seed: int = 0) -> CrossModalData:
+def _toy_data(seed: int = 0) -> ImageTextData:
     """6 images (2 views each) with 2 captions each; a caption's tokens are noisy copies of its image's."""
     rng = np.random.default_rng(seed)
     base = rng.normal(size=(6, 8)).astype(np.float32)
@@ -128,30 +128,30 @@ def _toy_data(seed: int = 0) -> CrossModalData:
     caption_sets = [
         np.repeat(base[i // 2][None, :6], 2 + i % 3, axis=0) + 0.1 * rng.normal(size=(2 + i % 3, 6)) for i in range(12)
     ]
-    return CrossModalData(
+    return ImageTextData(
         images=ragged_token_sets(image_sets),
         image_ids=np.repeat(np.arange(6), 2),
         captions=ragged_token_sets([c.astype(np.float32) for c in caption_sets]),
         caption_image_ids=np.repeat(np.arange(6), 2),
-        text_info=frozen_text_info(6),
+        tower=frozen_tower(6),
     )
 
 
 def test_training_lowers_the_loss_exports_and_resumes(tmp_path, monkeypatch) -> None:
     data = _toy_data()
-    mp = CrossModalModelParams(embed_dim=16, slots=2, slot_depth=1, slot_heads=2)
-    tp = CrossModalTrainParams(epochs=6, batch_size=8, lr=3e-3, device="cpu")
-    paths = CrossModalPaths(tmp_path / "model", tmp_path / "ckpt" / "last.pt", tmp_path / "logs")
-    history = train_crossmodal(data, mp, tp, 0, paths, []).history
+    mp = ImageTextModelParams(embed_dim=16, slots=2, slot_depth=1, slot_heads=2)
+    tp = ImageTextTrainParams(epochs=6, batch_size=8, lr=3e-3, device="cpu")
+    paths = ImageTextPaths(tmp_path / "model", tmp_path / "ckpt" / "last.pt", tmp_path / "logs")
+    history = train_imagetext(data, mp, tp, 0, paths, []).history
     assert history[-1]["loss/triplet"] < history[0]["loss/triplet"]
     terms = {"loss/triplet", "loss/mmd", "loss/diversity", "loss/total"}
     assert set(history[0]) == {"epoch", *terms, "lr/image", "lr/text", "lr/text_set", "images_per_s"}
     untimed = [{k: v for k, v in row.items() if k not in TIMINGS} for row in history]
-    model = load_crossmodal(paths.model, torch.device("cpu"))
+    model = load_imagetext(paths.model, torch.device("cpu"))
     sets = embed_sets(model.image, data.images, torch.device("cpu"))
     assert sets.shape == (12, 2, 16) and np.allclose(np.linalg.norm(sets, axis=-1), 1, atol=1e-5)
     # A finished run resumes to the end at once, and the same seed gives the same weights again.
-    again = train_crossmodal(data, mp, tp, 0, paths, [])
+    again = train_imagetext(data, mp, tp, 0, paths, [])
     assert again.resumed_from == 6 and again.history == untimed
     # Killed after its third checkpoint, a run resumes there and ends as the uninterrupted one did.
     import stages.core.training.checkpoint as xm
@@ -165,19 +165,19 @@ def test_training_lowers_the_loss_exports_and_resumes(tmp_path, monkeypatch) -> 
             raise KeyboardInterrupt
 
     monkeypatch.setattr(xm, "save_checkpoint", save_then_die)
-    fresh = CrossModalPaths(tmp_path / "model2", tmp_path / "ckpt2" / "last.pt", tmp_path / "logs2")
+    fresh = ImageTextPaths(tmp_path / "model2", tmp_path / "ckpt2" / "last.pt", tmp_path / "logs2")
     with pytest.raises(KeyboardInterrupt):
-        train_crossmodal(data, mp, tp, 0, fresh, [])
+        train_imagetext(data, mp, tp, 0, fresh, [])
     assert not fresh.model.exists()
-    resumed = train_crossmodal(data, mp, tp, 0, fresh, []).history
+    resumed = train_imagetext(data, mp, tp, 0, fresh, []).history
     assert [r["loss/triplet"] for r in resumed] == pytest.approx([r["loss/triplet"] for r in history], rel=1e-5)
     (paths.model / "model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(LangdmlError, match="unreadable cross-modal model"):
-        load_crossmodal(paths.model, torch.device("cpu"))
+    with pytest.raises(LangdmlError, match=r"model\.safetensors is unreadable"):
+        load_imagetext(paths.model, torch.device("cpu"))
 
 
 def test_precomp_layout_rows_and_captions(tmp_path) -> None:
-    from stages.xm_features import precomputed_tokens
+    from stages.core.imagetext.features import precomputed_tokens
 
     rng = np.random.default_rng(0)
     np.save(tmp_path / "train_ims.npy", rng.normal(size=(3, 4, 6)).astype(np.float32))
@@ -185,7 +185,7 @@ def test_precomp_layout_rows_and_captions(tmp_path) -> None:
     test = rng.normal(size=(2, 4, 6)).astype(np.float32)
     np.save(tmp_path / "testall_ims.npy", test)
     (tmp_path / "testall_caps.txt").write_text("a\nb\nc\nd\n")
-    out = CAPTION_DATASETS.get("precomp")(CrossModalDataParams(name="precomp", root=str(tmp_path)))
+    out = CAPTION_DATASETS.get("precomp")(ImageTextDataParams(name="precomp", root=str(tmp_path)))
     assert out.images["path"].to_pylist()[3:] == ["testall_ims.npy#0", "testall_ims.npy#1"]
     assert out.captions["image_id"].to_pylist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     assert is_precomputed(out.images)
@@ -194,7 +194,7 @@ def test_precomp_layout_rows_and_captions(tmp_path) -> None:
     np.testing.assert_allclose(tokens[4], test[1], atol=1e-2)
     (tmp_path / "testall_caps.txt").write_text("a\nb\nc\n")
     with pytest.raises(LangdmlError, match="whole number of captions per image"):
-        CAPTION_DATASETS.get("precomp")(CrossModalDataParams(name="precomp", root=str(tmp_path)))
+        CAPTION_DATASETS.get("precomp")(ImageTextDataParams(name="precomp", root=str(tmp_path)))
 
 
 def test_batches_are_images_with_all_their_captions_and_one_view_each() -> None:
@@ -216,13 +216,13 @@ def test_batches_are_images_with_all_their_captions_and_one_view_each() -> None:
 
 
 def test_parameter_groups_have_dives_learning_rate_scales() -> None:
-    from stages.core.imagetext.objective import CrossModalObjective
+    from stages.core.imagetext.objective import ImageTextObjective
 
     data = _toy_data()
-    mp = CrossModalModelParams(embed_dim=16, slots=2, slot_depth=1, slot_heads=2)
-    model = CrossModalModel(data.images.channels, data.text_info, mp)
+    mp = ImageTextModelParams(embed_dim=16, slots=2, slot_depth=1, slot_heads=2)
+    model = ImageTextModel(data.images.channels, data.tower, mp)
     scales = {"image": 0.1, "text": 1.0, "text_set": 0.1}
-    objective = CrossModalObjective(
+    objective = ImageTextObjective(
         model, data, margin=0.2, warmup_epochs=0, mmd=0.01, diversity=0.01, lr=1e-3, lr_scales=scales
     )
     groups = {g["name"]: g for g in objective.param_groups()}

@@ -1,0 +1,98 @@
+"""The image-text task's params (``imagetext:`` in params.yaml), validated as every section is
+(:mod:`stages.core.config.base`)."""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import Field
+
+from stages.core.config.base import (
+    BackboneSpec,
+    NonNegInt,
+    OptimizerName,
+    PositiveFloat,
+    PositiveInt,
+    Probability,
+    SchedulerName,
+    Section,
+    SlotHeadsCheck,
+    TrackedLocalFiles,
+    registered,
+)
+
+CaptionDatasetName = registered("stages.core.data.datasets.captions:CAPTION_DATASETS")
+SetHeadName = registered("stages.core.imagetext.model:SET_HEADS")
+TextTowerSpec = registered("stages.core.imagetext.towers:TEXT_TOWERS", require_arg=True)
+
+
+class ImageTextDataParams(Section):
+    name: CaptionDatasetName = "emoji"
+    root: str = "data/raw/emoji"
+    split_seed: NonNegInt | None = 0  # emoji: seeded random split of the concepts
+    train_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.5  # emoji
+    max_images: PositiveInt | None = 400  # a seeded sample of N image ids per split; null = all
+    verify_images: bool = True  # decode every image file once; unreadable ones are left out and counted
+
+
+class ImageTextFeatureParams(TrackedLocalFiles):
+    backbone: BackboneSpec = "efficientnet-lite0"
+    image_size: Annotated[int, Field(ge=32)] = 64  # the grid is image_size / 32 cells a side
+    # frozen:<text encoder> (cached token features) | bigru:<word vectors> | hf:<model> (trainable; token ids)
+    text_tower: TextTowerSpec = "frozen:sentence-transformers:all-MiniLM-L6-v2"
+    local_files: str = "data/local/text_towers"  # word-vector files and local model folders the tower reads
+    _spec_field: ClassVar[str] = "text_tower"
+    max_tokens: PositiveInt = 32
+    batch_size: PositiveInt = 64
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class ImageTextModelParams(SlotHeadsCheck):
+    head: SetHeadName = "dive"  # dive: K slots per image and caption | maxpool: one max-pooled vector (K=1)
+    embed_dim: PositiveInt = 256
+    slots: PositiveInt = 4
+    slot_depth: PositiveInt = 2
+    slot_heads: PositiveInt = 4
+    alpha: PositiveFloat = 16.0  # smooth-Chamfer temperature
+    slot_head_dim: PositiveInt | None = None  # width of each attention head; null = embed_dim / slot_heads
+    dropout: Probability = 0.0  # attention output, feed-forward, word embeddings and GRU (DivE --dropout)
+    global_pool: Literal["mean", "max"] = "mean"  # the projected tokens -> the global feature (--img_res_pool)
+    image_local_dropout: Probability = 0.0  # on the projected image tokens (--img_1x1_dropout)
+    image_local_bn: bool = False  # BatchNorm in the image projection's MLP (--gpo_1x1)
+    text_positions: bool = False  # sine positions on the text keys (--spm_txt_pos_enc_type sine)
+
+
+class ImageTextTrainParams(Section):
+    epochs: PositiveInt = 30
+    batch_size: Annotated[int, Field(ge=2)] = 64  # images per batch, each with all its captions (DivE: 200)
+    lr: PositiveFloat = 1e-3
+    image_lr_scale: PositiveFloat = 0.1  # DivE's img_pie_lr_scale: the image tower (no CNN on cached features)
+    text_lr_scale: PositiveFloat = 1.0  # DivE's txt_lr_scale: the text tower but its set module
+    text_set_lr_scale: PositiveFloat = 0.1  # DivE's txt_pie_lr_scale: the text tower's set prediction module
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+    margin: PositiveFloat = 0.2  # VSE++ hardest-negative triplet margin
+    warmup_epochs: NonNegInt = 0  # epochs that average every negative's violation (VSE0) before the hardest
+    mmd: Annotated[float, Field(ge=0)] = 0.01
+    diversity: Annotated[float, Field(ge=0)] = 0.01
+    caption_drop: Probability = 0.0  # token ids masked / swapped / deleted per token (--caption_drop_prob)
+    region_drop: Probability = 0.0  # image tokens dropped per token (--butd_drop_prob)
+    clip: PositiveFloat | None = 1.0  # gradient-norm clipping; null = off
+    optimizer: OptimizerName = "adamw"
+    scheduler: SchedulerName = "cosine_step"  # cosine per step, no warm-up (DivE's train.py)
+    amp: bool = True  # bf16 autocast on CUDA (the official code trains with AMP); no effect on the CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    nproc: PositiveInt = 1  # processes (DDP via torchrun); batch_size is the global batch
+
+
+class ImageTextEvalParams(Section):
+    ks: Annotated[list[PositiveInt], Field(min_length=1)] = [1, 5, 10]
+    folds: PositiveInt | None = None  # COCO 1K: 5 folds of the 5,000 test images; null = all at once
+    queries: PositiveInt = 4  # image and caption queries shown in data/imagetext/eval/retrieval.png
+
+
+class ImageTextParams(Section):
+    data: ImageTextDataParams = ImageTextDataParams()
+    features: ImageTextFeatureParams = ImageTextFeatureParams()
+    model: ImageTextModelParams = ImageTextModelParams()
+    train: ImageTextTrainParams = ImageTextTrainParams()
+    evaluate: ImageTextEvalParams = ImageTextEvalParams()

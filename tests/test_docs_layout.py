@@ -1,0 +1,48 @@
+"""docs/development.md's map of the code matches the code: every folder and module it names exists, and every
+package of the library is on the map."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = re.compile(r"^[\w.]+(/|\.py)$")
+
+
+def _mapped() -> set[Path]:
+    """The paths the tree in docs/development.md names: each line's leading names (a folder ``x/``, modules
+    ``a.py, b.py``), placed under the folder of the nearest less-indented folder line above it."""
+    text = (ROOT / "docs" / "development.md").read_text()
+    tree = text.split("```", 2)[1]
+    folders: list[tuple[int, Path]] = []
+    named: set[Path] = set()
+    for line in tree.splitlines():
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip())
+        head = re.split(r"\s{2,}", line.strip())[0]
+        names = [n.strip() for n in head.split(",")]
+        if not names or not all(NAME.match(n) for n in names):
+            continue  # a description continued on the next line
+        while folders and folders[-1][0] >= indent:
+            folders.pop()
+        parent = folders[-1][1] if folders else ROOT
+        for name in names:
+            path = parent / name.rstrip("/")
+            named.add(path)
+            if name.endswith("/"):
+                folders.append((indent, path))
+    return named
+
+
+def test_every_path_the_map_names_exists() -> None:
+    missing = sorted(p.relative_to(ROOT).as_posix() for p in _mapped() if not p.exists())
+    assert not missing, f"docs/development.md names what does not exist: {missing}"
+
+
+def test_every_library_package_is_on_the_map() -> None:
+    core = ROOT / "stages" / "core"
+    packages = {p.parent for p in core.rglob("__init__.py")}
+    absent = sorted(p.relative_to(ROOT).as_posix() for p in packages - _mapped())
+    assert not absent, f"docs/development.md does not name these packages: {absent}"
