@@ -37,7 +37,8 @@ def run(params: Params) -> None:
         len(dataset),
         params.model.backbone,
     )
-    emb = embed_dataset(model.pooled, dataset, batch_size=ev.batch_size, num_workers=ev.num_workers, device=device)
+    options = {"batch_size": ev.batch_size, "num_workers": ev.num_workers, "precision": ev.precision}
+    emb = embed_dataset(model.pooled, dataset, device=device, **options)
     metrics = retrieval_metrics(
         emb, query_labels=dataset.labels, ks=ev.ks, seed=params.seed, nmi=ev.nmi, nmi_restarts=ev.nmi_restarts
     )

@@ -339,7 +339,9 @@ def test_best_epoch_summary_is_read_from_the_training_test_metrics(tmp_path: Pat
         {"epoch": 3.0, "test/recall@1": 0.6, "test/map@r": 0.35},
     ]
     path.write_text(json.dumps({"every": 1, "epochs": rows}))
-    assert read_best_epoch(path) == {
+    assert read_best_epoch(path) == {  # each metric's maximum (MAP@R's is epoch 3's), and the best R@1 epoch
+        "max_over_epochs/recall@1": 0.7,
+        "max_over_epochs/map@r": 0.35,
         "best_epoch/epoch": 2,
         "best_epoch/recall@1": 0.7,
         "best_epoch/map@r": 0.3,

@@ -69,7 +69,7 @@ class Bag(nn.Module):
 
 
 class _Bag(TowerKind):
-    def cache(self, arg, texts, train, max_tokens, device):
+    def cache(self, arg, texts, train, max_tokens, device, words=None):
         tower = TextTower(f"toybag:{arg}", max_tokens, int(arg), 0, {"width": 8})
         return CaptionCache(self.tokenizer(tower, device)(texts), tower)
 

@@ -245,7 +245,10 @@ def test_dives_recipe_in_one_word_trains_the_bigru_tower_end_to_end(reproduced: 
     xm = json.loads((repo / "data/imagetext/eval/metrics.json").read_text())
     assert 0 <= xm["rsum"] <= 600 and xm["n_images"] == 4 and xm["n_captions"] == 20
     text = json.loads((repo / "data/imagetext/model/config.json").read_text())["text"]
-    assert text["tower"] == "bigru:glove:6B-50d" and text["words_with_vectors"] == len(text["vocab"]) - 5
+    assert text["tower"] == "bigru:glove:6B-50d" and text["words_with_vectors"] == len(text["vocab"]) - 4
+    # the official tokenizer and vocabulary rule: four special rows, no <mask> (caption drop masks with <unk>)
+    assert text["tokenizer"] == "nltk" and text["vocab"][:4] == ["<pad>", "<start>", "<end>", "<unk>"]
+    assert "<mask>" not in text["vocab"] and text["mask_id"] == 3
 
 
 @pytest.mark.slow

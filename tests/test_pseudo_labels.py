@@ -238,7 +238,9 @@ def stub_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Letters:
     encoder = Letters()
     encoder.sizes = []  # type: ignore[attr-defined]
 
-    def classifier(spec: str, device: object, image_size: int | None = None) -> tuple[nn.Module, object]:
+    def classifier(
+        spec: str, device: object, image_size: int | None = None, transform: str = "classifier"
+    ) -> tuple[nn.Module, object]:
         encoder.sizes.append(image_size)  # type: ignore[attr-defined]
         side = image_size or 4
         return PixelNet(), lambda im: _to_tensor(im.resize((side, side)))
@@ -275,6 +277,7 @@ def test_pseudo_labels_stage_exact(stub_stage: Letters, averaging: str, top: flo
         "n_images": 7,
         "image_size": 4,  # what the classifier's transform gave, here the stub's native 4 px
         "max_per_class": 50,
+        "transform": "classifier",
         "params": parse_params({"pseudo_labels": cfg}).pseudolabels_params(),  # what stale checks compare
     }
     assert table.column("class_id").to_pylist() == [0] * 5 + [2] * 5 + [4] * 5
@@ -369,17 +372,47 @@ def test_pseudo_labels_stage_real_models(tmp_path: Path, monkeypatch: pytest.Mon
     assert (np.diff(scores, axis=1) <= 0).all() and (scores > 0).all() and (scores.sum(1) <= 1 + 1e-6).all()
 
 
-def test_classifier_pass_uses_the_one_precision_policy(monkeypatch: pytest.MonkeyPatch) -> None:
-    """bf16 like every other forward pass: float16 overflows at 65504 and would drop a class from the top-k."""
-    dtypes: list[torch.dtype] = []
+def test_the_classifier_pass_runs_in_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the official PLG pass (language_guidance.py relabel): no autocast, so a near-tie of two ImageNet
+    classes cannot flip with the precision (float16 would also overflow at 65504)."""
+    entered: list[object] = []
     real = torch.autocast
 
     def recording(device_type: str, dtype: torch.dtype | None = None, **kwargs):
-        dtypes.append(dtype)
+        entered.append(dtype)
         return real(device_type, dtype=dtype, **kwargs)
 
     monkeypatch.setattr(torch, "autocast", recording)
     images = [(Image.new("L", (4, 4), v).convert("RGB"), v % 2) for v in (3, 7, 9)]
     dataset = [(_to_tensor(im), y) for im, y in images]
-    imagenet.class_mean_outputs(PixelNet(), dataset, batch_size=2, device="cpu", progress=False)
-    assert dtypes and set(dtypes) == {torch.bfloat16}
+    seen: list[torch.dtype] = []
+
+    class Recording(PixelNet):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = super().forward(x)
+            seen.append(out.dtype)
+            return out
+
+    imagenet.class_mean_outputs(Recording(), dataset, batch_size=2, device="cpu", progress=False)
+    assert entered == [] and seen == [torch.float32, torch.float32]
+
+
+def test_compare_transforms_counts_the_classes_whose_names_change(stub_stage: Letters) -> None:
+    """With pseudo_labels.compare_transforms the stage also runs the other transform and says how many classes'
+    top-k names differ (the stub classifier sees the same pixels either way: none)."""
+    from stages import pseudo_labels
+
+    cfg = {"num_workers": 0, "device": "cpu", "compare_transforms": True}
+    pseudo_labels.run(parse_params({"pseudo_labels": cfg}))
+    assert (
+        "Under the official transform, 0 of 3 classes get other top-5 names." in paths.PSEUDOLABELS_REPORT.read_text()
+    )
+    assert read_parquet(paths.PSEUDOLABELS_TABLE)[1]["classes_changed_by_transform"] == 0
+
+
+def test_transform_changes_compares_top_k_sets_by_hand() -> None:
+    from stages.core.language.plg import transform_changes
+
+    means = np.array([[0.9, 0.5, 0.1, 0.0], [0.1, 0.2, 0.8, 0.7]])
+    other = np.array([[0.5, 0.9, 0.1, 0.0], [0.9, 0.2, 0.8, 0.1]])  # class 0: same top-2 set, reordered
+    assert transform_changes(means, other, 2) == 1  # class 1: {2, 3} -> {0, 2}

@@ -16,7 +16,8 @@ from stages.core.imagetext.model import ImageTextModel, embed_sets, load_imagete
 from stages.core.imagetext.objective import ImageTextData, ImageTextObjective
 from stages.core.imagetext.tokens import ragged_token_sets
 from stages.core.imagetext.towers import augment_ids, drop_regions, tower_kind
-from stages.core.imagetext.towers.bigru import END, MASK, SPECIALS, START, UNK, build_vocabulary, word_ids, word_vectors
+from stages.core.imagetext.towers.bigru import word_vectors
+from stages.core.imagetext.vocabulary import END, MASK, SPECIALS, START, UNK, build_vocabulary, word_ids
 from stages.core.model.heads import DivEHead, SlotOptions, sine_positions
 
 CAPTIONS = ["A dog runs on the grass.", "Two dogs play", "a red car", "A car on the road"]

@@ -52,13 +52,14 @@ def seed_everything(seed: int, deterministic: bool = False) -> torch.Generator:
     return gen
 
 
-def autocast(device: torch.device | str, enabled: bool = True) -> torch.autocast:
-    """The one mixed-precision policy: bfloat16 autocast on CUDA, full precision elsewhere.
+AMP_DTYPES = ("bfloat16", "float16")
 
-    bfloat16 has float32's exponent range, so no logit overflows to inf (float16 tops out at 65504,
-    which would silently drop a class from a top-k); every forward pass of the project uses this.
-    """
+
+def autocast(device: torch.device | str, enabled: bool = True, dtype: str = "bfloat16") -> torch.autocast:
+    """Mixed precision on CUDA, full precision elsewhere: bfloat16 by default (float32's exponent range, so no
+    logit overflows to inf), float16 where an official run trains so (DivE: ``torch.cuda.amp`` with a
+    GradScaler, which the loop then uses)."""
     import torch
 
     device_type = torch.device(device).type
-    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled and device_type == "cuda")
+    return torch.autocast(device_type, dtype=getattr(torch, dtype), enabled=enabled and device_type == "cuda")

@@ -97,7 +97,7 @@ class Params(Section):
     def pseudolabels_params(self) -> dict[str, Any]:
         """The params that decide the PLG cache: stored in it, checked by every stage that reads it."""
         p, t = self.pseudo_labels, self.text
-        keys = ("classifier", "k", "averaging", "template", "image_size", "max_per_class")
+        keys = ("classifier", "k", "averaging", "template", "image_size", "transform", "max_per_class")
         return {
             **{f"pseudo_labels.{k}": getattr(p, k) for k in keys},
             "text.encoder": t.encoder,

@@ -60,14 +60,17 @@ class TrackedLocalFiles(Section):
 
     local_files: str
     _spec_field: ClassVar[str] = ""  # the spec that may name local files
+    _path_fields: ClassVar[tuple[str, ...]] = ()  # fields that are a local file's path (or null)
 
     @model_validator(mode="after")
     def _inside_local_files(self) -> TrackedLocalFiles:
         root = Path(self.local_files).resolve()
-        for path in local_paths(getattr(self, self._spec_field)):
+        named = [(self._spec_field, p) for p in local_paths(getattr(self, self._spec_field))]
+        named += [(f, Path(getattr(self, f))) for f in self._path_fields if getattr(self, f)]
+        for field, path in named:
             if not path.resolve().is_relative_to(root):
                 raise ValueError(
-                    f"{self._spec_field} reads {path}, outside local_files ({self.local_files}), so DVC would not "
+                    f"{field} reads {path}, outside local_files ({self.local_files}), so DVC would not "
                     f"see it change: move it into {self.local_files}, or set local_files to a folder that holds it"
                 )
         return self

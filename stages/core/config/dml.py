@@ -84,6 +84,10 @@ class PseudoLabelParams(Section):
     num_workers: NonNegInt = 2
     device: Literal["auto", "cpu", "cuda"] = "auto"
     image_size: PositiveInt | None = 192  # None = the classifier's native input size
+    # classifier: its own eval transform | official: Resize(256) + CenterCrop(image_size; 299 in the paper),
+    # zero-padded, as language_guidance.py's relabel pass
+    transform: Literal["classifier", "official"] = "classifier"
+    compare_transforms: bool = False  # also run the other transform; pseudolabels.md counts the classes that change
     max_per_class: PositiveInt | None = 2  # None = every training image
 
     @field_validator("template")
@@ -148,6 +152,9 @@ class S2SDParams(Section):
     feat_weight: Annotated[float, Field(ge=0)] = 50.0  # --loss_s2sd_feat_w
     feat_delay: NonNegInt = 1000  # --loss_s2sd_feat_distill_delay, in iterations
     pool_aggr: bool = False  # --loss_s2sd_pool_aggr: average + max pooled features
+    # the target heads' and their losses' weight decay; null = train.weight_decay. The official: 0 (their
+    # parameter groups set none, and main.py's Adam has no default; criteria/s2sd.py)
+    weight_decay: Annotated[float, Field(ge=0)] | None = None
 
 
 class TrainParams(Section):
@@ -202,6 +209,7 @@ class EvaluateParams(Section):
     nmi_restarts: PositiveInt = 5
     f1: bool = False  # the clustering F1 of the language-guidance code (metrics/f1.py)
     map_at_1000: bool = False  # mAP@1000 of the language-guidance code (metrics/mAP_1000.py)
+    precision: Literal["float32", "bfloat16"] = "float32"  # the test embeddings (both official codes: float32)
 
 
 class IndexParams(Section):

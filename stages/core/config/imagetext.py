@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from stages.core.config.base import (
     BackboneSpec,
@@ -42,9 +42,31 @@ class ImageTextFeatureParams(TrackedLocalFiles):
     text_tower: TextTowerSpec = "frozen:sentence-transformers:all-MiniLM-L6-v2"
     local_files: str = "data/local/text_towers"  # word-vector files and local model folders the tower reads
     _spec_field: ClassVar[str] = "text_tower"
+    _path_fields: ClassVar[tuple[str, ...]] = ("vocabulary_file",)
     max_tokens: PositiveInt = 32
+    # bigru only (docs/dive.md): regex (words, punctuation dropped) | nltk (DivE's word_tokenize, punctuation kept)
+    tokenizer: Literal["regex", "nltk"] = "regex"
+    # ranked (every training word by count, with a <mask> row) | official (vocab.py: words seen min_word_count
+    # times or more, first-seen order, no <mask> row, so caption drop masks with <unk>)
+    vocabulary: Literal["ranked", "official"] = "ranked"
+    min_word_count: PositiveInt = 1  # vocab.py's --threshold; rarer training words are <unk> (which then trains)
+    vocabulary_file: str | None = (
+        None  # DivE's vocab/<data>_vocab.pkl (or JSON word2idx) in local_files, if you have it
+    )
     batch_size: PositiveInt = 64
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _word_rules_need_a_word_tower(self) -> ImageTextFeatureParams:
+        custom = (self.tokenizer, self.vocabulary, self.min_word_count, self.vocabulary_file) != (
+            "regex",
+            "ranked",
+            1,
+            None,
+        )
+        if custom and not self.text_tower.startswith("bigru:"):
+            raise ValueError("tokenizer, vocabulary, min_word_count and vocabulary_file are the bigru tower's")
+        return self
 
 
 class ImageTextModelParams(SlotHeadsCheck):
@@ -60,6 +82,13 @@ class ImageTextModelParams(SlotHeadsCheck):
     image_local_dropout: Probability = 0.0  # on the projected image tokens (--img_1x1_dropout)
     image_local_bn: bool = False  # BatchNorm in the image projection's MLP (--gpo_1x1)
     text_positions: bool = False  # sine positions on the text keys (--spm_txt_pos_enc_type sine)
+    # exact: padded tokens get no weight and positions run over each set's own length, so a caption embeds the
+    # same in any batch | official: as kdwonn/DivE (padding masked before the softmax over slots, positions over
+    # the padded batch length), what the published models were trained with; docs/dive.md
+    padding: Literal["exact", "official"] = "exact"
+    # shared: the global feature is pooled from the projected tokens | separate: the projection runs again for it
+    # (model_spm.py spm_fc twice: its own dropout mask and BatchNorm update); the same at evaluation
+    image_global_projection: Literal["shared", "separate"] = "shared"
 
 
 class ImageTextTrainParams(Section):
@@ -79,7 +108,8 @@ class ImageTextTrainParams(Section):
     clip: PositiveFloat | None = 1.0  # gradient-norm clipping; null = off
     optimizer: OptimizerName = "adamw"
     scheduler: SchedulerName = "cosine_step"  # cosine per step, no warm-up (DivE's train.py)
-    amp: bool = True  # bf16 autocast on CUDA (the official code trains with AMP); no effect on the CPU
+    amp: bool = True  # autocast on CUDA (the official code trains with AMP); no effect on the CPU
+    amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"  # float16: with a GradScaler, as DivE's torch.cuda.amp
     device: Literal["auto", "cpu", "cuda"] = "auto"
     nproc: PositiveInt = 1  # processes (DDP via torchrun); batch_size is the global batch
 

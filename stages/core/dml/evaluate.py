@@ -59,9 +59,10 @@ def read_pretrained_metrics(path: Path) -> dict[str, Any]:
 
 
 def read_best_epoch(path: Path) -> dict[str, Any]:
-    """``best_epoch/...``: the official protocol's summary of the test metrics taken during training
+    """``max_over_epochs/...`` (the official summary: each metric's maximum over the epochs) and
+    ``best_epoch/...`` (every metric of the best recall@1 epoch) of the test metrics taken during training
     (``train.evaluate_every``); nothing when there are none."""
-    from stages.core.evaluation.per_epoch import best_epoch
+    from stages.core.evaluation.per_epoch import best_epoch, max_over_epochs
 
     if not path.is_file():
         return {}
@@ -69,7 +70,7 @@ def read_best_epoch(path: Path) -> dict[str, Any]:
         rows = json.loads(path.read_text())["epochs"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise LangdmlError(f"{path}: unreadable ({err}); re-run `langdml train`") from None
-    return best_epoch(rows)
+    return {**max_over_epochs(rows), **best_epoch(rows)}
 
 
 def check_control(control: dict[str, Any], labels: Any, path: Path = Path("data/pretrained_eval/metrics.json")) -> None:
@@ -146,7 +147,9 @@ def evaluate_trained(
     check_control(control, table.column("label").to_numpy(), p.control)
     dataset = ImageDataset(table, root, eval_transform(model_params.image_size, model.mean, model.std))
     log.info("embedding %d test images with the trained model", len(dataset))
-    emb = embed_dataset(model, dataset, batch_size=ev.batch_size, num_workers=ev.num_workers, device=device)
+    emb = embed_dataset(
+        model, dataset, batch_size=ev.batch_size, num_workers=ev.num_workers, device=device, precision=ev.precision
+    )
     labels = dataset.labels
     metrics = retrieval_metrics(
         emb,

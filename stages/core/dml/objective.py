@@ -64,6 +64,7 @@ class DMLObjective(nn.Module):
         head_lr: float = 1e-3,
         s2sd: S2SD | None = None,
         s2sd_weights: tuple[float, float] = (0.0, 0.0),
+        s2sd_weight_decay: float | None = None,
     ) -> None:
         """``image_similarity`` is S_img of the language term; ``diversity`` weighs DivE's slot-diversity
         term, which exists only for a head that exposes slot residuals (a set head); ``to_device`` turns a
@@ -77,6 +78,7 @@ class DMLObjective(nn.Module):
         self.lr, self.head_lr = lr, head_lr
         self.weights: dict[str, float] = {"dml": 1.0, "language": float(omega), "diversity": float(diversity)}
         self.s2sd = s2sd
+        self.s2sd_weight_decay = s2sd_weight_decay
         if s2sd is not None:  # (L_source + mean L_target) / 2 + w * distill + feat_w * features (criteria/s2sd.py)
             weight, feat_weight = s2sd_weights
             self.weights.update(dml=0.5, s2sd_target=0.5, s2sd_distill=float(weight), s2sd_features=float(feat_weight))
@@ -108,7 +110,10 @@ class DMLObjective(nn.Module):
         ]
         groups += [{"lr": self.head_lr, **g} for g in self.dml.param_groups()]
         if self.s2sd is not None:  # the target heads and their losses at the lr, as the official optim_dict_list
-            groups.append({"params": list(self.s2sd.parameters()), "lr": self.lr, "name": "s2sd"})
+            group = {"params": list(self.s2sd.parameters()), "lr": self.lr, "name": "s2sd"}
+            if self.s2sd_weight_decay is not None:
+                group["weight_decay"] = self.s2sd_weight_decay
+            groups.append(group)
         return groups
 
     def inputs(self, batch: tuple[Any, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,6 +265,7 @@ def train_dml(
         head_lr=tp.effective_head_lr,
         s2sd=s2sd,
         s2sd_weights=(tp.s2sd.weight, tp.s2sd.feat_weight),
+        s2sd_weight_decay=tp.s2sd.weight_decay,
     ).to(run.device)
     if run.cuda:
         model.to(memory_format=torch.channels_last)

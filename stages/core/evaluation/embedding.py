@@ -28,13 +28,15 @@ def embed_dataset(
     device: torch.device | str,
     normalize: bool = True,
     dtype: Any = np.float32,
+    precision: str = "float32",
 ) -> np.ndarray:
     """``fn`` (a model, or its ``pooled``) over ``dataset`` in order: float32, L2-normalised along the
     last axis; N x D for one vector per image, N x K x D for a set of K (never flattened).
 
     When ``fn`` is an ``nn.Module`` or one's bound method, the module is moved to ``device`` and put in
     eval mode for the loop (batch-norm statistics and dropout must not change what an image maps to),
-    then given back its previous mode. bf16 autocast on CUDA; full precision on the CPU. ``normalize``
+    then given back its previous mode. ``precision``: float32 (both official codes evaluate so) or bfloat16
+    (autocast on CUDA; full precision on the CPU either way). ``normalize``
     False keeps the raw outputs (feature maps as tokens); ``dtype``: each batch's rows are stored so (float16
     halves a feature cache, batch by batch, never holding a float32 copy of the whole).
     """
@@ -62,7 +64,7 @@ def embed_dataset(
     )
     chunks: list[np.ndarray] = []
     try:
-        with torch.inference_mode(), autocast(device):
+        with torch.inference_mode(), autocast(device, enabled=precision == "bfloat16"):
             for images, _ in tqdm(loader, desc="embed", unit="batch", disable=None):
                 out = fn(images.to(device, non_blocking=True)).float()
                 if out.ndim not in (2, 3):

@@ -26,6 +26,7 @@ from stages.core.data.datasets.captions import FEATURE_ROW, image_manifest, is_p
 from stages.core.errors import LangdmlError
 from stages.core.imagetext.tokens import TOWER_INFO, ragged_token_sets, save_token_sets
 from stages.core.imagetext.towers import tower_kind
+from stages.core.imagetext.vocabulary import WordRules
 from stages.core.io import load_npy, replace_directory, save_npy, staging_directory, write_json
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,8 @@ def compute_features(f: ImageTextFeatureParams, images: pa.Table, captions: pa.T
     grid = precomputed_tokens(images, root) if is_precomputed(images) else image_tokens(f, images, root)
     kind, arg = tower_kind(f.text_tower)
     train = np.asarray(captions["split"].to_pylist()) == "train"
-    cache = kind.cache(arg, captions["text"].to_pylist(), train, f.max_tokens, resolve_device(f.device))
+    words = WordRules(f.tokenizer, f.vocabulary, f.min_word_count, f.vocabulary_file)
+    cache = kind.cache(arg, captions["text"].to_pylist(), train, f.max_tokens, resolve_device(f.device), words=words)
     texts = ragged_token_sets(cache.sets)
     with staging_directory(out) as staging:
         save_token_sets(staging, "image", ragged_token_sets(list(grid)))

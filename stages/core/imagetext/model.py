@@ -92,6 +92,8 @@ def slot_options(mp: ImageTextModelParams, modality: str, project: bool = True) 
         local_bn=mp.image_local_bn if image else False,
         project=project,
         key_positions=mp.text_positions and not image,
+        padding=mp.padding,
+        separate_global=mp.image_global_projection == "separate" and image,
     )
 
 

@@ -239,7 +239,14 @@ def train_imagetext(
     ).to(run.device)
     config = ckpt.fingerprint_config(fingerprint_params(seed, mp, tp), run.device.type, input_files)
     spec = FitSpec(
-        LoopOptions(epochs=tp.epochs, batch_size=tp.batch_size, amp=tp.amp, clip=tp.clip, params="imagetext.train"),
+        LoopOptions(
+            epochs=tp.epochs,
+            batch_size=tp.batch_size,
+            amp=tp.amp,
+            amp_dtype=tp.amp_dtype,
+            clip=tp.clip,
+            params="imagetext.train",
+        ),
         OptimSpec(tp.optimizer, tp.lr, tp.weight_decay, tp.scheduler, ScheduleSpec(tp.epochs, len(batches))),
         CheckpointSpec(paths.checkpoint, config),
         paths.logs,

@@ -1,4 +1,4 @@
-"""ImageNet-1k classifiers for PLG: ``create_classifier(spec, device, image_size) -> (model, transform)``.
+"""ImageNet-1k classifiers for PLG: ``create_classifier(spec, device, image_size, transform) -> (model, transform)``.
 
 PLG asks an ImageNet classifier what each training class looks like (its top-k ImageNet names),
 so any 1000-way classifier works: ``efficientnet-lite0`` (offline, from PyPI packages) or
@@ -16,7 +16,6 @@ from stages.core.errors import LangdmlError
 from stages.core.hub import load_cached_or_online
 from stages.core.language.pseudo import Averaging, ClassAverager
 from stages.core.registry import Registry, parse_spec
-from stages.core.runtime import autocast
 
 if TYPE_CHECKING:
     import torch
@@ -29,22 +28,42 @@ OFFLINE_HINT = "the classifier efficientnet-lite0 works offline"
 
 Transform = Callable[[Any], Any]
 # factory(rest of the spec after "family:", image size or None for the native one)
-#   -> (model on the CPU, PIL -> tensor transform); create_classifier moves it to the device
-ClassifierFactory = Callable[[str, int | None], tuple["nn.Module", Transform]]
+#   -> (model on the CPU, its own PIL -> tensor eval transform, its normalisation (mean, std));
+#   create_classifier moves the model to the device
+Normalisation = tuple[tuple[float, ...], tuple[float, ...]]
+ClassifierFactory = Callable[[str, int | None], tuple["nn.Module", Transform, Normalisation]]
+# pseudo_labels.transform: the classifier's own eval transform, or the official PLG pass's (language_guidance.py
+# relabel + datasets/basic_dataset_scaffold.py: Resize(256) then CenterCrop(299), which pads the short side
+# with zeros since 256 < 299; the base_size 320 it sets is never used)
+TRANSFORMS = ("classifier", "official")
+OFFICIAL_RESIZE, OFFICIAL_CROP = 256, 299
 IMAGENET_CLASSIFIERS: Registry[ClassifierFactory] = Registry("ImageNet classifier")
 
 
 def create_classifier(
-    spec: str, device: str | torch.device = "cpu", image_size: int | None = None
+    spec: str, device: str | torch.device = "cpu", image_size: int | None = None, transform: str = "classifier"
 ) -> tuple[nn.Module, Transform]:
-    """``efficientnet-lite0`` or ``timm:<model name>``: an eval-mode model giving B x 1000 logits,
-    and the PIL-image transform it was trained with, cropping to ``image_size`` instead of the
-    native input size when given (smaller is much faster on a CPU, at some cost in accuracy)."""
-
+    """``efficientnet-lite0`` or ``timm:<model name>``: an eval-mode model giving B x 1000 logits, and the
+    PIL-image transform ``transform`` names: ``classifier``, the one it was trained with, cropping to
+    ``image_size`` instead of the native input size when given (smaller is much faster on a CPU, at some cost in
+    accuracy); ``official``, Resize(256) then a zero-padded CenterCrop(``image_size``, 299 when None) with the
+    classifier's normalisation."""
     family, rest = parse_spec(spec, kind="classifier")
     factory = IMAGENET_CLASSIFIERS.get(family)
-    model, transform = factory(rest, image_size)
-    return model.eval().to(device), transform
+    model, own, (mean, std) = factory(rest, image_size)
+    if transform == "official":
+        own = official_transform(image_size or OFFICIAL_CROP, mean, std)
+    elif transform != "classifier":
+        raise LangdmlError(f"pseudo_labels.transform must be one of {', '.join(TRANSFORMS)}, got {transform!r}")
+    return model.eval().to(device), own
+
+
+def official_transform(crop: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Transform:
+    """The official PLG pass's geometry: the short side resized to 256, then a centre crop of ``crop`` (torchvision
+    pads with zeros where the crop is larger than the image), then the classifier's normalisation."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(OFFICIAL_RESIZE), T.CenterCrop(crop), T.ToTensor(), T.Normalize(mean, std)])
 
 
 def resize_for_crop(size: int) -> int:
@@ -62,7 +81,7 @@ def transform_output_size(transform: Transform) -> tuple[int, int]:
 
 
 @IMAGENET_CLASSIFIERS.register("efficientnet-lite0")
-def _efficientnet_lite0(rest: str, image_size: int | None) -> tuple[nn.Module, Transform]:
+def _efficientnet_lite0(rest: str, image_size: int | None) -> tuple[nn.Module, Transform, Normalisation]:
     from torchvision import transforms as T
 
     from stages.core.model.efficientnet_lite import LITE0_IMAGE_SIZE, LITE0_MEAN, LITE0_STD, load_efficientnet_lite0
@@ -78,11 +97,11 @@ def _efficientnet_lite0(rest: str, image_size: int | None) -> tuple[nn.Module, T
             T.Normalize(LITE0_MEAN, LITE0_STD),
         ]
     )
-    return load_efficientnet_lite0(pretrained=True), transform
+    return load_efficientnet_lite0(pretrained=True), transform, (tuple(LITE0_MEAN), tuple(LITE0_STD))
 
 
 @IMAGENET_CLASSIFIERS.register("timm")
-def _timm(rest: str, image_size: int | None) -> tuple[nn.Module, Transform]:
+def _timm(rest: str, image_size: int | None) -> tuple[nn.Module, Transform, Normalisation]:
     import timm
     from timm.data import create_transform, resolve_data_config
 
@@ -98,8 +117,9 @@ def _timm(rest: str, image_size: int | None) -> tuple[nn.Module, Transform]:
             "pick an ImageNet-1k classifier (a tag such as .in1k or .a1_in1k)"
         )
     override = {"input_size": (3, image_size, image_size)} if image_size else {}
-    transform = create_transform(**resolve_data_config(override, model=model), is_training=False)
-    return model, transform
+    config = resolve_data_config(override, model=model)
+    transform = create_transform(**config, is_training=False)
+    return model, transform, (tuple(config["mean"]), tuple(config["std"]))
 
 
 def imagenet_class_names() -> list[str]:
@@ -141,8 +161,8 @@ def class_mean_outputs(
 ) -> ClassAverager:
     """Run ``model`` over every image of ``dataset`` ((image, label) pairs) and keep per-class sums.
 
-    bf16 autocast on CUDA (the project's one precision policy); outputs are summed in float64 on the
-    CPU, one batch at a time.
+    In float32, as the official PLG pass (a one-time precompute, where a near-tie of two ImageNet classes must
+    not flip with the precision); outputs are summed in float64 on the CPU, one batch at a time.
     """
     import time
 
@@ -163,8 +183,7 @@ def class_mean_outputs(
     start = time.perf_counter()
     with torch.inference_mode(), tqdm(total=len(dataset), desc="classify", unit="img", disable=not progress) as bar:
         for images, labels in loader:
-            with autocast(dev):
-                logits = model(images.to(dev, non_blocking=True))
+            logits = model(images.to(dev, non_blocking=True))
             averager.update(logits.float().cpu().numpy(), labels.numpy())
             bar.update(len(labels))
     seconds = time.perf_counter() - start

@@ -84,6 +84,14 @@ def markdown_report(
     return "\n".join(lines) + "\n"
 
 
+def transform_changes(means: np.ndarray, other: np.ndarray, k: int) -> int:
+    """How many classes (rows) have another set of top-``k`` ImageNet classes in ``other`` than in ``means``."""
+    from stages.core.language.pseudo import topk_per_class
+
+    first, second = topk_per_class(means, k)[0], topk_per_class(other, k)[0]
+    return int(sum(set(a.tolist()) != set(b.tolist()) for a, b in zip(first, second, strict=True)))
+
+
 def compute_pseudolabels(
     manifest: pa.Table, root: Path, cfg: PseudoLabelParams, text: TextParams, params_record: dict[str, Any]
 ) -> PseudoLabels:
@@ -109,7 +117,7 @@ def compute_pseudolabels(
     n_total = manifest.num_rows
     table = manifest.take(first_per_class(manifest.column("label").to_pylist(), cfg.max_per_class))
     device = resolve_device(cfg.device)
-    model, transform = create_classifier(cfg.classifier, device, cfg.image_size)
+    model, transform = create_classifier(cfg.classifier, device, cfg.image_size, cfg.transform)
     height, width = transform_output_size(transform)
     image_size = height if height == width else [height, width]
     log.info(
@@ -121,14 +129,26 @@ def compute_pseudolabels(
         width,
         cfg.classifier,
     )
-    averager = class_mean_outputs(
-        model,
-        ImageDataset(table, root, transform),
-        averaging=cfg.averaging,
-        batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
-        device=device,
-    )
+
+    def class_means(classifier: Any, transform: Any) -> Any:
+        return class_mean_outputs(
+            classifier,
+            ImageDataset(table, root, transform),
+            averaging=cfg.averaging,
+            batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers,
+            device=device,
+        )
+
+    averager = class_means(model, transform)
+    changed = None
+    if cfg.compare_transforms:
+        other = "official" if cfg.transform == "classifier" else "classifier"
+        _, other_means = class_means(model, create_classifier(cfg.classifier, "cpu", cfg.image_size, other)[1]).result()
+        changed = transform_changes(averager.result()[1], other_means, cfg.k)
+        log.info(
+            "%d of %d classes' top-%d names differ under the %s transform", changed, len(other_means), cfg.k, other
+        )
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -158,14 +178,20 @@ def compute_pseudolabels(
         "n_images": int(table.num_rows),
         "image_size": image_size,
         "max_per_class": cfg.max_per_class,
+        "transform": cfg.transform,
         "params": params_record,
     }
     header = [
-        f"classifier `{cfg.classifier}` at {height}x{width} px, averaging `{cfg.averaging}`, k = {cfg.k}, "
-        f"{table.num_rows} of {n_total} training images (max_per_class {cfg.max_per_class}), "
-        f"{len(class_ids)} classes; "
-        f"names embedded with `{text.encoder}`."
+        f"classifier `{cfg.classifier}` at {height}x{width} px ({cfg.transform} transform), averaging "
+        f"`{cfg.averaging}`, k = {cfg.k}, {table.num_rows} of {n_total} training images (max_per_class "
+        f"{cfg.max_per_class}), {len(class_ids)} classes; names embedded with `{text.encoder}`."
     ]
+    if changed is not None:
+        metadata["classes_changed_by_transform"] = changed
+        other = "official" if cfg.transform == "classifier" else "classifier"
+        header.append(
+            f"Under the {other} transform, {changed} of {len(class_ids)} classes get other top-{cfg.k} names."
+        )
     report = markdown_report(
         out, class_names, cfg.k, header, "softmax probabilities" if cfg.averaging == "probs" else "logits"
     )

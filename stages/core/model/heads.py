@@ -10,8 +10,15 @@ embeddings are compared, for every consumer.
 features, their mean the global one; K learned queries are refined by one pre-norm cross-attention +
 feed-forward block applied ``depth`` times (weight-tied), the attention softmaxed over the SLOTS and then
 renormalised over the inputs (slot attention); output ``LN(slots) + LN(global)``, each slot L2-normalised.
-Unlike the official code, a padding mask zeroes masked inputs AFTER the softmax over slots, so they get
-exactly no weight (the official masks before it, leaving each padded input 1/K of every slot).
+
+How a set module treats padding is a switch (:data:`PADDING`, ``SlotOptions.padding``):
+- ``exact`` (the default): padded inputs get exactly no weight (the mask zeroes them AFTER the softmax over
+  slots) and each set's sine positions run over its own length, so a set embeds the same alone or padded in
+  any batch;
+- ``official`` (kdwonn/DivE ``agg_block/attention.py`` and ``pos_encoding.py``, which the published models were
+  trained with): padded keys are filled with ``-max`` BEFORE the softmax over slots, so every padded input keeps
+  1/K of each slot's weight before the renormalisation over inputs, and positions 1..N run over the padded
+  batch length N (pads included), so a caption's embedding depends on the longest caption of its batch.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from stages.core.model.similarity import COSINE, SimilaritySpec
 from stages.core.registry import Registry
 
 EPS = 1e-7  # added to the per-slot attention mass before renormalising over inputs, as in the official code
+PADDING = ("exact", "official")  # how a set module treats padded inputs (module docstring)
 
 HeadFactory = Callable[[int, ModelParams], nn.Module]
 HEADS: Registry[HeadFactory] = Registry("head")
@@ -76,7 +84,11 @@ class SlotOptions:
     (``--img_res_pool``). ``local_dropout``: on the projected tokens (``--img_1x1_dropout``). ``local_bn``:
     BatchNorm inside the projection MLP (``--gpo_1x1``'s MLP). ``project``: project the tokens before the
     attention (``--spm_1x1``; the official text tower attends over the raw word embeddings). ``key_positions``:
-    a sine encoding of each token's position added to the keys (``--spm_txt_pos_enc_type sine``)."""
+    a sine encoding of each token's position added to the keys (``--spm_txt_pos_enc_type sine``).
+    ``padding``: ``exact`` or ``official`` (the module docstring). ``separate_global``: the global feature is
+    pooled from a second pass through the projection (kdwonn/DivE ``model_spm.py``, ``EncoderImage``: ``spm_fc``
+    runs once for the local tokens and again inside ``residual_connection``, with its own dropout mask and
+    BatchNorm update); False pools the one projected tensor. Both equal at evaluation."""
 
     head_dim: int | None = None
     dropout: float = 0.0
@@ -85,14 +97,17 @@ class SlotOptions:
     local_bn: bool = False
     project: bool = True
     key_positions: bool = False
+    padding: str = "exact"
+    separate_global: bool = False
 
 
-def sine_positions(mask: torch.Tensor, dim: int) -> torch.Tensor:
-    """B x N x ``dim`` sine/cosine encodings of the token positions 1..L_b, normalised to (0, 2 pi] by each
-    set's own length L_b (kdwonn/DivE ``agg_block/pos_encoding.py:PositionEmbeddingSine1D``, normalize=True,
-    which divides by the padded batch length instead, so a caption's encoding there depends on its
-    batchmates); even channels sine, odd channels cosine of position / 10000^(2 floor(i/2) / dim)."""
-    keep = (~mask).float()
+def sine_positions(mask: torch.Tensor, dim: int, padding: str = "exact") -> torch.Tensor:
+    """B x N x ``dim`` sine/cosine encodings of token positions (kdwonn/DivE ``agg_block/pos_encoding.py``,
+    ``PositionEmbeddingSine1D`` with normalize=True): even channels sine, odd channels cosine of
+    position / 10000^(2 floor(i/2) / dim), positions normalised to (0, 2 pi]. ``exact``: positions 1..L_b of
+    each set's valid tokens over its own length L_b, padding 0; ``official``: positions 1..N of every slot of
+    the padded batch over its length N (pads included), as the official code."""
+    keep = (~mask).float() if padding == "exact" else torch.ones_like(mask, dtype=torch.float32)
     pos = keep.cumsum(dim=1)
     pos = pos / (pos[:, -1:].clamp_min(1.0) + 1e-6) * 2 * math.pi
     freq = 10000.0 ** (2 * (torch.arange(dim, device=mask.device) // 2) / dim)
@@ -105,9 +120,18 @@ class SlotCrossAttention(nn.Module):
     """Multi-head cross-attention of K slot queries over N inputs, softmax over slots, then over inputs."""
 
     def __init__(
-        self, dim: int, heads: int, context_dim: int | None = None, head_dim: int | None = None, dropout: float = 0.0
+        self,
+        dim: int,
+        heads: int,
+        context_dim: int | None = None,
+        head_dim: int | None = None,
+        dropout: float = 0.0,
+        padding: str = "exact",
     ) -> None:
         super().__init__()
+        if padding not in PADDING:
+            raise LangdmlError(f"padding must be one of {', '.join(PADDING)}, got {padding!r}")
+        self.padding = padding
         if head_dim is None and dim % heads:
             raise LangdmlError(f"model.embed_dim ({dim}) must be a multiple of model.slot_heads ({heads})")
         context_dim = context_dim or dim
@@ -140,8 +164,11 @@ class SlotCrossAttention(nn.Module):
         context = self.norm_inputs(inputs)
         keys = context if key_positions is None else context + key_positions.to(context.dtype)
         k, v = self._split(self.to_k(keys)), self._split(self.to_v(context))
-        attn = (q @ k.transpose(-1, -2) * self.scale).softmax(dim=-2)  # B x h x K x N, softmax over slots
-        if mask is not None:
+        logits = q @ k.transpose(-1, -2) * self.scale  # B x h x K x N
+        if mask is not None and self.padding == "official":  # before the softmax over slots: 1/K each
+            logits = logits.masked_fill(mask[:, None, None, :], -torch.finfo(logits.dtype).max)
+        attn = logits.softmax(dim=-2)  # softmax over slots
+        if mask is not None and self.padding == "exact":
             attn = attn.masked_fill(mask[:, None, None, :], 0.0)  # after the softmax: exactly zero weight
         attn = attn / (attn.sum(dim=-1, keepdim=True) + EPS)  # each slot: a weighted mean of its inputs
         out = (attn @ v).transpose(1, 2).flatten(2)
@@ -160,9 +187,10 @@ class SlotBlock(nn.Module):
         context_dim: int | None = None,
         head_dim: int | None = None,
         dropout: float = 0.0,
+        padding: str = "exact",
     ) -> None:
         super().__init__()
-        self.attention = SlotCrossAttention(dim, heads, context_dim, head_dim, dropout)
+        self.attention = SlotCrossAttention(dim, heads, context_dim, head_dim, dropout, padding)
         self.ff = nn.Sequential(
             nn.LayerNorm(dim),
             nn.Linear(dim, ff_mult * dim),
@@ -236,7 +264,12 @@ class DivEHead(nn.Module):
         self.queries = nn.Parameter(torch.randn(slots, embed_dim))
         # one block, applied ``depth`` times: weight-tied
         self.block = SlotBlock(
-            embed_dim, heads, context_dim=context, head_dim=options.head_dim, dropout=options.dropout
+            embed_dim,
+            heads,
+            context_dim=context,
+            head_dim=options.head_dim,
+            dropout=options.dropout,
+            padding=options.padding,
         )
         self.norm_slots = nn.LayerNorm(embed_dim)
         self.norm_global = nn.LayerNorm(embed_dim)
@@ -260,11 +293,12 @@ class DivEHead(nn.Module):
         (B x D) is a global feature from elsewhere (a text tower's GRU), else the pooled local features."""
         local = self.project(tokens)
         if glob is None:
-            glob = masked_pool(local, mask, self.options.global_pool)
+            pooled = self.project(tokens) if self.options.separate_global and self.options.project else local
+            glob = masked_pool(pooled, mask, self.options.global_pool)
         positions = None
         if self.options.key_positions:
             padding = torch.zeros(local.shape[:2], dtype=torch.bool, device=local.device) if mask is None else mask
-            positions = sine_positions(padding, local.shape[-1])
+            positions = sine_positions(padding, local.shape[-1], self.options.padding)
         slots = self.queries.expand(tokens.shape[0], -1, -1)
         attn = None
         for _ in range(self.depth):

@@ -86,7 +86,8 @@ class LoopOptions:
     epochs: int
     batch_size: int  # the global batch, in samples (for samples/s)
     log_every: int = 10
-    amp: bool = False  # bf16 autocast of the forward pass (CUDA only)
+    amp: bool = False  # autocast of the forward pass (CUDA only)
+    amp_dtype: str = "bfloat16"  # float16: with a GradScaler (kdwonn/DivE train.py)
     clip: float | None = None  # gradient-norm clipping (None: off)
     params: str = "train"  # the params section named in messages ("imagetext.train")
     evaluate_every: int = 0  # epochs between calls of the evaluation hook (0: never)
@@ -156,7 +157,10 @@ class TrainStep:
     """One optimisation step: batch to the device, forward under autocast, weighted sum, backward (with
     the DDP gradient scales), optional clipping, optimiser (and per-step schedule) step. One scalar is read
     per step (is the total finite?), so no update is ever made from a NaN/inf loss. Returns the detached
-    terms and their total on the device. The benchmarks time exactly this."""
+    terms and their total on the device. The benchmarks time exactly this. With a ``scaler`` (float16
+    autocast, kdwonn/DivE ``train.py``) the loss is scaled for the backward pass, the gradients unscaled
+    before clipping, and a step whose gradients overflowed is skipped by the scaler (the schedule still
+    steps, as there)."""
 
     objective: Any  # an Objective (nn.Module)
     optimizer: torch.optim.Optimizer
@@ -165,20 +169,29 @@ class TrainStep:
     clip: float | None = None
     schedule: Schedule | None = None
     forward: Callable[..., dict[str, torch.Tensor]] | None = None  # e.g. DDP(objective)
+    amp_dtype: str = "bfloat16"
+    scaler: torch.amp.GradScaler | None = None
 
     def __call__(self, batch: Any) -> dict[str, torch.Tensor]:
         inputs = self.objective.inputs(batch, self.device)
-        with autocast(self.device, enabled=self.amp):
+        with autocast(self.device, enabled=self.amp, dtype=self.amp_dtype):
             terms = (self.forward or self.objective)(*inputs)
         total = weighted_total(terms, self.objective.weights)
         if not bool(torch.isfinite(total)):  # one scalar read per step: a non-finite loss never updates
             raise NonFiniteLoss({k: v.detach() for k, v in terms.items()})
         self.optimizer.zero_grad(set_to_none=True)
         scales = self.objective.gradient_scales  # empty unless under DDP
-        (weighted_total(terms, self.objective.weights, scales) if scales else total).backward()
+        loss = weighted_total(terms, self.objective.weights, scales) if scales else total
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         if self.clip is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.objective.parameters(), self.clip)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         if self.schedule is not None and self.schedule.per_step:
             self.schedule.scheduler.step()
         return {**{k: v.detach().float() for k, v in terms.items()}, TOTAL: total.detach().float()}
@@ -209,7 +222,9 @@ def fit(run: Run, objective: Objective, batches: Batches, spec: FitSpec) -> Trai
     for folder in (checkpoint.path.parent, *outputs) if ctx.main else ():
         if folder.is_dir() and remove_stale_temporaries(folder):
             log.info("removed stale temporary files in %s", folder)
-    start, history = _resume(checkpoint, options.epochs, objective, optimizer, schedule, ctx)
+    half = run.cuda and options.amp and options.amp_dtype == "float16"
+    scaler = torch.amp.GradScaler("cuda") if half else None
+    start, history = _resume(checkpoint, options.epochs, objective, optimizer, schedule, ctx, scaler)
     if spec.compile_model is not None:
         spec.compile_model()
     forward = None
@@ -226,6 +241,8 @@ def fit(run: Run, objective: Objective, batches: Batches, spec: FitSpec) -> Trai
         clip=options.clip,
         schedule=schedule,
         forward=forward,
+        amp_dtype=options.amp_dtype,
+        scaler=scaler,
     )
     live = LiveLog(spec.log_dir, history) if ctx.main else None
     for epoch in range(start, options.epochs):
@@ -252,6 +269,7 @@ def fit(run: Run, objective: Objective, batches: Batches, spec: FitSpec) -> Trai
                 "objective": objective.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": schedule.scheduler.state_dict() if schedule is not None else None,
+                **({"scaler": scaler.state_dict()} if scaler is not None else {}),
                 # Without timings: the checkpoint of a rerun is then byte-identical, and dvc.lock unchanged.
                 "history": [{k: v for k, v in r.items() if k not in TIMINGS} for r in history],
             }
@@ -284,6 +302,7 @@ def _resume(
     optimizer: torch.optim.Optimizer,
     schedule: Schedule | None,
     ctx: distributed.Context,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[int, list[dict[str, float]]]:
     """(first epoch to run, history so far), restoring every state from a matching checkpoint; each rank
     takes its own RNG state (rank 0's when the checkpoint was made by fewer processes)."""
@@ -297,6 +316,8 @@ def _resume(
     optimizer.load_state_dict(state["optimizer"])
     if schedule is not None:
         schedule.scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
     rng = state["rng"]
     ckpt.set_rng_state(rng[ctx.rank] if ctx.rank < len(rng) else rng[0])
     log.info("resuming from %s after epoch %d/%d", spec.path, state["epoch"], epochs)

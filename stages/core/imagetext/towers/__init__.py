@@ -85,7 +85,11 @@ class CaptionCache:
 class TowerKind:
     """One family of text towers; ``arg`` is what follows ``family:`` in the spec."""
 
-    def cache(self, arg: str, texts: list[str], train: np.ndarray, max_tokens: int, device: Any) -> CaptionCache:
+    def cache(
+        self, arg: str, texts: list[str], train: np.ndarray, max_tokens: int, device: Any, words: Any = None
+    ) -> CaptionCache:
+        """What the features stage stores for ``texts`` (``train``: the rows a vocabulary may be built from);
+        ``words``: a word tower's tokenizer and vocabulary rules (``WordRules``; other towers ignore it)."""
         raise NotImplementedError
 
     def tokenizer(self, tower: TextTower, device: Any) -> Tokenizer:

@@ -1,10 +1,9 @@
 """``bigru:<word vectors>``: DivE's released text tower (word embeddings from word vectors, a bi-GRU), over
-token ids of the training captions' vocabulary."""
+token ids of a vocabulary (:mod:`stages.core.imagetext.vocabulary`: the tokenizer and the vocabulary rule)."""
 
 from __future__ import annotations
 
 import re
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,29 +14,8 @@ from torch import nn
 
 from stages.core.errors import LangdmlError
 from stages.core.imagetext.towers import TEXT_TOWERS, CaptionCache, HeadFactory, TextTower, Tokenizer, TowerKind
+from stages.core.imagetext.vocabulary import WordRules, build_vocabulary, mask_id, word_ids
 from stages.core.registry import Registry, parse_spec
-
-SPECIALS = ("<pad>", "<start>", "<end>", "<unk>", "<mask>")  # rows 0-4 of a bi-GRU vocabulary
-PAD, START, END, UNK, MASK = range(len(SPECIALS))
-_WORD = re.compile(r"[a-z0-9]+(?:['-][a-z0-9]+)*")
-
-
-def caption_words(text: str) -> list[str]:
-    """Lower-cased words (letters and digits, inner ' and - kept), the bi-GRU's tokens."""
-    return _WORD.findall(text.lower())
-
-
-def build_vocabulary(texts: list[str]) -> list[str]:
-    """The special rows, then every word of ``texts`` by falling count (ties alphabetical)."""
-    counts = Counter(w for t in texts for w in caption_words(t))
-    return [*SPECIALS, *sorted(counts, key=lambda w: (-counts[w], w))]
-
-
-def word_ids(text: str, row: dict[str, int], max_tokens: int) -> np.ndarray:
-    """``<start>`` + the words' rows (``<unk>`` for unknown ones) + ``<end>``, at most ``max_tokens``."""
-    words = [row.get(w, UNK) for w in caption_words(text)][: max(0, max_tokens - 2)]
-    return np.array([START, *words, END], dtype=np.int32)
-
 
 # A word-vector source: (arg, the words wanted) -> (width, word -> its vector or None).
 WordLookup = Callable[[str], np.ndarray | None]
@@ -153,17 +131,29 @@ class BiGRUTower(nn.Module):
 
 
 class _BiGRU(TowerKind):
-    def cache(self, arg: str, texts: list[str], train: np.ndarray, max_tokens: int, device: Any) -> CaptionCache:
-        vocab = build_vocabulary([t for t, keep in zip(texts, train.tolist(), strict=True) if keep])
+    def cache(
+        self,
+        arg: str,
+        texts: list[str],
+        train: np.ndarray,
+        max_tokens: int,
+        device: Any,
+        words: WordRules | None = None,
+    ) -> CaptionCache:
+        words = words or WordRules()
+        vocab = build_vocabulary([t for t, keep in zip(texts, train.tolist(), strict=True) if keep], words)
         vectors = word_vectors(arg, vocab)
         found = int(np.isfinite(vectors[:, 0]).sum()) if vectors.shape[1] else 0
         details = {"vocab": vocab, "word_dim": vectors.shape[1], "words_with_vectors": found}
-        tower = TextTower(f"bigru:{arg}", max_tokens, len(vocab), MASK, details)
+        if words.tokenizer != "regex":  # the query tokenizer must be the cache's (absent: regex, older caches)
+            details["tokenizer"] = words.tokenizer
+        tower = TextTower(f"bigru:{arg}", max_tokens, len(vocab), mask_id(vocab), details)
         return CaptionCache(self.tokenizer(tower, device)(texts), tower, {"word_vectors": vectors})
 
     def tokenizer(self, tower: TextTower, device: Any) -> Tokenizer:
         row = {w: i for i, w in enumerate(tower.details["vocab"])}
-        return lambda texts: [word_ids(t, row, tower.max_tokens) for t in texts]
+        rule = tower.details.get("tokenizer", "regex")
+        return lambda texts: [word_ids(t, row, tower.max_tokens, rule) for t in texts]
 
     def build(self, tower: TextTower, head: HeadFactory, embed_dim: int, dropout: float) -> nn.Module:
         dim = int(tower.details["word_dim"])

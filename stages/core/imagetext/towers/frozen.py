@@ -27,7 +27,9 @@ class FrozenTower(nn.Module):
 
 
 class _Frozen(TowerKind):
-    def cache(self, arg: str, texts: list[str], train: np.ndarray, max_tokens: int, device: Any) -> CaptionCache:
+    def cache(
+        self, arg: str, texts: list[str], train: np.ndarray, max_tokens: int, device: Any, words: Any = None
+    ) -> CaptionCache:
         sets = self.tokenizer(TextTower(f"frozen:{arg}", max_tokens), device)(texts)
         return CaptionCache(sets, TextTower(f"frozen:{arg}", max_tokens, details={"channels": sets[0].shape[1]}))
 

@@ -61,7 +61,9 @@ class _HF(TowerKind):
 
         return self._load(name, lambda: AutoTokenizer.from_pretrained(name))
 
-    def cache(self, arg: str, texts: list[str], train: np.ndarray, max_tokens: int, device: Any) -> CaptionCache:
+    def cache(
+        self, arg: str, texts: list[str], train: np.ndarray, max_tokens: int, device: Any, words: Any = None
+    ) -> CaptionCache:
         from transformers import AutoConfig
 
         tok = self._tokenizer(arg)
