@@ -26,7 +26,26 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: flags shown as flags (`--json`), values with their type (`--k INTEGER`)
 )
+
+
+def _version(show: bool) -> None:
+    if show:
+        from importlib.metadata import version
+
+        typer.echo(f"langdml {version('langdml')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """Language-guided deep metric learning as a DVC pipeline. Each stage command is one stage of dvc.yaml."""
+
 
 # OS errors that say something about the machine (a full disk, a read-only or forbidden folder), not about
 # langdml: one line naming the file and the cause. Outputs are written to temporaries and renamed, so none
@@ -54,6 +73,7 @@ def environment_message(err: OSError) -> str:
 
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Parameter file to read.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="log progress on stderr")]
 log = logging.getLogger("langdml")
 
 
@@ -112,10 +132,15 @@ def _torchrun(command: str, params_path: Path, nproc: int) -> int:
     return subprocess.run(cmd, check=False).returncode
 
 
-def _setup_logging() -> None:
-    # DDP workers other than rank 0 only report problems.
-    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+def _setup_logging(verbose: bool = True) -> None:
+    """Stages log their progress; the serving commands (search, embed, export) print only their results unless
+    ``-v``: no INFO lines, no model-hub progress bars. DDP workers other than rank 0 only report problems."""
+    level = logging.INFO if verbose and os.environ.get("RANK", "0") == "0" else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not verbose:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def _fail(command: str, err: BaseException) -> None:
@@ -123,35 +148,82 @@ def _fail(command: str, err: BaseException) -> None:
     sys.exit(1)
 
 
-# The stage commands, in pipeline order (dvc.yaml's DAG), each ``langdml <stage>`` running ``stages.<module>``.
-STAGES: list[tuple[str, str]] = [
-    ("fetch_data", "Obtain the dataset into dataset.root when langdml can (emoji: npm; fashion-mnist), else check it."),
-    ("prepare", "Read the dataset root and write the train/test/classes manifests (data/prepared/)."),
-    ("embed_text", 'Embed "a photo of a {class}" with the frozen text encoder (ELG cache, data/language/).'),
-    ("pseudo_labels", "Top-k ImageNet pseudo-labels per training class, embedded (PLG cache, data/pseudolabels/)."),
-    ("evaluate_pretrained", "Retrieval metrics of the untrained backbone's pooled features: the control."),
-    ("cache_images", "Decode the training images once into a memory-mapped uint8 array (train.image_cache)."),
-    ("train", "Train the image encoder with the DML loss plus omega times language matching (data/model/)."),
-    ("evaluate", "Embed the test split with the trained model; metrics JSON, embeddings and pictures (data/eval/)."),
-    ("index", "Embed the gallery (index.gallery) once with the trained model, for `langdml search` (data/index/)."),
-    ("imagetext_prepare", "Image-text task: the images and captions manifests of imagetext.data."),
-    ("imagetext_features", "Image-text task: frozen image tokens and what the text tower needs of every caption."),
-    ("imagetext_train", "Image-text task: train the image set head and the text tower (data/imagetext/model/)."),
-    ("imagetext_evaluate", "Image-text task: i2t / t2i recall and RSUM of the test split (data/imagetext/eval/)."),
-    ("imagetext_index", "Image-text task: embed the test images once, for `langdml search --text`."),
+# The stage commands, in pipeline order (dvc.yaml's DAG), each ``langdml <stage>`` running ``stages.<module>``,
+# with the params dvc.yaml tracks for it (tests/test_cli.py checks they are the same).
+STAGES: list[tuple[str, str, tuple[str, ...]]] = [
+    (
+        "fetch_data",
+        "Obtain the dataset into dataset.root when langdml can (emoji: npm; fashion-mnist), else check it.",
+        ("dataset.name", "dataset.root"),
+    ),
+    ("prepare", "Read the dataset root and write the train/test/classes manifests (data/prepared/).", ("dataset",)),
+    ("embed_text", 'Embed "a photo of a {class}" with the frozen text encoder (ELG cache, data/language/).', ("text",)),
+    (
+        "pseudo_labels",
+        "Top-k ImageNet pseudo-labels per training class, embedded (PLG cache, data/pseudolabels/).",
+        ("pseudo_labels", "text.encoder", "text.pooling"),
+    ),
+    (
+        "evaluate_pretrained",
+        "Retrieval metrics of the untrained backbone's pooled features: the control.",
+        ("seed", "model.backbone", "model.pretrained", "model.pooling", "model.image_size", "evaluate"),
+    ),
+    (
+        "cache_images",
+        "Decode the training images once into a memory-mapped uint8 array (train.image_cache).",
+        ("train.image_cache", "model.image_size"),
+    ),
+    (
+        "train",
+        "Train the image encoder with the DML loss plus omega times language matching (data/model/).",
+        ("seed", "omega", "model", "language", "train", "losses"),
+    ),
+    (
+        "evaluate",
+        "Embed the test split with the trained model; metrics JSON, embeddings and pictures (data/eval/).",
+        ("seed", "evaluate"),
+    ),
+    (
+        "index",
+        "Embed the gallery (index.gallery) once with the trained model, for `langdml search` (data/index/).",
+        ("evaluate.batch_size", "evaluate.device", "index.gallery"),
+    ),
+    ("imagetext_prepare", "Image-text task: the images and captions manifests of imagetext.data.", ("imagetext.data",)),
+    (
+        "imagetext_features",
+        "Image-text task: frozen image tokens and what the text tower needs of every caption.",
+        ("imagetext.features",),
+    ),
+    (
+        "imagetext_train",
+        "Image-text task: train the image set head and the text tower (data/imagetext/model/).",
+        ("seed", "imagetext.model", "imagetext.train"),
+    ),
+    (
+        "imagetext_evaluate",
+        "Image-text task: i2t / t2i recall and RSUM of the test split (data/imagetext/eval/).",
+        ("seed", "imagetext.evaluate", "imagetext.train.device"),
+    ),
+    (
+        "imagetext_index",
+        "Image-text task: embed the test images once, for `langdml search --text`.",
+        ("imagetext.train.device",),
+    ),
 ]
 
 
-def _stage_command(module: str, summary: str) -> None:
+def _stage_command(module: str, summary: str, params_read: tuple[str, ...]) -> None:
     def command(params: ParamsOpt = Path("params.yaml")) -> None:
         _run_stage(module, params)
 
-    command.__doc__ = summary
+    command.__doc__ = (
+        f"{summary}\n\nReads these params (DVC re-runs the stage when one changes): {', '.join(params_read)}."
+    )
     app.command(module.replace("_", "-"))(command)
 
 
-for _module, _summary in STAGES:
-    _stage_command(_module, _summary)
+for _module, _summary, _params in STAGES:
+    _stage_command(_module, _summary, _params)
 
 
 @app.command()
@@ -193,9 +265,10 @@ def recipe(
 def embed(
     images: Annotated[list[Path], typer.Argument(help="images: files or folders")],
     out: Annotated[Path, typer.Option("--out", help="the Parquet file to write")],
+    verbose: VerboseOpt = False,
 ) -> None:
     """Embed image files or folders with the trained model into a Parquet file (N x D, or N x K x D sets)."""
-    _setup_logging()
+    _setup_logging(verbose)
     from stages.core.serving.api import Retriever
 
     with user_errors("embed"):
@@ -210,9 +283,10 @@ def export(
     ] = None,
     format_: Annotated[str, typer.Option("--format", help="onnx")] = "onnx",
     out: Annotated[Path, typer.Option("--out", help="the file to write")] = Path("data/export/model.onnx"),
+    verbose: VerboseOpt = False,
 ) -> None:
     """Export the trained image encoder (backbone + head) to ONNX, checked against PyTorch with onnxruntime."""
-    _setup_logging()
+    _setup_logging(verbose)
     from stages import paths
     from stages.core.model.encoder import load_model
     from stages.core.serving.export import TOLERANCE, check_batch, export_onnx
@@ -246,12 +320,13 @@ def search(
     verify: Annotated[
         bool, typer.Option("--verify", help="check the index files' content hashes too (sizes are always checked)")
     ] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Rank images for query images (the DML model's index) or captions (--text: the image-text model's):
     rank, score, class or caption, path."""
     import json
 
-    _setup_logging()
+    _setup_logging(verbose)
     from stages import paths
     from stages.core.serving.api import Retriever, search_picture
     from stages.core.serving.text import TextRetriever

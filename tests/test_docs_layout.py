@@ -46,3 +46,28 @@ def test_every_library_package_is_on_the_map() -> None:
     packages = {p.parent for p in core.rglob("__init__.py")}
     absent = sorted(p.relative_to(ROOT).as_posix() for p in packages - _mapped())
     assert not absent, f"docs/development.md does not name these packages: {absent}"
+
+
+def test_the_default_runs_numbers_in_docs_pipeline_are_the_committed_metrics() -> None:
+    """docs/pipeline.md's sweep quotes the committed default run (the `main` row of `dvc exp show` and the HEAD
+    column of `dvc metrics diff`): each number equals data/*/metrics.json at the digits shown."""
+    import json
+    import re
+
+    text = (ROOT / "docs" / "pipeline.md").read_text()
+    dml = json.loads((ROOT / "data" / "eval" / "metrics.json").read_text())
+    imagetext = json.loads((ROOT / "data" / "imagetext" / "eval" / "metrics.json").read_text())
+    header = next(ln for ln in text.splitlines() if ln.startswith("| Experiment"))
+    main = next(ln for ln in text.splitlines() if re.match(r"\| main\s", ln))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    row = dict(zip(columns, (c.strip() for c in main.strip("|").split("|")), strict=True))
+    committed = {**dml, "rsum": imagetext["rsum"]}
+    shown = {k: v for k, v in row.items() if k in committed}
+    assert shown, "docs/pipeline.md has no `main` row with metrics"
+    for key, value in shown.items():
+        digits = len(value.partition(".")[2])
+        assert value == f"{committed[key]:.{digits}f}", key
+    diff = re.findall(r"^data/eval/metrics\.json\s+(\S+)\s+(\S+)\s", text, flags=re.M)
+    assert diff, "docs/pipeline.md has no `dvc metrics diff` of data/eval/metrics.json"
+    for key, head in diff:
+        assert head == f"{dml[key]:.5f}".rstrip("0").rstrip(".") or head == f"{dml[key]:.5f}", key

@@ -309,7 +309,7 @@ def test_pseudo_labels_stage_caps_images_and_sets_size(stub_stage: Letters, capl
     assert table.column("imagenet_index").to_pylist() == [10, 0, 20, 0, 30, 0]
     np.testing.assert_allclose(table.column("score").to_numpy(), [TOP, REST] * 3, rtol=1e-6)
     assert "classifying 3 of 7 training images (max_per_class 1) at 8x8 px" in caplog.text
-    assert "images averaged per class: 0: 1, 2: 1, 4: 1" in caplog.text
+    assert "images averaged per class: 3 classes, 1 image each" in caplog.text
     assert "at 8x8 px" in paths.PSEUDOLABELS_REPORT.read_text()
 
 
@@ -416,3 +416,10 @@ def test_transform_changes_compares_top_k_sets_by_hand() -> None:
     means = np.array([[0.9, 0.5, 0.1, 0.0], [0.1, 0.2, 0.8, 0.7]])
     other = np.array([[0.5, 0.9, 0.1, 0.0], [0.9, 0.2, 0.8, 0.1]])  # class 0: same top-2 set, reordered
     assert transform_changes(means, other, 2) == 1  # class 1: {2, 3} -> {0, 2}
+
+
+def test_the_per_class_log_line_stays_short_for_any_number_of_classes() -> None:
+    from stages.core.language.plg import per_class_summary
+
+    assert per_class_summary([2, 2]) == "2 classes, 2 images each"
+    assert per_class_summary([1, 5, 3, 12] * 3000) == "12000 classes, 1-12 images (median 4)"

@@ -88,3 +88,16 @@ def test_the_recipes_page_is_current() -> None:
     assert (ROOT / "docs" / "recipes.md").read_text() == recipes_markdown(), (
         "run: langdml recipe --docs > docs/recipes.md"
     )
+
+
+def test_a_recipe_rewrites_only_the_lines_whose_value_it_changes(tmp_path: Path) -> None:
+    """The DivE recipe keeps imagetext.train.lr at 1.0e-3, so that line keeps its spelling (not 0.001) and its
+    comment; the lines it changes are the only ones that differ."""
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    before = params.read_text().splitlines()
+    changed = apply_recipe(params, "dive/coco-butd-bigru")
+    after = params.read_text().splitlines()
+    assert "    lr: 1.0e-3" in after and len(before) == len(after)
+    differing = [b for b, a in zip(before, after, strict=True) if a != b]
+    assert len(differing) == len(changed)  # one line per changed value (recipe's own record line included)

@@ -131,11 +131,17 @@ def set_values(text: str, values: dict[str, Any]) -> str:
         inner = [k for k in todo if k.startswith(path + ".")]
         if inner and rest.strip().startswith("{"):  # an inline mapping: set its keys, keep it inline
             mapping = yaml.safe_load(rest) or {}
+            before = yaml.safe_load(rest) or {}
             for key in inner:
                 _assign(mapping, key[len(path) + 1 :].split("."), todo.pop(key))
-            out.append(_with_comment(f"{m['indent']}{m['key']}: {_render(mapping)}", comment, column))
+            new = _with_comment(f"{m['indent']}{m['key']}: {_render(mapping)}", comment, column)
+            out.append(line if mapping == before else new)  # an unchanged value keeps its spelling
             continue
         if path not in todo:
+            out.append(line)
+            continue
+        if rest.strip() and _same(rest, todo[path]):  # already this value: its line stays as written (1.0e-5)
+            todo.pop(path)
             out.append(line)
             continue
         if not rest.strip():  # a block below: a nested mapping (refused) or a block list (replaced)
@@ -144,6 +150,15 @@ def set_values(text: str, values: dict[str, Any]) -> str:
     if todo:
         raise LangdmlError(f"params.yaml has no key {', '.join(sorted(todo))} (a recipe sets only existing keys)")
     return "\n".join(out) + "\n"
+
+
+def _same(written: str, value: Any) -> bool:
+    """Whether the YAML text ``written`` already holds ``value`` (and its type: 1 is not 1.0, nor true)."""
+    try:
+        old = yaml.safe_load(written)
+    except yaml.YAMLError:
+        return False
+    return type(old) is type(value) and old == value
 
 
 def _with_comment(line: str, comment: str, column: int) -> str:

@@ -84,6 +84,15 @@ def markdown_report(
     return "\n".join(lines) + "\n"
 
 
+def per_class_summary(counts: Sequence[int]) -> str:
+    """One short line for any number of classes: ``3 classes, 1 image each`` or ``11318 classes, 2-12 images
+    (median 5)``; the per-class counts are in pseudolabels.md's table, not the log."""
+    low, high = min(counts), max(counts)
+    if low == high:
+        return f"{len(counts)} classes, {low} image{'s' if low != 1 else ''} each"
+    return f"{len(counts)} classes, {low}-{high} images (median {int(np.median(counts))})"
+
+
 def transform_changes(means: np.ndarray, other: np.ndarray, k: int) -> int:
     """How many classes (rows) have another set of top-``k`` ImageNet classes in ``other`` than in ``means``."""
     from stages.core.language.pseudo import topk_per_class
@@ -154,7 +163,7 @@ def compute_pseudolabels(
         torch.cuda.empty_cache()
     class_ids, means = averager.result()
     counts = averager.counts
-    log.info("images averaged per class: %s", ", ".join(f"{c}: {counts[int(c)]}" for c in class_ids))
+    log.info("images averaged per class: %s", per_class_summary([counts[int(c)] for c in class_ids]))
     if means.shape[1] != N_IMAGENET:
         raise LangdmlError(f"classifier {cfg.classifier} gives {means.shape[1]} outputs, not ImageNet's {N_IMAGENET}")
     indices, scores = topk_per_class(means, cfg.k)
