@@ -262,6 +262,95 @@ def recipe(
 
 
 @app.command()
+def study(
+    name: Annotated[
+        str | None, typer.Argument(help="e.g. emoji/language-controls, or a study file; none: list them")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the dvc commands; queue nothing")] = False,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Queue a study's grid (rows x seeds) as named DVC experiments; then `dvc queue start -j N` and
+    `langdml table NAME`."""
+    import shlex
+    import subprocess
+
+    from stages.core.study import check_params, load_study, queue_commands, study_names
+
+    if name is None:
+        for known in study_names():
+            typer.echo(known)
+        return
+    with user_errors("study"):
+        grid = load_study(name)
+        check_params(grid, params)
+        commands = queue_commands(grid, _untracked("data/raw", "data/local"))
+        if dry_run:
+            for cmd in commands:
+                typer.echo(shlex.join(cmd))
+            return
+        existing = set(_experiment_names())
+        taken = [cmd[cmd.index("--name") + 1] for cmd in commands if cmd[cmd.index("--name") + 1] in existing]
+        if taken:
+            raise LangdmlError(f"experiment {taken[0]} exists already: `dvc exp remove {' '.join(taken)}` first")
+        for done, cmd in enumerate(commands):
+            dvc = [sys.executable, "-m", "dvc", *cmd[1:]]  # this environment's DVC, activated or not
+            result = subprocess.run(dvc, capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                why = one_line(RuntimeError(result.stderr.strip() or result.stdout.strip()))
+                raise LangdmlError(f"queued {done} of {len(commands)}; `{shlex.join(cmd[:6])}` failed: {why}")
+    rows, seeds = len(grid.rows), len(grid.seeds)
+    typer.echo(
+        f"queued {len(commands)} experiments ({rows} rows x {seeds} seeds): run them with `dvc queue start -j N` "
+        f"(`dvc queue status` to follow), then `langdml table {name}`"
+    )
+
+
+def _untracked(*folders: str) -> tuple[str, ...]:
+    """What of ``folders`` git does not track (a queued run starts from the last commit, so these go along with
+    ``-C``): the dataset folder, word-vector files kept in data/local."""
+    import subprocess
+
+    cmd = ["git", "ls-files", "--others", "--ignored", "--exclude-standard", "--directory", *folders]
+    listed = subprocess.run(cmd, capture_output=True, text=True, check=False).stdout.split("\n")
+    return tuple(p.rstrip("/") for p in listed if p.strip())
+
+
+def _experiment_names() -> list[str]:
+    from dvc.api import exp_show
+
+    return [row["Experiment"] for row in exp_show(repo=".") if row.get("Experiment")]
+
+
+@app.command()
+def table(
+    name: Annotated[str, typer.Argument(help="the study (a name or a study file)")],
+    out: Annotated[Path, typer.Option("--out", help="folder for <study>.md, .csv and .png")] = Path("data/studies"),
+) -> None:
+    """A study's table from its experiments: mean ± std over seeds, the paired difference to the baseline,
+    missing or failed runs named; Markdown (printed), CSV and a PNG."""
+    from dvc.api import exp_show
+
+    from stages.core.io import write_text
+    from stages.core.study import collect, csv_text, load_study, markdown, plot, summarize
+
+    with user_errors("table"):
+        grid = load_study(name)
+        collected = collect(grid, exp_show(repo="."))
+        if not collected.values:
+            raise LangdmlError(
+                f"no finished run of study {name} among this commit's experiments (`dvc queue status`); "
+                f"first: {collected.problems[0]}"
+            )
+        summary = summarize(grid, collected)
+        text = markdown(grid, summary, collected.problems)
+        write_text(out / f"{grid.stem}.md", text)
+        write_text(out / f"{grid.stem}.csv", csv_text(grid, summary))
+        plot(grid, summary, out / f"{grid.stem}.png")
+    typer.echo(text, nl=False)
+    typer.echo(f"-> {out / grid.stem}.md, .csv, .png")
+
+
+@app.command()
 def embed(
     images: Annotated[list[Path], typer.Argument(help="images: files or folders")],
     out: Annotated[Path, typer.Option("--out", help="the Parquet file to write")],

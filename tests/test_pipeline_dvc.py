@@ -168,6 +168,57 @@ def test_dvc_repro_builds_every_stage_and_leaves_nothing_to_do(reproduced: Repro
 
 
 @pytest.mark.slow
+def test_a_study_runs_through_the_dvc_queue_and_its_table_is_the_experiments_own(
+    reproduced: Reproduced, tmp_path: Path
+) -> None:
+    """`langdml study` queues 2 rows x 2 seeds as named experiments, `dvc queue start` runs them, and `langdml
+    table` gives each row's mean, std and paired difference: checked against the experiments' own metrics
+    files (read from their git refs) computed here by hand."""
+    import csv
+
+    import numpy as np
+
+    repo = workspace(reproduced, tmp_path)
+    study = {
+        "version": 1,
+        "title": "tiny omega study",
+        "seeds": [0, 1],
+        "baseline": "off",
+        "metrics": ["recall@1", "map@r"],
+        "rows": {"off": {"omega": 0.0}, "on": {"omega": 2.0}},
+    }
+    (repo / "tiny.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
+    out = _run([str(BIN / "langdml"), "study", "tiny.yaml"], repo)
+    assert "queued 4 experiments" in out
+    dvc(repo, "queue", "start", "-j", "1")
+
+    def finished() -> bool:
+        status = dvc(repo, "queue", "status")
+        return "Queued" not in status and "Running" not in status
+
+    guards.wait_until(finished, "the study's 4 experiments", poll=2.0)
+    assert "Failed" not in dvc(repo, "queue", "status")
+    refs = git(repo, "for-each-ref", "refs/exps", "--format=%(refname)").split()
+    metrics = {}
+    for ref in refs:
+        name = ref.rpartition("/")[2]
+        metrics[name] = json.loads(git(repo, "show", f"{ref}:data/eval/metrics.json"))
+    assert sorted(metrics) == ["tiny--off--s0", "tiny--off--s1", "tiny--on--s0", "tiny--on--s1"]
+    _run([str(BIN / "langdml"), "table", "tiny.yaml", "--out", "tables"], repo)
+    rows = {r["row"]: r for r in csv.DictReader((repo / "tables" / "tiny.csv").open())}
+    for key in ("recall@1", "map@r"):
+        off = np.array([metrics[f"tiny--off--s{s}"][key] for s in (0, 1)])
+        on = np.array([metrics[f"tiny--on--s{s}"][key] for s in (0, 1)])
+        assert float(rows["off"][f"mean_{key}"]) == pytest.approx(off.mean(), abs=1e-7)
+        assert float(rows["on"][f"std_{key}"]) == pytest.approx(on.std(ddof=1), abs=1e-7)
+        assert float(rows["on"][f"diff_mean_{key}"]) == pytest.approx((on - off).mean(), abs=1e-7)
+        assert float(rows["on"][f"diff_std_{key}"]) == pytest.approx((on - off).std(ddof=1), abs=1e-7)
+    assert (repo / "tables" / "tiny.png").stat().st_size > 1000
+    shown = dvc(repo, "exp", "show", "--no-pager", "--md", "--drop", ".*", "--keep", "Experiment")
+    assert all(name in shown for name in metrics)  # every run is a real experiment
+
+
+@pytest.mark.slow
 def test_a_papers_recipe_in_one_word_trains_and_reports_the_best_epoch(tmp_path: Path) -> None:
     """Scaled down to a tiny CUB-layout folder and offline models: it trains with Roth et al.'s multisimilarity,
     evaluates every epoch and reports the best epoch beside the final model. (Its own repository, the DML stages

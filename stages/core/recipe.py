@@ -46,16 +46,7 @@ def load_recipe(name: str) -> Recipe:
     the values and rows it does not set itself. A malformed file is one line naming it."""
     if name not in recipe_names() and name not in _bases():
         raise LangdmlError(f"unknown recipe {name!r}; known: {', '.join(recipe_names())}")
-    path = RECIPES / f"{name}.yaml"
-    try:
-        raw = yaml.safe_load(read_text(path))
-    except yaml.YAMLError as err:
-        raise LangdmlError(f"recipe {name}: {path} is not valid YAML ({first_line(err)})") from None
-    if not isinstance(raw, dict):
-        raise LangdmlError(f"recipe {name}: {path} is not a mapping of recipe fields")
-    missing = [f for f in ("version", "title", "source") if f not in raw]
-    if missing:
-        raise LangdmlError(f"recipe {name}: {path} lacks {', '.join(missing)}")
+    raw = read_fields(RECIPES / f"{name}.yaml", f"recipe {name}", ("version", "title", "source"))
     rows = list(raw.get("official", []))
     for row in rows:
         missing = [f for f in ROW_FIELDS if f not in row]
@@ -76,6 +67,21 @@ def load_recipe(name: str) -> Recipe:
     except (TypeError, ValueError):
         raise LangdmlError(f"recipe {name}: version must be a whole number, got {raw['version']!r}") from None
     return Recipe(name, version, str(raw["title"]), str(raw["source"]), params, rows, notes)
+
+
+def read_fields(path: Path, what: str, required: tuple[str, ...]) -> dict[str, Any]:
+    """A YAML file of named fields (a recipe, a study): one line naming ``what`` and the file when it is not
+    valid YAML, not a mapping, or lacks a required field."""
+    try:
+        raw = yaml.safe_load(read_text(path))
+    except yaml.YAMLError as err:
+        raise LangdmlError(f"{what}: {path} is not valid YAML ({first_line(err)})") from None
+    if not isinstance(raw, dict):
+        raise LangdmlError(f"{what}: {path} is not a mapping of {what.split()[0]} fields")
+    missing = [f for f in required if f not in raw]
+    if missing:
+        raise LangdmlError(f"{what}: {path} lacks {', '.join(missing)}")
+    return raw
 
 
 def _bases() -> list[str]:
