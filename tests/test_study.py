@@ -42,6 +42,8 @@ def _exp(name: str, recall: float, **params) -> dict:
 
 
 def test_each_run_is_one_named_queued_experiment(tmp_path: Path) -> None:
+    targeted = queue_commands(load_study(str(_study(tmp_path, targets=["evaluate"]))), copy=("data/raw",))
+    assert targeted[0][6:8] == ["-C", "data/raw"] and targeted[0][-1] == "evaluate"
     study = load_study(str(_study(tmp_path)))
     commands = queue_commands(study)
     assert len(commands) == 6

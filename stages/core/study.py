@@ -15,6 +15,7 @@ rows:                                # row -> the params it sets (dotted keys, a
   elg: {omega: 3.0}
 paper:                               # optional, paper studies: row -> the paper's number and where it is
   elg: {recall@1: 67.3, source: "Table 1, ResNet50 512-d"}
+targets: [evaluate]                  # optional: the stages each run reproduces up to (default: the whole DAG)
 ```
 
 ``queue_commands`` gives one ``dvc exp run --queue --name <study>--<row>--s<seed> -S ...`` per run (each a
@@ -56,6 +57,7 @@ class Study:
     controls: list[str] = field(default_factory=list)
     recipe: str | None = None
     paper: dict[str, dict[str, Any]] = field(default_factory=dict)
+    targets: list[str] = field(default_factory=list)  # the stages each run reproduces up to; empty: all
 
     @property
     def stem(self) -> str:
@@ -79,7 +81,7 @@ def load_study(name: str) -> Study:
     from stages.core.recipe import read_fields
 
     raw = read_fields(path, f"study {name}", FIELDS)
-    unknown = sorted(set(raw) - {*FIELDS, "controls", "recipe", "paper"})
+    unknown = sorted(set(raw) - {*FIELDS, "controls", "recipe", "paper", "targets"})
     if unknown:
         raise LangdmlError(f"study {name}: unknown field(s) {', '.join(unknown)}")
     rows = raw["rows"]
@@ -100,6 +102,7 @@ def load_study(name: str) -> Study:
         rows={str(k): {str(p): v for p, v in dict(v).items()} for k, v in rows.items()},
         controls=[str(c) for c in raw.get("controls", [])],
         recipe=raw.get("recipe"),
+        targets=[str(s) for s in raw.get("targets", [])],
         paper={str(k): dict(v) for k, v in raw.get("paper", {}).items()},
     )
 
@@ -139,7 +142,7 @@ def queue_commands(study: Study, copy: tuple[str, ...] = ()) -> list[list[str]]:
             sets = [f"{k}={_flow(v)}" for k, v in run_params(study, row, seed).items()]
             cmd = ["dvc", "exp", "run", "--queue", "--name", study.experiment(row, seed)]
             cmd += [arg for c in copy for arg in ("-C", c)]
-            commands.append(cmd + [arg for s in sets for arg in ("-S", s)])
+            commands.append(cmd + [arg for s in sets for arg in ("-S", s)] + study.targets)
     return commands
 
 
