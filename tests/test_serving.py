@@ -211,3 +211,34 @@ def test_the_index_stage_takes_a_folder_as_its_gallery(tmp_path: Path, monkeypat
     assert len(retriever.index) == 16 and {it["class_name"] for it in retriever.index.items} == {"c0", "c1", "c2", "c3"}
     [(_, results)] = retriever.search_files([files[2]], k=1)
     assert results[0]["path"] == str(files[2].resolve()) and results[0]["class_name"] == "c2"
+
+
+def test_the_text_example_in_docs_runs(tmp_path: Path, monkeypatch, capsys) -> None:
+    from stages.core.config.imagetext import ImageTextModelParams
+    from stages.core.imagetext.model import ImageTextModel, save_imagetext
+    from stages.core.model.saved import WEIGHTS_NAME as IMAGETEXT_WEIGHTS
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "serving.md").read_text()
+    code = doc.split("```python\n")[2].split("```", 1)[0]
+    torch.manual_seed(0)
+    model = ImageTextModel(
+        8, frozen_tower(384), ImageTextModelParams(embed_dim=16, slots=2, slot_depth=1, slot_heads=2)
+    )
+    root = tmp_path / "data" / "imagetext"
+    save_imagetext(model, root / "model")
+    images = torch.nn.functional.normalize(torch.randn(6, 2, 16), dim=-1).numpy()
+    items = pa.table(
+        {
+            "row": pa.array(range(6), pa.int64()),
+            "path": [f"img{i}.png" for i in range(6)],
+            "label": pa.array(range(6), pa.int64()),
+            "class_name": [f"caption {i}" for i in range(6)],
+        }
+    )
+    write_index(root / "index", images, items, model_fingerprint(root / "model" / IMAGETEXT_WEIGHTS), model.similarity)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "docs/serving.md", "exec"), scope)
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split(" -> ")[0] for ln in lines] == ["a sleepy cat", "a red car"]
+    assert scope["sets"].shape == (1, 2, 16)
