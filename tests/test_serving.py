@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -145,27 +146,34 @@ def test_onnx_export_equals_pytorch_with_a_dynamic_batch(tmp_path: Path, head: s
         )
 
 
-def test_text_queries_rank_the_image_text_index_by_the_models_similarity(tmp_path: Path) -> None:
+def _text_setup(root: Path, n: int) -> tuple[Any, np.ndarray]:
+    """An image-text model (a frozen MiniLM tower, 2 slots of 16) in ``root``/model and an index of ``n`` random
+    image sets built by it in ``root``/index (paths img<i>.png)."""
     from stages.core.config.imagetext import ImageTextModelParams
     from stages.core.imagetext.model import ImageTextModel, save_imagetext
     from stages.core.model.saved import WEIGHTS_NAME as IMAGETEXT_WEIGHTS
-    from stages.core.serving.text import TextRetriever
 
     torch.manual_seed(0)
     mp = ImageTextModelParams(embed_dim=16, slots=2, slot_depth=1, slot_heads=2)
     model = ImageTextModel(8, frozen_tower(384), mp)
-    save_imagetext(model, tmp_path / "model")
-    images = torch.nn.functional.normalize(torch.randn(12, 2, 16), dim=-1).numpy()
+    save_imagetext(model, root / "model")
+    images = torch.nn.functional.normalize(torch.randn(n, 2, 16), dim=-1).numpy()
     items = pa.table(
         {
-            "row": pa.array(range(12), pa.int64()),
-            "path": [f"img{i}.png" for i in range(12)],
-            "label": pa.array(range(12), pa.int64()),
-            "class_name": [f"caption {i}" for i in range(12)],
+            "row": pa.array(range(n), pa.int64()),
+            "path": [f"img{i}.png" for i in range(n)],
+            "label": pa.array(range(n), pa.int64()),
+            "class_name": [f"caption {i}" for i in range(n)],
         }
     )
-    fingerprint = model_fingerprint(tmp_path / "model" / IMAGETEXT_WEIGHTS)
-    write_index(tmp_path / "index", images, items, fingerprint, model.similarity)
+    write_index(root / "index", images, items, model_fingerprint(root / "model" / IMAGETEXT_WEIGHTS), model.similarity)
+    return model, images
+
+
+def test_text_queries_rank_the_image_text_index_by_the_models_similarity(tmp_path: Path) -> None:
+    from stages.core.serving.text import TextRetriever
+
+    model, images = _text_setup(tmp_path, 12)
     retriever = TextRetriever.load(tmp_path / "model", tmp_path / "index")
     [(text, results)] = retriever.search_texts(["a sleepy cat"], k=5)
     query = torch.from_numpy(retriever.embed_text(["a sleepy cat"]))
@@ -214,28 +222,9 @@ def test_the_index_stage_takes_a_folder_as_its_gallery(tmp_path: Path, monkeypat
 
 
 def test_the_text_example_in_docs_runs(tmp_path: Path, monkeypatch, capsys) -> None:
-    from stages.core.config.imagetext import ImageTextModelParams
-    from stages.core.imagetext.model import ImageTextModel, save_imagetext
-    from stages.core.model.saved import WEIGHTS_NAME as IMAGETEXT_WEIGHTS
-
     doc = (Path(__file__).resolve().parents[1] / "docs" / "serving.md").read_text()
     code = doc.split("```python\n")[2].split("```", 1)[0]
-    torch.manual_seed(0)
-    model = ImageTextModel(
-        8, frozen_tower(384), ImageTextModelParams(embed_dim=16, slots=2, slot_depth=1, slot_heads=2)
-    )
-    root = tmp_path / "data" / "imagetext"
-    save_imagetext(model, root / "model")
-    images = torch.nn.functional.normalize(torch.randn(6, 2, 16), dim=-1).numpy()
-    items = pa.table(
-        {
-            "row": pa.array(range(6), pa.int64()),
-            "path": [f"img{i}.png" for i in range(6)],
-            "label": pa.array(range(6), pa.int64()),
-            "class_name": [f"caption {i}" for i in range(6)],
-        }
-    )
-    write_index(root / "index", images, items, model_fingerprint(root / "model" / IMAGETEXT_WEIGHTS), model.similarity)
+    _text_setup(tmp_path / "data" / "imagetext", 6)
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(compile(code, "docs/serving.md", "exec"), scope)
