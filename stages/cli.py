@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -99,8 +99,9 @@ def user_errors(command: str) -> Iterator[None]:
         sys.exit(130)
 
 
-def _run_stage(module: str, params_path: Path) -> None:
-    """Load params, run ``stages.<module>.run``; user errors become one line on stderr and exit 1."""
+def _run_stage(module: str, params_path: Path, **options: Any) -> None:
+    """Load params, run ``stages.<module>.run`` (with the command's ``options``); user errors become one line on
+    stderr and exit 1."""
     _setup_logging()
     from stages.core.config import load_params
     from stages.core.training.distributed import launched_by_torchrun
@@ -112,13 +113,13 @@ def _run_stage(module: str, params_path: Path) -> None:
         params = load_params(params_path)
         stage = importlib.import_module(f"stages.{module}")
         if launched_by_torchrun():  # one of the worker processes: the launcher holds the lock
-            stage.run(params)
+            stage.run(params, **options)
             return
         with stage_lock(command):
             nproc = stage.processes(params) if hasattr(stage, "processes") else 1
             if nproc > 1:
                 sys.exit(_torchrun(command, params_path, nproc))
-            stage.run(params)
+            stage.run(params, **options)
 
 
 def _torchrun(command: str, params_path: Path, nproc: int) -> int:
@@ -222,8 +223,28 @@ def _stage_command(module: str, summary: str, params_read: tuple[str, ...]) -> N
     app.command(module.replace("_", "-"))(command)
 
 
+@app.command("fetch-data")
+def fetch_data(
+    download: Annotated[
+        bool, typer.Option("--download", help="download, check and unpack it from its official source")
+    ] = False,
+    imagetext: Annotated[
+        bool, typer.Option("--imagetext", help="the image-text task's imagetext.data (with --download)")
+    ] = False,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    _run_stage("fetch_data", params, download=download, imagetext=imagetext)
+
+
+fetch_data.__doc__ = (
+    f"{STAGES[0][1]} --download gets CUB200, SOP or COCO from their official sources (docs/datasets.md)."
+    f"\n\nReads these params (DVC re-runs the stage when one changes): {', '.join(STAGES[0][2])}."
+)
+
+
 for _module, _summary, _params in STAGES:
-    _stage_command(_module, _summary, _params)
+    if _module != "fetch_data":  # its own command below: it takes the user's --download
+        _stage_command(_module, _summary, _params)
 
 
 @app.command()
@@ -259,6 +280,22 @@ def recipe(
     for line in changed:
         typer.echo(line)
     typer.echo(f"{params}: {len(changed)} value(s) set by {name}; run `dvc exp run` (DVC tracks every one of them)")
+    with user_errors("recipe"):
+        note = _dataset_note(params, imagetext=name.startswith("dive/"))
+    if note:
+        typer.echo(f"note: {note}", err=True)
+
+
+def _dataset_note(params_path: Path, imagetext: bool) -> str | None:
+    """Whether the root the recipe's task reads holds its dataset, said when the recipe is written (not stages
+    later): None when it does, else how to get it."""
+    from stages.core.config import load_params
+    from stages.core.data.datasets.registry import missing
+
+    p = load_params(params_path)
+    if imagetext:
+        return missing(p.imagetext.data.name, Path(p.imagetext.data.root).expanduser(), "imagetext.data.root")
+    return missing(p.dataset.name, Path(p.dataset.root).expanduser(), "dataset.root")
 
 
 @app.command()

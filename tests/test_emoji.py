@@ -121,7 +121,16 @@ def test_missing_image_is_a_logged_skip_and_unfetched_root_an_error(tmp_path, np
 
 
 def test_user_datasets_are_checked_not_fetched(tmp_path) -> None:
-    with pytest.raises(LangdmlError, match=r"cub200: dataset.root .* is not a directory; langdml cannot download"):
+    """Without --download the stage only checks: a root without the dataset's marker file is one line saying how
+    to get it (tests/test_fetch_data.py downloads one)."""
+    from fixtures_datasets import make_cub
+
+    with pytest.raises(LangdmlError, match=r"cub200: dataset.root .* does not hold it \(no images.txt\); `langdml"):
         fetch_dataset(params_for("cub200", tmp_path / "nowhere").dataset)
     (tmp_path / "cub").mkdir()
+    with pytest.raises(LangdmlError, match=r"does not hold it"):
+        fetch_dataset(params_for("cub200", tmp_path / "cub").dataset)
+    make_cub(tmp_path / "cub")
     assert fetch_dataset(params_for("cub200", tmp_path / "cub").dataset) == Path(tmp_path / "cub")
+    with pytest.raises(LangdmlError, match=r"folder: dataset.root .* is not a directory"):
+        fetch_dataset(params_for("folder", tmp_path / "nowhere").dataset)

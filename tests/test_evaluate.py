@@ -233,6 +233,21 @@ def test_stages_end_to_end(workdir: Path) -> None:
     with Image.open(paths.SIMILARITY) as im:
         assert im.size == similarity_size()
 
+    # the index stage takes these rows instead of embedding the test split again: exactly what it would compute
+    from stages.core.model.encoder import load_model
+    from stages.core.serving.queries import embed_table, evaluated_embeddings, gallery_table
+
+    gallery = str(paths.TEST_MANIFEST)
+    reused = evaluated_embeddings(gallery, paths.TEST_EMBEDDINGS, paths.MODEL_WEIGHTS)
+    model, model_params = load_model(paths.MODEL, torch.device("cpu"))
+    fresh = embed_table(model, model_params.image_size, *gallery_table(gallery), torch.device("cpu"))
+    assert reused is not None and np.array_equal(reused, fresh)
+    other = paths.DATA / "other.parquet"
+    other.write_bytes(paths.TEST_MANIFEST.read_bytes() + b"\0")  # another file: never reused
+    assert evaluated_embeddings(str(other), paths.TEST_EMBEDDINGS, paths.MODEL_WEIGHTS) is None
+    paths.MODEL_WEIGHTS.write_bytes(paths.MODEL_WEIGHTS.read_bytes() + b"\0")  # other weights: never reused
+    assert evaluated_embeddings(gallery, paths.TEST_EMBEDDINGS, paths.MODEL_WEIGHTS) is None
+
 
 def test_evaluate_a_set_model(workdir: Path) -> None:
     """A DivE model: set embeddings in the Parquet, smooth-Chamfer retrieval, the slot picture."""

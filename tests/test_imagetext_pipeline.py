@@ -145,7 +145,7 @@ def test_training_lowers_the_loss_exports_and_resumes(tmp_path, monkeypatch) -> 
     history = train_imagetext(data, mp, tp, 0, paths, []).history
     assert history[-1]["loss/triplet"] < history[0]["loss/triplet"]
     terms = {"loss/triplet", "loss/mmd", "loss/diversity", "loss/total"}
-    assert set(history[0]) == {"epoch", *terms, "lr/image", "lr/text", "lr/text_set", "images_per_s"}
+    assert set(history[0]) == {"epoch", *terms, "lr/image", "lr/text", "lr/text_set", "images_per_s", "step_s"}
     untimed = [{k: v for k, v in row.items() if k not in TIMINGS} for row in history]
     model = load_imagetext(paths.model, torch.device("cpu"))
     sets = embed_sets(model.image, data.images, torch.device("cpu"))
@@ -177,7 +177,8 @@ def test_training_lowers_the_loss_exports_and_resumes(tmp_path, monkeypatch) -> 
 
 
 def test_precomp_layout_rows_and_captions(tmp_path) -> None:
-    from stages.core.imagetext.features import precomputed_tokens
+    from stages.core.imagetext.features import save_precomputed_tokens
+    from stages.core.imagetext.tokens import load_token_sets
 
     rng = np.random.default_rng(0)
     np.save(tmp_path / "train_ims.npy", rng.normal(size=(3, 4, 6)).astype(np.float32))
@@ -189,9 +190,11 @@ def test_precomp_layout_rows_and_captions(tmp_path) -> None:
     assert out.images["path"].to_pylist()[3:] == ["testall_ims.npy#0", "testall_ims.npy#1"]
     assert out.captions["image_id"].to_pylist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     assert is_precomputed(out.images)
-    tokens = precomputed_tokens(out.images, str(tmp_path))
-    assert tokens.dtype == np.float16 and tokens.shape == (5, 4, 6)
-    np.testing.assert_allclose(tokens[4], test[1], atol=1e-2)
+    (tmp_path / "features").mkdir()
+    shape = save_precomputed_tokens(out.images, str(tmp_path), tmp_path / "features", chunk=2)  # 3 chunks
+    sets = load_token_sets(tmp_path / "features", "image")
+    assert shape == (5, 4, 6) and sets.tokens.dtype == np.float16 and sets.offsets.tolist() == [0, 4, 8, 12, 16, 20]
+    np.testing.assert_allclose(sets.tokens[16:20], test[1], atol=1e-2)
     (tmp_path / "testall_caps.txt").write_text("a\nb\nc\n")
     with pytest.raises(LangdmlError, match="whole number of captions per image"):
         CAPTION_DATASETS.get("precomp")(ImageTextDataParams(name="precomp", root=str(tmp_path)))

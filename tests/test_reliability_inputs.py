@@ -271,7 +271,7 @@ def test_a_non_utf8_byte_is_one_line_naming_the_file_and_line(tmp_path: Path) ->
 def test_precomp_caption_counts_are_logged_and_non_finite_features_are_one_line(tmp_path: Path, caplog) -> None:
     import pyarrow as pa
 
-    from stages.core.imagetext.features import precomputed_tokens
+    from stages.core.imagetext.features import save_precomputed_tokens
 
     caplog.set_level(logging.INFO)
     features = np.zeros((2, 3, 4), np.float32)
@@ -286,7 +286,7 @@ def test_precomp_caption_counts_are_logged_and_non_finite_features_are_one_line(
     )
     images = pa.table({"path": out.images["path"]})
     with pytest.raises(LangdmlError, match=r"1 image\(s\) have NaN or inf .* row 1 of testall_ims.npy"):
-        precomputed_tokens(images, str(tmp_path))
+        save_precomputed_tokens(images, str(tmp_path), tmp_path, chunk=3)
 
 
 # --- 9, 10: small classes are said; a newline in a class name cannot break the report ----------------------

@@ -122,6 +122,23 @@ def test_smoke_two_epochs_loss_falls_outputs_written_and_model_round_trips(tmp_p
     assert not (paths.log_dir / "dvc.yaml").exists()
 
 
+def test_a_dry_run_cut_stops_each_epoch_after_its_steps_and_logs_the_step_time(tmp_path: Path, caplog) -> None:
+    """``train.max_steps_per_epoch`` (benchmarks/paper_scale.py): 2 of the 3 batches per epoch, so Adam has taken
+    4 steps after 2 epochs; the epoch's log record carries its row (timings included) for a tool that times it.
+    The cut is part of the fingerprint: a cut run's checkpoint is never resumed by a whole run."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="stages.core.training.fit")
+    result, _ = run_fit(tmp_path, train={"max_steps_per_epoch": 2})
+    steps = {int(s["step"]) for s in result.optimizer.state_dict()["state"].values()}
+    assert steps == {4}
+    rows = [r.row for r in caplog.records if hasattr(r, "row")]
+    assert [r["epoch"] for r in rows] == [1.0, 2.0]
+    assert all(r["step_s"] > 0 and r["images_per_s"] > 0 for r in rows)
+    whole, _ = run_fit(tmp_path)
+    assert whole.resumed_from == 0
+
+
 def test_rerun_with_same_config_reexports_and_new_config_starts_fresh(tmp_path: Path, caplog) -> None:
     caplog.set_level(logging.INFO, logger="stages.core")
     _, paths = run_fit(tmp_path)

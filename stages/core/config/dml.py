@@ -178,6 +178,7 @@ class TrainParams(Section):
     diversity: Annotated[float, Field(ge=0)] = 0.01  # weight of DivE's slot-diversity term (set heads only)
     nproc: PositiveInt = 1  # processes (DDP via torchrun); batch_size is the global batch
     evaluate_every: NonNegInt = 0  # test metrics every N epochs (the official protocol); 0 = the final model only
+    max_steps_per_epoch: PositiveInt | None = None  # a dry run's cut (benchmarks/paper_scale.py); null = whole epochs
     class_draws: Literal["distinct", "with_replacement"] = "distinct"  # with_replacement: the official sampler
     s2sd: S2SDParams = S2SDParams()
     augment: AugmentParams = AugmentParams()

@@ -112,6 +112,7 @@ class ImageTextTrainParams(Section):
     amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"  # float16: with a GradScaler, as DivE's torch.cuda.amp
     device: Literal["auto", "cpu", "cuda"] = "auto"
     nproc: PositiveInt = 1  # processes (DDP via torchrun); batch_size is the global batch
+    max_steps_per_epoch: PositiveInt | None = None  # a dry run's cut (benchmarks/paper_scale.py); null = whole epochs
 
 
 class ImageTextEvalParams(Section):

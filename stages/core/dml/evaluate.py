@@ -19,7 +19,7 @@ import numpy as np
 
 from stages.core.config import EvaluateParams
 from stages.core.errors import LangdmlError
-from stages.core.io import write_json, write_text
+from stages.core.io import file_digest, write_json, write_text
 from stages.core.model.similarity import SimilaritySpec
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,7 @@ def evaluate_trained(
     from stages.core.evaluation.metrics import check_ks, retrieval_metrics
     from stages.core.evaluation.search import nearest_neighbours
     from stages.core.model import encoder
+    from stages.core.model.saved import WEIGHTS_NAME
     from stages.core.runtime import resolve_device
 
     control = read_pretrained_metrics(p.control)
@@ -163,7 +164,15 @@ def evaluate_trained(
         similarity=model.similarity,
     )
 
-    meta = {"model": model_params.model_dump(), "normalized": True, "manifest": str(p.test_manifest)}
+    meta = {
+        "model": model_params.model_dump(),
+        "normalized": True,
+        "manifest": str(p.test_manifest),
+        # what the index stage checks before it reuses these rows instead of embedding the test split again
+        "manifest_sha256": file_digest(p.test_manifest),
+        "weights_sha256": file_digest(p.model / WEIGHTS_NAME),
+        "precision": ev.precision if device.type == "cuda" else "float32",
+    }
     write_test_embeddings(p.embeddings, labels, table.column("class_name"), emb, meta)
     write_text(p.recall_csv, recall_csv(metrics, ev.ks))
     names = table.column("class_name").to_pylist()

@@ -285,6 +285,7 @@ def train_dml(
         log_every=tp.log_every,
         amp=tp.amp,
         evaluate_every=tp.evaluate_every if evaluation is not None else 0,
+        max_steps_per_epoch=tp.max_steps_per_epoch,
     )
     schedule = ScheduleSpec(tp.epochs, steps, tp.milestones, tp.lr_decay)
     fit_spec = FitSpec(

@@ -246,6 +246,7 @@ def train_imagetext(
             amp_dtype=tp.amp_dtype,
             clip=tp.clip,
             params="imagetext.train",
+            max_steps_per_epoch=tp.max_steps_per_epoch,
         ),
         OptimSpec(tp.optimizer, tp.lr, tp.weight_decay, tp.scheduler, ScheduleSpec(tp.epochs, len(batches))),
         CheckpointSpec(paths.checkpoint, config),

@@ -89,6 +89,25 @@ def embed_table(
     return embed_dataset(model, dataset, batch_size=batch_size, num_workers=num_workers, device=device)
 
 
+def evaluated_embeddings(gallery: str, embeddings: Path, weights: Path) -> np.ndarray | None:
+    """The evaluate stage's embeddings of ``gallery`` when they are exactly what embedding it again would give:
+    the same manifest file (SHA-256), the same weights (SHA-256), float32. Else None (embed the gallery)."""
+    from stages.core.artifacts import read_test_embeddings
+    from stages.core.io import file_digest
+    from stages.core.tables import embedding_matrix
+
+    source = Path(gallery)
+    if source.suffix != ".parquet" or not source.is_file() or not embeddings.is_file() or not weights.is_file():
+        return None
+    table, meta = read_test_embeddings(embeddings)
+    same = (
+        meta.get("manifest_sha256") == file_digest(source)
+        and meta.get("weights_sha256") == file_digest(weights)
+        and meta.get("precision") == "float32"
+    )
+    return embedding_matrix(table.column("embedding")) if same else None
+
+
 def embed_images(model: Any, image_size: int, files: Sequence[Path], device: Any, batch_size: int = 64) -> np.ndarray:
     """N x D (or N x K x D) embeddings of image files."""
     return embed_table(model, image_size, files_table(files), "/", device, batch_size)

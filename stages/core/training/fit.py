@@ -91,6 +91,7 @@ class LoopOptions:
     clip: float | None = None  # gradient-norm clipping (None: off)
     params: str = "train"  # the params section named in messages ("imagetext.train")
     evaluate_every: int = 0  # epochs between calls of the evaluation hook (0: never)
+    max_steps_per_epoch: int | None = None  # a dry run's cut: each epoch ends after this many steps
 
 
 @dataclass(frozen=True)
@@ -257,8 +258,10 @@ def fit(run: Run, objective: Objective, batches: Batches, spec: FitSpec) -> Trai
         if schedule is not None and not schedule.per_step:
             schedule.scheduler.step()
         if evaluate is not None and ctx.main and _evaluation_due(epoch, options):
+            started = time.perf_counter()
             with torch.random.fork_rng(devices=[]):  # evaluating never moves the training's random numbers
                 row.update(evaluate(epoch))
+            row["evaluate_s"] = time.perf_counter() - started
         history.append(row)
         rng_states = distributed.gather_objects(ckpt.rng_state(), ctx)  # every rank's, for an exact resume
         if ctx.main:
@@ -278,7 +281,15 @@ def fit(run: Run, objective: Objective, batches: Batches, spec: FitSpec) -> Trai
             shown = ", ".join(
                 f"{k.removeprefix('loss/')} {v:.4f}" for k, v in row.items() if "/" in k and "lr/" not in k
             )
-            log.info("epoch %d/%d: %s, %.1f samples/s", epoch + 1, options.epochs, shown, row["images_per_s"])
+            log.info(  # the row rides along for tools that time a run (benchmarks/paper_scale.py)
+                "epoch %d/%d: %s, %.1f samples/s, %.3f s/step",
+                epoch + 1,
+                options.epochs,
+                shown,
+                row["images_per_s"],
+                row["step_s"],
+                extra={"row": dict(row)},
+            )
         distributed.barrier(ctx)  # no rank starts an epoch whose checkpoint is not on disk
     if ctx.main:
         live.end()
@@ -364,11 +375,15 @@ class EpochMeter:
 def _train_epoch(
     step_fn: TrainStep, batches: Batches, epoch: int, options: LoopOptions, show: bool = True
 ) -> dict[str, float]:
-    """One pass over the epoch's batches; the per-epoch log row. Raises on a non-finite loss (one line
-    naming the term, the epoch and the step). ``show``: this process draws the progress bar (rank 0)."""
+    """One pass over the epoch's batches (or its first ``max_steps_per_epoch``); the per-epoch log row, with
+    ``step_s`` the mean step time after the first step (which also waits for the loader's start). Raises on a
+    non-finite loss (one line naming the term, the epoch and the step). ``show``: this process draws the bar."""
     meter = EpochMeter(step_fn.device)
     t0 = time.perf_counter()
-    bar = _progress(batches.epoch(epoch), len(batches), f"epoch {epoch + 1}/{options.epochs}", show)
+    first_done = t0
+    cut = options.max_steps_per_epoch
+    total = min(len(batches), cut) if cut else len(batches)
+    bar = _progress(batches.epoch(epoch), total, f"epoch {epoch + 1}/{options.epochs}", show)
     for step, batch in enumerate(bar):
         try:
             terms = step_fn(batch)
@@ -379,16 +394,23 @@ def _train_epoch(
                 f"written (lower {options.params}.lr, check the inputs, or set {options.params}.amp: false)"
             ) from None
         meter.add(terms)
+        if step == 0:
+            first_done = time.perf_counter()
         if (step + 1) % options.log_every == 0:
             means = meter.interval_means()
             bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()})
             log.debug("epoch %d step %d: %s", epoch + 1, step + 1, means)
-    seconds = time.perf_counter() - t0
+        if step + 1 == cut:
+            break
+    means = meter.epoch_means()  # reads the device: every step has finished
+    end = time.perf_counter()
+    seconds = end - t0
     return {
         "epoch": float(epoch + 1),
-        **{f"loss/{k}": v for k, v in meter.epoch_means().items()},
+        **{f"loss/{k}": v for k, v in means.items()},
         **{f"lr/{g.get('name', i)}": float(g["lr"]) for i, g in enumerate(step_fn.optimizer.param_groups)},
         "images_per_s": meter.steps * options.batch_size / seconds,
+        "step_s": (end - first_done) / (meter.steps - 1) if meter.steps > 1 else seconds,
     }
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from stages.core.io import replace_directory
 
 # Logged values that differ between identical runs: kept out of DVC's metrics, plots and checkpoints.
-TIMINGS = frozenset({"images_per_s"})
+TIMINGS = frozenset({"images_per_s", "step_s", "evaluate_s"})
 
 
 class LiveLog:
