@@ -387,6 +387,27 @@ def table(
     typer.echo(f"-> {out / grid.stem}.md, .csv, .png")
 
 
+@app.command("exp")
+def exp_view(
+    metric: Annotated[
+        list[str] | None, typer.Option("--metric", "-m", help="a metric to show (repeatable); default: headline")
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """`dvc exp show`, readable: each experiment with the params that differ between them and the headline
+    metrics (recall@1, map@r, rsum), as Markdown."""
+    import yaml
+    from dvc.api import exp_show
+
+    from stages.core.io import read_text
+    from stages.core.study import HEADLINE, experiment_view, flat_keys, markdown_rows
+
+    with user_errors("exp"):
+        keys = flat_keys(yaml.safe_load(read_text(params)) or {})
+        rows = experiment_view(exp_show(repo="."), keys, tuple(metric) if metric else HEADLINE)
+    typer.echo(markdown_rows(rows), nl=False)
+
+
 @app.command()
 def embed(
     images: Annotated[list[Path], typer.Argument(help="images: files or folders")],

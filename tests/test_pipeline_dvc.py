@@ -238,6 +238,10 @@ def test_a_study_runs_through_the_dvc_queue_and_its_table_is_the_experiments_own
     assert (repo / "tables" / "tiny.png").stat().st_size > 1000
     shown = dvc(repo, "exp", "show", "--no-pager", "--md", "--drop", ".*", "--keep", "Experiment")
     assert all(name in shown for name in metrics)  # every run is a real experiment
+    view = _run([str(BIN / "langdml"), "exp"], repo).splitlines()  # the readable view: what differs, headline metrics
+    assert view[0].split(" | ")[1:3] == ["seed", "omega"]
+    for name, m in metrics.items():
+        assert any(line.startswith(f"| {name} |") and f"| {m['recall@1']:.4f} |" in line for line in view), name
 
 
 @pytest.mark.slow

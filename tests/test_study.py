@@ -104,3 +104,32 @@ def test_the_shipped_studies_validate_on_the_projects_params() -> None:
     assert study_names() == ["emoji/language-controls", "roth22/cub200-rn512-table1"]
     for name in study_names():
         check_params(load_study(name), ROOT / "params.yaml")
+
+
+def test_the_experiment_view_shows_the_params_that_differ_and_the_headline_metrics() -> None:
+    from stages.core.study import experiment_view, flat_keys, markdown_rows
+
+    keys = flat_keys({"seed": 0, "omega": 1.0, "train": {"lr": 1e-5, "epochs": 2}})
+    assert keys == ["seed", "omega", "train.lr", "train.epochs"]
+    runs = [
+        {"rev": "workspace", "seed": 0.0, "omega": 1.0, "train.lr": 1e-5, "train.epochs": 2, "recall@1": 0.5},
+        {
+            "Experiment": "a",
+            "State": "Success",
+            "seed": 0.0,
+            "omega": 5.0,
+            "train.lr": 1e-5,
+            "train.epochs": 2,
+            "recall@1": 0.61234,
+            "map@r": 0.3,
+        },
+        {"Experiment": "b", "State": "Failed", "seed": 1.0, "omega": 5.0, "train.lr": 1e-5, "train.epochs": 2},
+    ]
+    rows = experiment_view(runs, keys)
+    assert rows[0] == ["experiment", "seed", "omega", "recall@1", "map@r"]  # lr and epochs are the same everywhere
+    assert rows[1:] == [
+        ["workspace", "0", "1", "0.5000", "-"],
+        ["a", "0", "5", "0.6123", "0.3000"],
+        ["b (failed)", "1", "5", "-", "-"],
+    ]
+    assert markdown_rows(rows).splitlines()[1] == "|---|---|---|---|---|"

@@ -298,3 +298,46 @@ def plot(study: Study, summary: list[RowSummary], path: Path, scale: float = 100
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+HEADLINE = ("recall@1", "map@r", "rsum")  # the DML task's headline metrics and the image-text task's
+
+
+def flat_keys(tree: dict[str, Any], prefix: str = "") -> list[str]:
+    """params.yaml's keys as DVC names them (``train.lr``)."""
+    keys: list[str] = []
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        keys += flat_keys(value, f"{name}.") if isinstance(value, dict) else [name]
+    return keys
+
+
+def experiment_view(
+    experiments: list[dict[str, Any]], param_keys: list[str], metrics: tuple[str, ...] = HEADLINE
+) -> list[list[str]]:
+    """What `dvc exp show` holds, cut to what a reader compares: a header, then one row per experiment (the
+    workspace and commits by their rev): its name, the params whose values differ between the rows, and the
+    ``metrics`` some row has. (`dvc exp show` without flags prints every param and metric: 273 columns.)"""
+    varying = [k for k in param_keys if len({str(e.get(k)) for e in experiments}) > 1]
+    shown = [m for m in metrics if any(isinstance(e.get(m), int | float) for e in experiments)]
+    rows = [["experiment", *varying, *shown]]
+    for e in experiments:
+        name = e.get("Experiment") or e.get("rev") or "?"
+        state = e.get("State")
+        label = f"{name} ({str(state).lower()})" if state not in (None, "Success") else name
+        values = [_show(e.get(k)) for k in varying]
+        rows.append([label, *values, *(_show(e.get(m), metric=True) for m in shown)])
+    return rows
+
+
+def _show(value: Any, metric: bool = False) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}" if metric else f"{value:g}"
+    return str(value)
+
+
+def markdown_rows(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows[1:])]) + "\n"
