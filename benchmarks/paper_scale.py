@@ -343,11 +343,11 @@ def dml_recipe(name: str, args: argparse.Namespace, workdir: Path, log: Path) ->
     rates = loader_rates(workdir)
     out["loader_img_s_per_core"], out["decode_img_s_per_core"] = rates["decode_augment"], rates["decode"]
     os.chdir(REPO)
-    # (measured MB, MB at the full dataset): manifests grow with the images, the class caches and model do not
-    out["caches_mb"] = {
-        folder: (folder_mb(workdir / "data" / folder), scale if folder == "prepared" else 1.0)
-        for folder in ("prepared", "language", "pseudolabels", "model")
-    }
+    # (measured MB, MB at the full dataset): manifests grow with the images, the class caches with the classes
+    # (all written, but for SOP: a fraction of them), the model with neither
+    grows = {"prepared": scale, "language": scale if dataset == "sop" else 1.0, "model": 1.0}
+    grows["pseudolabels"] = grows["language"]
+    out["caches_mb"] = {folder: (folder_mb(workdir / "data" / folder), grows[folder]) for folder in grows}
     out["image_mb"] = folder_mb(root) / images
     row = out["train"]["rows"][-1]
     out["step_s"], out["evaluate_s"] = row["step_s"], row.get("evaluate_s", 0.0)
