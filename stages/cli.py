@@ -400,10 +400,11 @@ def exp_view(
     from dvc.api import exp_show
 
     from stages.core.io import read_text
-    from stages.core.study import HEADLINE, experiment_view, flat_keys, markdown_rows
+    from stages.core.recipe import flatten
+    from stages.core.study import HEADLINE, experiment_view, markdown_rows
 
     with user_errors("exp"):
-        keys = flat_keys(yaml.safe_load(read_text(params)) or {})
+        keys = list(flatten(yaml.safe_load(read_text(params)) or {}))
         rows = experiment_view(exp_show(repo="."), keys, tuple(metric) if metric else HEADLINE)
     typer.echo(markdown_rows(rows), nl=False)
 

@@ -107,9 +107,10 @@ def test_the_shipped_studies_validate_on_the_projects_params() -> None:
 
 
 def test_the_experiment_view_shows_the_params_that_differ_and_the_headline_metrics() -> None:
-    from stages.core.study import experiment_view, flat_keys, markdown_rows
+    from stages.core.recipe import flatten
+    from stages.core.study import experiment_view, markdown_rows
 
-    keys = flat_keys({"seed": 0, "omega": 1.0, "train": {"lr": 1e-5, "epochs": 2}})
+    keys = list(flatten({"seed": 0, "omega": 1.0, "train": {"lr": 1e-5, "epochs": 2}}))
     assert keys == ["seed", "omega", "train.lr", "train.epochs"]
     runs = [
         {"rev": "workspace", "seed": 0.0, "omega": 1.0, "train.lr": 1e-5, "train.epochs": 2, "recall@1": 0.5},

@@ -54,7 +54,7 @@ def load_recipe(name: str) -> Recipe:
         if missing or extra:
             what = f"lacks {', '.join(missing)}" if missing else f"has unknown field(s) {', '.join(extra)}"
             raise LangdmlError(f"recipe {name}: a row of 'official' {what}: {row}")
-    params = _flatten(raw.get("params", {}))
+    params = flatten(raw.get("params", {}))
     notes = list(raw.get("notes", []))
     if raw.get("extends"):
         parent = load_recipe(raw["extends"])
@@ -88,12 +88,13 @@ def _bases() -> list[str]:
     return sorted(p.relative_to(RECIPES).with_suffix("").as_posix() for p in RECIPES.rglob(f"{BASE}.yaml"))
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping's leaves by dotted key (``train.lr``), as DVC and ``-S`` name params."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, dict) and value:
-            out.update(_flatten(value, dotted + "."))
+            out.update(flatten(value, dotted + "."))
         else:
             out[dotted] = value
     return out

@@ -303,15 +303,6 @@ def plot(study: Study, summary: list[RowSummary], path: Path, scale: float = 100
 HEADLINE = ("recall@1", "map@r", "rsum")  # the DML task's headline metrics and the image-text task's
 
 
-def flat_keys(tree: dict[str, Any], prefix: str = "") -> list[str]:
-    """params.yaml's keys as DVC names them (``train.lr``)."""
-    keys: list[str] = []
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        keys += flat_keys(value, f"{name}.") if isinstance(value, dict) else [name]
-    return keys
-
-
 def experiment_view(
     experiments: list[dict[str, Any]], param_keys: list[str], metrics: tuple[str, ...] = HEADLINE
 ) -> list[list[str]]:
