@@ -141,7 +141,7 @@ def model_only(quick: bool) -> dict[str, Any]:
     return results
 
 
-def full_stage(quick: bool) -> dict[str, Any]:
+def full_stage() -> dict[str, Any]:
     if not cuda():
         return {"skipped": "no CUDA device: `python benchmarks/paper_scale.py --recipe NAME` measures the stages here"}
     out: dict[str, Any] = {}
@@ -217,7 +217,7 @@ def main() -> None:
     section("environment", environment, out)
     section("tests", tests, out)
     section("model_only", lambda: model_only(args.quick), out)
-    section("full_stage", lambda: full_stage(args.quick), out)
+    section("full_stage", full_stage, out)
     section("evaluation", lambda: evaluation(args.quick), out)
     section("ddp", ddp, out)
     tmp = args.out.with_name(args.out.name + ".partial")

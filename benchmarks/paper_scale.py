@@ -420,7 +420,7 @@ def projection(result: dict[str, Any], args: argparse.Namespace, cpu_over_gpu: f
     return {"hours": seconds / 3600, "basis": f"CPU step / {cpu_over_gpu:.0f} (the ResNet50 recipes' CPU/GPU ratio)"}
 
 
-def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
+def table(results: list[dict[str, Any]]) -> str:
     lines = [
         "| recipe | images written (x real) | stage s (peak GB) | step s | per-epoch eval s "
         "| decode / +augment img/s/core | cores to feed the GPU | caches MB (full size) | projected GPU hours |",
@@ -496,7 +496,7 @@ def main() -> None:
     for r in results:
         if "step_s" in r:
             r["projection"] = projection(r, args, cpu_over_gpu)
-    print(table(results, args))
+    print(table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
     if not args.workdir:
