@@ -362,9 +362,16 @@ def _experiment_names() -> list[str]:
 def table(
     name: Annotated[str, typer.Argument(help="the study (a name or a study file)")],
     out: Annotated[Path, typer.Option("--out", help="folder for <study>.md, .csv and .png")] = Path("data/studies"),
+    commits: Annotated[
+        int,
+        typer.Option(
+            "--commits", min=1, help="look for runs among the experiments of the last N commits (1: this one's)"
+        ),
+    ] = 1,
 ) -> None:
     """A study's table from its experiments: mean ± std over seeds, the paired difference to the baseline,
-    missing or failed runs named; Markdown (printed), CSV and a PNG."""
+    missing or failed runs named; Markdown (printed), CSV and a PNG. Runs queued before a commit belong to
+    the commit before it: `--commits 2` finds them (the table names the commits when they are several)."""
     from dvc.api import exp_show
 
     from stages.core.io import write_text
@@ -372,14 +379,15 @@ def table(
 
     with user_errors("table"):
         grid = load_study(name)
-        collected = collect(grid, exp_show(repo="."))
+        collected = collect(grid, exp_show(repo=".", num=commits))
         if not collected.values:
+            among = "this commit's experiments" if commits == 1 else f"the experiments of the last {commits} commits"
             raise LangdmlError(
-                f"no finished run of study {name} among this commit's experiments (`dvc queue status`); "
-                f"first: {collected.problems[0]}"
+                f"no finished run of study {name} among {among} (`dvc queue status`; runs queued before the "
+                f"last commit: --commits 2); first: {collected.problems[0]}"
             )
         summary = summarize(grid, collected)
-        text = markdown(grid, summary, collected.problems)
+        text = markdown(grid, summary, collected.problems, collected.commits)
         write_text(out / f"{grid.stem}.md", text)
         write_text(out / f"{grid.stem}.csv", csv_text(grid, summary))
         plot(grid, summary, out / f"{grid.stem}.png")

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 def run(params: Params) -> None:
     d = params.imagetext.data
     built = CAPTION_DATASETS.get(d.name)(d)
-    meta = {"dataset": built.dataset, "root": paths.portable_root(built.root)}
+    meta = {"dataset": built.dataset, "root": paths.portable_root(built.root), "holdout": d.holdout}
     with contextlib.ExitStack() as stack:  # both renamed only when both were written
         for target, table, schema in (
             (paths.IMAGETEXT_IMAGES, built.images, IMAGES_SCHEMA),
@@ -27,4 +27,5 @@ def run(params: Params) -> None:
     for split in ("train", "test"):
         images = sum(s == split for s in built.images["split"].to_pylist())
         captions = sum(s == split for s in built.captions["split"].to_pylist())
-        log.info("prepared %s %s: %d image files, %d captions", built.dataset, split, images, captions)
+        name = "validation (held-out training images)" if split == "test" and d.holdout == "validation" else split
+        log.info("prepared %s %s: %d image files, %d captions", built.dataset, name, images, captions)

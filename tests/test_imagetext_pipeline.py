@@ -54,6 +54,31 @@ def test_emoji_captions_are_names_and_keywords_one_test_file_per_image(emoji_roo
     assert len({r["image_id"] for r in capped.images.to_pylist()}) == 4  # 2 per split
 
 
+def test_validation_holdout_replaces_test_with_held_out_training_images(emoji_root) -> None:
+    full = CAPTION_DATASETS.get("emoji")(ImageTextDataParams(name="emoji", root=str(emoji_root)))
+    train_ids = {r["image_id"] for r in full.images.to_pylist() if r["split"] == "train"}
+    test_ids = {r["image_id"] for r in full.images.to_pylist() if r["split"] == "test"}
+    params = ImageTextDataParams(name="emoji", root=str(emoji_root), holdout="validation", validation_fraction=0.5)
+    out = CAPTION_DATASETS.get("emoji")(params)
+    images, captions = out.images.to_pylist(), out.captions.to_pylist()
+    held = [r["image_id"] for r in images if r["split"] == "test"]
+    kept = {r["image_id"] for r in images if r["split"] == "train"}
+    assert len(held) == len(set(held)) == round(0.5 * len(train_ids))  # one file per held-out image
+    assert set(held) | kept == train_ids and not set(held) & kept  # carved from train, disjoint
+    assert not {r["image_id"] for r in captions} & test_ids  # the test split is never seen
+    assert all(r["split"] == ("test" if r["image_id"] in set(held) else "train") for r in captions)
+    first = {}
+    for r in full.images.to_pylist():
+        first.setdefault(r["image_id"], r["path"])
+    assert all(r["path"] == first[r["image_id"]] for r in images if r["split"] == "test")
+    again = CAPTION_DATASETS.get("emoji")(params)
+    assert again.images.equals(out.images)  # seeded
+    with pytest.raises(LangdmlError, match="validation_fraction"):
+        CAPTION_DATASETS.get("emoji")(
+            ImageTextDataParams(name="emoji", root=str(emoji_root), holdout="validation", validation_fraction=0.01)
+        )
+
+
 def _karpathy(root: Path, entries: list[dict]) -> Path:
     for e in entries:
         tiny_jpeg(root / e.get("filepath", "flickr30k-images") / e["filename"])

@@ -47,7 +47,8 @@ def test_each_run_is_one_named_queued_experiment(tmp_path: Path) -> None:
     study = load_study(str(_study(tmp_path)))
     commands = queue_commands(study)
     assert len(commands) == 6
-    assert commands[2] == [
+    assert [c[5] for c in commands[:3]] == ["toy-study--off--s0", "toy-study--on--s0", "toy-study--ctl--s0"]
+    assert commands[1] == [
         "dvc", "exp", "run", "--queue", "--name", "toy-study--on--s0",
         "-S", "omega=2.0", "-S", "language.guidance=plg", "-S", "seed=0",
     ]  # fmt: skip
@@ -81,6 +82,25 @@ def test_the_table_is_mean_std_and_the_paired_difference_computed_by_hand(tmp_pa
     assert csv_text(study, list(rows.values())).splitlines()[2].startswith("on,2,0.46,0.014142136,0.04,0.014142136")
 
 
+def test_a_name_run_at_two_commits_counts_once_from_the_newest_and_the_commits_are_named(tmp_path: Path) -> None:
+    study = load_study(str(_study(tmp_path, scale=1)))
+    experiments = [
+        {"Experiment": None, "rev": "main", "typ": "baseline"},
+        _exp("toy-study--off--s0", 40.0, omega=0.0, seed=0.0),
+        {"Experiment": None, "rev": "b8a907a", "typ": "baseline"},
+        _exp("toy-study--off--s0", 10.0, omega=0.0, seed=0.0),  # the same name at an older commit
+        _exp("toy-study--on--s0", 45.0, omega=2.0, seed=0.0),
+    ]
+    collected = collect(study, experiments)
+    assert collected.values[("off", 0)]["recall@1"] == 40.0
+    assert collected.commits == {"main": 1, "b8a907a": 1}
+    table = markdown(study, summarize(study, collected), collected.problems, collected.commits)
+    assert "x1," in table and "| on | 0 | 45.00 | 5.00 |" in table  # scale 1: already percent
+    assert "Runs made at 2 commits, whose code may differ: main (1 runs), b8a907a (1 runs)" in table
+    with pytest.raises(LangdmlError, match="scale must be a number > 0"):
+        load_study(str(_study(tmp_path, scale=0)))
+
+
 def test_missing_and_stale_runs_are_named_not_averaged(tmp_path: Path) -> None:
     study = load_study(str(_study(tmp_path)))
     collected = collect(study, [_exp("toy-study--off--s0", 0.4, omega=1.0)])
@@ -90,7 +110,7 @@ def test_missing_and_stale_runs_are_named_not_averaged(tmp_path: Path) -> None:
 
 
 def test_a_bad_study_is_one_line(tmp_path: Path) -> None:
-    with pytest.raises(LangdmlError, match="unknown study 'nope'; known: emoji/language-controls"):
+    with pytest.raises(LangdmlError, match="unknown study 'nope'; known: emoji/dive-maxpool-lr, emoji/dive-slots"):
         load_study("nope")
     with pytest.raises(LangdmlError, match=r"'gone' is not one of its rows \(off, on, ctl\)"):
         load_study(str(_study(tmp_path, baseline="gone")))
@@ -101,7 +121,12 @@ def test_a_bad_study_is_one_line(tmp_path: Path) -> None:
 def test_the_shipped_studies_validate_on_the_projects_params() -> None:
     from stages.core.study import check_params
 
-    assert study_names() == ["emoji/language-controls", "roth22/cub200-rn512-table1"]
+    assert study_names() == [
+        "emoji/dive-maxpool-lr",
+        "emoji/dive-slots",
+        "emoji/language-controls",
+        "roth22/cub200-rn512-table1",
+    ]
     for name in study_names():
         check_params(load_study(name), ROOT / "params.yaml")
 

@@ -16,10 +16,12 @@ rows:                                # row -> the params it sets (dotted keys, a
 paper:                               # optional, paper studies: row -> the paper's number and where it is
   elg: {recall@1: 67.3, source: "Table 1, ResNet50 512-d"}
 targets: [evaluate]                  # optional: the stages each run reproduces up to (default: the whole DAG)
+scale: 100                           # optional: the table's factor (100: fractions as percent; 1: already percent)
 ```
 
 ``queue_commands`` gives one ``dvc exp run --queue --name <study>--<row>--s<seed> -S ...`` per run (each a
-real experiment: ``dvc exp show`` lists it, ``dvc exp apply`` restores it; ``dvc queue start -j N`` runs them).
+real experiment: ``dvc exp show`` lists it, ``dvc exp apply`` restores it; ``dvc queue start -j N`` runs them),
+seed by seed, so a queue stopped early leaves every row with the same seeds.
 ``summarize`` turns the experiments' rows (``dvc.api.exp_show``) into per-row mean, sample std (ddof 1) and
 the paired same-seed difference to the baseline with its std; a run that is missing or failed, and an
 experiment of this study whose params are not its row's (another commit or an edited study), are named, never
@@ -58,6 +60,7 @@ class Study:
     recipe: str | None = None
     paper: dict[str, dict[str, Any]] = field(default_factory=dict)
     targets: list[str] = field(default_factory=list)  # the stages each run reproduces up to; empty: all
+    scale: float = 100.0  # the table's factor: 100 shows fractions as percent
 
     @property
     def stem(self) -> str:
@@ -81,7 +84,7 @@ def load_study(name: str) -> Study:
     from stages.core.recipe import read_fields
 
     raw = read_fields(path, f"study {name}", FIELDS)
-    unknown = sorted(set(raw) - {*FIELDS, "controls", "recipe", "paper", "targets"})
+    unknown = sorted(set(raw) - {*FIELDS, "controls", "recipe", "paper", "targets", "scale"})
     if unknown:
         raise LangdmlError(f"study {name}: unknown field(s) {', '.join(unknown)}")
     rows = raw["rows"]
@@ -90,6 +93,9 @@ def load_study(name: str) -> Study:
     seeds = raw["seeds"]
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
         raise LangdmlError(f"study {name}: seeds must be a list of whole numbers >= 0")
+    scale = raw.get("scale", 100.0)
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or scale <= 0:
+        raise LangdmlError(f"study {name}: scale must be a number > 0 (100: fractions shown as percent)")
     for key in (raw["baseline"], *raw.get("controls", []), *raw.get("paper", {})):
         if key not in rows:
             raise LangdmlError(f"study {name}: {key!r} is not one of its rows ({', '.join(rows)})")
@@ -104,6 +110,7 @@ def load_study(name: str) -> Study:
         recipe=raw.get("recipe"),
         targets=[str(s) for s in raw.get("targets", [])],
         paper={str(k): dict(v) for k, v in raw.get("paper", {}).items()},
+        scale=float(scale),
     )
 
 
@@ -137,8 +144,8 @@ def queue_commands(study: Study, copy: tuple[str, ...] = ()) -> list[list[str]]:
     """One ``dvc exp run --queue`` per row and seed (values as YAML, as ``-S`` parses them). ``copy``: untracked
     folders a queued run needs (it runs in a copy of the last commit), passed as ``-C`` (``data/raw``)."""
     commands = []
-    for row in study.rows:
-        for seed in study.seeds:
+    for seed in study.seeds:
+        for row in study.rows:
             sets = [f"{k}={_flow(v)}" for k, v in run_params(study, row, seed).items()]
             cmd = ["dvc", "exp", "run", "--queue", "--name", study.experiment(row, seed)]
             cmd += [arg for c in copy for arg in ("-C", c)]
@@ -154,13 +161,25 @@ def _flow(value: Any) -> str:
 class Collected:
     values: dict[tuple[str, int], dict[str, float]]  # (row, seed) -> metric -> value
     problems: list[str]  # missing, failed or mismatched runs, one line each
+    commits: dict[str, int] = field(default_factory=dict)  # baseline commit -> runs of it in the table
 
 
 def collect(study: Study, experiments: list[dict[str, Any]]) -> Collected:
-    """This study's runs among ``experiments`` (``dvc.api.exp_show`` rows): their metrics by (row, seed)."""
-    by_name = {e.get("Experiment"): e for e in experiments if e.get("Experiment")}
+    """This study's runs among ``experiments`` (``dvc.api.exp_show`` rows, each commit's baseline row before its
+    experiments, newest commit first): their metrics by (row, seed). A name run at several commits counts
+    once, from the newest."""
+    by_name: dict[str, dict[str, Any]] = {}
+    commit_of: dict[str, str] = {}
+    commit = "?"
+    for e in experiments:
+        if e.get("typ") == "baseline":
+            commit = str(e.get("rev"))
+        name = e.get("Experiment")
+        if name and name not in by_name:
+            by_name[name], commit_of[name] = e, commit
     values: dict[tuple[str, int], dict[str, float]] = {}
     problems: list[str] = []
+    commits: dict[str, int] = {}
     for row in study.rows:
         for seed in study.seeds:
             name = study.experiment(row, seed)
@@ -181,7 +200,8 @@ def collect(study: Study, experiments: list[dict[str, Any]]) -> Collected:
                 problems.append(f"{name}: no metric {absent[0]}")
                 continue
             values[row, seed] = {m: float(exp[m]) for m in study.metrics}
-    return Collected(values, problems)
+            commits[commit_of[name]] = commits.get(commit_of[name], 0) + 1
+    return Collected(values, problems, commits)
 
 
 def _equal(shown: Any, value: Any) -> bool:
@@ -229,9 +249,13 @@ def _cell(mean: float, std: float, scale: float) -> str:
     return f"{mean * scale:.2f}" if np.isnan(std) else f"{mean * scale:.2f} ± {std * scale:.2f}"
 
 
-def markdown(study: Study, summary: list[RowSummary], problems: list[str], scale: float = 100.0) -> str:
-    """The table: mean ± std over seeds and the paired difference to the baseline (both x ``scale``: percent),
-    the paper's number where the study gives one, and every problem named below it."""
+def markdown(
+    study: Study, summary: list[RowSummary], problems: list[str], commits: dict[str, int] | None = None
+) -> str:
+    """The table: mean ± std over seeds and the paired difference to the baseline (both x the study's scale),
+    the paper's number where the study gives one, the commits the runs were made at when more than one (their
+    code may differ), and every problem named below it."""
+    scale = study.scale
     paper = bool(study.paper)
     head = ["row", "seeds", *study.metrics, *(f"Δ {m}" for m in study.metrics), *(["paper"] if paper else [])]
     lines = [f"**{study.title}** (`{study.name}`; x{scale:g}, mean ± std over seeds, Δ: paired with the same seed)", ""]
@@ -251,6 +275,9 @@ def markdown(study: Study, summary: list[RowSummary], problems: list[str], scale
             p = study.paper.get(s.row, {})
             cells.append(", ".join(f"{k} {v} ({p.get('source', '?')})" for k, v in p.items() if k != "source") or "")
         lines.append("| " + " | ".join(cells) + " |")
+    if commits and len(commits) > 1:
+        made = ", ".join(f"{c} ({n} runs)" for c, n in commits.items())
+        lines += ["", f"Runs made at {len(commits)} commits, whose code may differ: {made}"]
     if problems:
         lines += ["", "Not in the table:", *(f"- {p}" for p in problems)]
     return "\n".join(lines) + "\n"
@@ -268,7 +295,7 @@ def csv_text(study: Study, summary: list[RowSummary]) -> str:
     return out.getvalue()
 
 
-def plot(study: Study, summary: list[RowSummary], path: Path, scale: float = 100.0) -> None:
+def plot(study: Study, summary: list[RowSummary], path: Path) -> None:
     """Each row's metric with its std as an error bar, one panel per metric, the baseline's mean as a line."""
     import matplotlib
 
@@ -277,6 +304,7 @@ def plot(study: Study, summary: list[RowSummary], path: Path, scale: float = 100
 
     from stages.core.io import atomic_path
 
+    scale = study.scale
     fig, axes = plt.subplots(1, len(study.metrics), figsize=(4.5 * len(study.metrics), 0.5 + 0.45 * len(summary)))
     axes = np.atleast_1d(axes)
     names = [s.row for s in summary]

@@ -32,6 +32,10 @@ class ImageTextDataParams(Section):
     split_seed: NonNegInt | None = 0  # emoji: seeded random split of the concepts
     train_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.5  # emoji
     max_images: PositiveInt | None = 400  # a seeded sample of N image ids per split; null = all
+    # test | validation: a seeded validation_fraction of the training images replaces the test split (for
+    # choosing hyper-parameters without seeing the test images)
+    holdout: Literal["test", "validation"] = "test"
+    validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
     verify_images: bool = True  # decode every image file once; unreadable ones are left out and counted
 
 

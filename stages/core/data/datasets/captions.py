@@ -94,6 +94,8 @@ def _tables(
     confined to the root (the DML adapters' check), empty captions and (``verify_images``) unreadable image
     files left out and counted in one log line each; an image left with no file or no caption is dropped
     with its captions only if its files were unreadable, otherwise it is an error."""
+    if source.holdout == "validation":
+        files, captions = _validation_split(files, captions, source.validation_fraction)
     cap = source.max_images
     if cap is not None:  # a seeded random sample of each split's image ids (dataset order is often topical)
         keep: set[int] = set()
@@ -146,6 +148,32 @@ def _tables(
         schema=CAPTIONS_SCHEMA,
     )
     return CaptionManifests(name, root, images, caps)
+
+
+def _validation_split(
+    files: list[tuple[int, str, str]], captions: list[tuple[int, str, str]], fraction: float
+) -> tuple[list[tuple[int, str, str]], list[tuple[int, str, str]]]:
+    """``holdout: validation``: the test split is left out and a seeded ``fraction`` of the training image ids
+    takes its place (each with the first of its files, as a test image has one), so hyper-parameters are
+    chosen on held-out training images and the test split is never seen."""
+    train = sorted({i for i, _, s in files if s == "train"})
+    n = round(fraction * len(train))
+    if not 0 < n < len(train):
+        raise LangdmlError(
+            f"imagetext.data.validation_fraction: {fraction} of {len(train)} training images leaves no "
+            "validation or no training image; allowed: a fraction that keeps at least one of each"
+        )
+    held = {train[j] for j in np.random.default_rng(1).permutation(len(train))[:n]}
+    kept: list[tuple[int, str, str]] = []
+    placed: set[int] = set()
+    for i, path, split in files:
+        if split == "train" and i not in held:
+            kept.append((i, path, split))
+        elif split == "train" and i not in placed:
+            placed.add(i)
+            kept.append((i, path, "test"))
+    texts = [(i, t, "test" if i in held else s) for i, t, s in captions if s == "train"]
+    return kept, texts
 
 
 def _require_splits(name: str, files: list[tuple[int, str, str]]) -> None:
