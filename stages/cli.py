@@ -303,11 +303,15 @@ def study(
     name: Annotated[
         str | None, typer.Argument(help="e.g. emoji/language-controls, or a study file; none: list them")
     ] = None,
+    rows: Annotated[
+        list[str] | None, typer.Option("--row", help="queue only this row (repeatable): a re-run, a row added later")
+    ] = None,
+    seeds: Annotated[list[int] | None, typer.Option("--seed", help="queue only this seed (repeatable)")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the dvc commands; queue nothing")] = False,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Queue a study's grid (rows x seeds) as named DVC experiments; then `dvc queue start -j N` and
-    `langdml table NAME`."""
+    `langdml table NAME`. A finished run is re-run after `dvc exp remove NAME`."""
     import shlex
     import subprocess
 
@@ -320,7 +324,7 @@ def study(
     with user_errors("study"):
         grid = load_study(name)
         check_params(grid, params)
-        commands = queue_commands(grid, _untracked("data/raw", "data/local"))
+        commands = queue_commands(grid, _untracked("data/raw", "data/local"), rows, seeds)
         if dry_run:
             for cmd in commands:
                 typer.echo(shlex.join(cmd))
@@ -335,9 +339,9 @@ def study(
             if result.returncode != 0:
                 why = one_line(RuntimeError(result.stderr.strip() or result.stdout.strip()))
                 raise LangdmlError(f"queued {done} of {len(commands)}; `{shlex.join(cmd[:6])}` failed: {why}")
-    rows, seeds = len(grid.rows), len(grid.seeds)
+    n_rows, n_seeds = len(rows or grid.rows), len(seeds or grid.seeds)
     typer.echo(
-        f"queued {len(commands)} experiments ({rows} rows x {seeds} seeds): run them with `dvc queue start -j N` "
+        f"queued {len(commands)} experiments ({n_rows} rows x {n_seeds} seeds): run them with `dvc queue start -j N` "
         f"(`dvc queue status` to follow), then `langdml table {name}`"
     )
 

@@ -48,6 +48,12 @@ def test_each_run_is_one_named_queued_experiment(tmp_path: Path) -> None:
     commands = queue_commands(study)
     assert len(commands) == 6
     assert [c[5] for c in commands[:3]] == ["toy-study--off--s0", "toy-study--on--s0", "toy-study--ctl--s0"]
+    only = queue_commands(study, rows=["ctl"], seeds=[1])
+    assert [c[5] for c in only] == ["toy-study--ctl--s1"]
+    with pytest.raises(LangdmlError, match=r"no row 'nope'; its rows: off, on, ctl"):
+        queue_commands(study, rows=["nope"])
+    with pytest.raises(LangdmlError, match=r"no seed 7; its seeds: 0, 1"):
+        queue_commands(study, seeds=[7])
     assert commands[1] == [
         "dvc", "exp", "run", "--queue", "--name", "toy-study--on--s0",
         "-S", "omega=2.0", "-S", "language.guidance=plg", "-S", "seed=0",
@@ -124,6 +130,7 @@ def test_the_shipped_studies_validate_on_the_projects_params() -> None:
     assert study_names() == [
         "emoji/dive-maxpool-lr",
         "emoji/dive-slots",
+        "emoji/dive-slots-official",
         "emoji/language-controls",
         "roth22/cub200-rn512-table1",
     ]

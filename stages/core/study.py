@@ -140,12 +140,21 @@ def check_params(study: Study, params_path: Path) -> None:
             raise LangdmlError(str(err)) from None
 
 
-def queue_commands(study: Study, copy: tuple[str, ...] = ()) -> list[list[str]]:
-    """One ``dvc exp run --queue`` per row and seed (values as YAML, as ``-S`` parses them). ``copy``: untracked
-    folders a queued run needs (it runs in a copy of the last commit), passed as ``-C`` (``data/raw``)."""
+def queue_commands(
+    study: Study, copy: tuple[str, ...] = (), rows: list[str] | None = None, seeds: list[int] | None = None
+) -> list[list[str]]:
+    """One ``dvc exp run --queue`` per row and seed (values as YAML, as ``-S`` parses them), or only ``rows`` /
+    ``seeds`` of the study (one row re-run, a row added later). ``copy``: untracked folders a queued run needs
+    (it runs in a copy of the last commit), passed as ``-C`` (``data/raw``)."""
+    for row in rows or []:
+        if row not in study.rows:
+            raise LangdmlError(f"study {study.name}: no row {row!r}; its rows: {', '.join(study.rows)}")
+    for seed in seeds or []:
+        if seed not in study.seeds:
+            raise LangdmlError(f"study {study.name}: no seed {seed}; its seeds: {', '.join(map(str, study.seeds))}")
     commands = []
-    for seed in study.seeds:
-        for row in study.rows:
+    for seed in seeds or study.seeds:
+        for row in rows or study.rows:
             sets = [f"{k}={_flow(v)}" for k, v in run_params(study, row, seed).items()]
             cmd = ["dvc", "exp", "run", "--queue", "--name", study.experiment(row, seed)]
             cmd += [arg for c in copy for arg in ("-C", c)]
