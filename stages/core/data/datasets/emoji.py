@@ -19,12 +19,8 @@ emojibase-data themselves are MIT. The packages' LICENSE and README files are ke
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import logging
-import shutil
-import subprocess
 import tarfile
 import zlib
 from dataclasses import dataclass
@@ -44,19 +40,9 @@ from stages.core.data.datasets.base import (
 )
 from stages.core.errors import LangdmlError
 from stages.core.io import replace_directory, staging_directory, write_json
+from stages.core.npm import Package, npm_pack
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Package:
-    name: str
-    version: str
-    integrity: str  # npm's "sha512-<base64>" of the tarball
-
-    @property
-    def spec(self) -> str:
-        return f"{self.name}@{self.version}"
 
 
 VENDORS = ("google", "twitter", "facebook", "apple")
@@ -92,48 +78,7 @@ SOURCES = {
 EMOJI_JSON = "emoji.json"
 LABELS_JSON = "emojibase-data.json"
 RECEIPT = "SOURCE.json"
-NPM_MISSING = (
-    "the npm client is not installed; install Node.js with npm (Debian/Ubuntu: `apt-get install npm`), "
-    "then run `dvc repro` (or `langdml fetch-data`) again"
-)
-
-
-def _integrity(path: Path) -> str:
-    digest = hashlib.sha512()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return "sha512-" + base64.b64encode(digest.digest()).decode()
-
-
-def npm_pack(package: Package, into: Path, npm: str | None = None) -> Path:
-    """``npm pack NAME@VERSION`` into ``into``, verified against the pinned digest; the tarball's path."""
-    npm = npm or shutil.which("npm")
-    if npm is None:
-        raise LangdmlError(f"emoji: cannot fetch {package.spec}: {NPM_MISSING}")
-    cmd = [npm, "pack", package.spec, "--pack-destination", str(into), "--silent"]
-    log.info("fetching %s with npm pack", package.spec)
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=900)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise LangdmlError(f"emoji: `npm pack {package.spec}` failed ({err}); {NPM_MISSING}") from None
-    tarball = into / f"{package.name}-{package.version}.tgz"
-    if done.returncode != 0 or not tarball.is_file():
-        reason = next((ln for ln in done.stderr.splitlines() if "ERR" in ln), done.stderr.strip()[:200])
-        raise LangdmlError(
-            f"emoji: `npm pack {package.spec}` failed ({reason or f'exit {done.returncode}'}); check that the npm "
-            "registry is reachable (`npm ping`), then run `dvc repro` again"
-        )
-    verify_integrity(tarball, package)
-    return tarball
-
-
-def verify_integrity(tarball: Path, package: Package) -> None:
-    if _integrity(tarball) != package.integrity:
-        raise LangdmlError(
-            f"emoji: {tarball.name} does not match the published SHA-512 of {package.spec} (corrupt or tampered "
-            "download); run `dvc repro` again to fetch it anew"
-        )
+AGAIN = "run `dvc repro` (or `langdml fetch-data`) again"
 
 
 def _members(tarball: Path, wanted: dict[str, str], prefix: tuple[str, str] | None, out: Path) -> int:
@@ -197,7 +142,7 @@ def fetch_emoji(root: Path) -> Path:
         out = staging / "emoji"
         for vendor in VENDORS:
             package = SOURCES[vendor]
-            tarball = npm_pack(package, downloads)
+            tarball = npm_pack(package, downloads, "emoji", AGAIN)
             wanted = {
                 "package/LICENSE": f"licenses/{package.name}.LICENSE",
                 "package/README.md": f"licenses/{package.name}.README.md",
@@ -208,7 +153,7 @@ def fetch_emoji(root: Path) -> Path:
             log.info("emoji: %d files from %s", n, package.spec)
             tarball.unlink()
         labels = SOURCES["emojibase"]
-        tarball = npm_pack(labels, downloads)
+        tarball = npm_pack(labels, downloads, "emoji", AGAIN)
         _members(
             tarball,
             {"package/en/data.json": LABELS_JSON, "package/LICENSE": f"licenses/{labels.name}.LICENSE"},
