@@ -131,6 +131,8 @@ def test_the_shipped_studies_validate_on_the_projects_params() -> None:
         "emoji/dive-maxpool-lr",
         "emoji/dive-slots",
         "emoji/dive-slots-official",
+        "emoji/dive-towers",
+        "emoji/dml-dive",
         "emoji/language-controls",
         "roth22/cub200-rn512-table1",
     ]
