@@ -83,8 +83,8 @@ def test_the_table_is_mean_std_and_the_paired_difference_computed_by_hand(tmp_pa
     assert rows["ctl"].seeds == [0] and rows["ctl"].diff_mean["recall@1"] == pytest.approx(0.01)
     table = markdown(study, list(rows.values()), collected.problems)
     assert "| off (baseline) | 0,1 | 42.00 ± 2.83 | - |" in table
-    assert "| on | 0,1 | 46.00 ± 1.41 | 4.00 ± 1.41 |" in table
-    assert "| ctl (control) | 0 | 41.00 | 1.00 |" in table and "- toy-study--ctl--s1: failed" in table
+    assert "| on | 0,1 | 46.00 ± 1.41 | +4.00 ± 1.41 |" in table
+    assert "| ctl (control) | 0 | 41.00 | +1.00 |" in table and "- toy-study--ctl--s1: failed" in table
     assert csv_text(study, list(rows.values())).splitlines()[2].startswith("on,2,0.46,0.014142136,0.04,0.014142136")
 
 
@@ -101,7 +101,7 @@ def test_a_name_run_at_two_commits_counts_once_from_the_newest_and_the_commits_a
     assert collected.values[("off", 0)]["recall@1"] == 40.0
     assert collected.commits == {"main": 1, "b8a907a": 1}
     table = markdown(study, summarize(study, collected), collected.problems, collected.commits)
-    assert "x1," in table and "| on | 0 | 45.00 | 5.00 |" in table  # scale 1: already percent
+    assert "x1," in table and "| on | 0 | 45.00 | +5.00 |" in table  # scale 1: already percent
     assert "Runs made at 2 commits, whose code may differ: main (1 runs), b8a907a (1 runs)" in table
     with pytest.raises(LangdmlError, match="scale must be a number > 0"):
         load_study(str(_study(tmp_path, scale=0)))

@@ -252,10 +252,12 @@ def summarize(study: Study, collected: Collected) -> list[RowSummary]:
     return out
 
 
-def _cell(mean: float, std: float, scale: float) -> str:
+def _cell(mean: float, std: float, scale: float, signed: bool = False) -> str:
+    """``mean ± std`` at two decimals; ``signed`` (a difference) always shows its sign."""
     if np.isnan(mean):
         return "-"
-    return f"{mean * scale:.2f}" if np.isnan(std) else f"{mean * scale:.2f} ± {std * scale:.2f}"
+    shown = f"{mean * scale:+.2f}" if signed else f"{mean * scale:.2f}"
+    return shown if np.isnan(std) else f"{shown} ± {std * scale:.2f}"
 
 
 def markdown(
@@ -279,7 +281,7 @@ def markdown(
         )
         cells = [label, ",".join(map(str, s.seeds)) or "-"]
         cells += [_cell(s.mean[m], s.std[m], scale) for m in study.metrics]
-        cells += [_cell(s.diff_mean[m], s.diff_std[m], scale) for m in study.metrics]
+        cells += [_cell(s.diff_mean[m], s.diff_std[m], scale, signed=True) for m in study.metrics]
         if paper:
             p = study.paper.get(s.row, {})
             cells.append(", ".join(f"{k} {v} ({p.get('source', '?')})" for k, v in p.items() if k != "source") or "")
