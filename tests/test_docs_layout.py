@@ -71,3 +71,19 @@ def test_the_default_runs_numbers_in_docs_pipeline_are_the_committed_metrics() -
     assert diff, "docs/pipeline.md has no `dvc metrics diff` of data/eval/metrics.json"
     for key, head in diff:
         assert head == f"{dml[key]:.5f}".rstrip("0").rstrip(".") or head == f"{dml[key]:.5f}", key
+
+
+def test_the_readmes_study_tables_are_langdml_tables_own_output() -> None:
+    """Each study table the README shows is `langdml table NAME --out docs/studies` (made from the studies' DVC
+    experiments), row for row: no result table is typed in by hand."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    shown = sorted(set(re.findall(r"docs/studies/([a-z0-9-]+)\.md", readme)))
+    assert shown, "the README links no study table (docs/studies/NAME.md)"
+    for stem in shown:
+        table = (ROOT / "docs" / "studies" / f"{stem}.md").read_text()
+        rows = [ln for ln in table.splitlines() if ln.startswith("|")]
+        assert len(rows) > 2, stem
+        missing = [ln for ln in rows if ln not in readme.splitlines()]
+        assert not missing, f"README's {stem} table differs from docs/studies/{stem}.md: {missing[0]}"

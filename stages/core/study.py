@@ -307,7 +307,9 @@ def csv_text(study: Study, summary: list[RowSummary]) -> str:
 
 
 def plot(study: Study, summary: list[RowSummary], path: Path) -> None:
-    """Each row's metric with its std as an error bar, one panel per metric, the baseline's mean as a line."""
+    """Each row's mean with its std as an error bar (a point, on an axis fitted to the rows, so differences of a
+    point or two show), one panel per metric, the baseline's mean as a dashed line; rows without runs are
+    left empty."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -316,22 +318,23 @@ def plot(study: Study, summary: list[RowSummary], path: Path) -> None:
     from stages.core.io import atomic_path
 
     scale = study.scale
-    fig, axes = plt.subplots(1, len(study.metrics), figsize=(4.5 * len(study.metrics), 0.5 + 0.45 * len(summary)))
+    fig, axes = plt.subplots(1, len(study.metrics), figsize=(4.5 * len(study.metrics), 0.8 + 0.4 * len(summary)))
     axes = np.atleast_1d(axes)
     names = [s.row for s in summary]
     for ax, m in zip(axes, study.metrics, strict=True):
-        means = [s.mean[m] * scale for s in summary]
-        stds = [0.0 if np.isnan(s.std[m]) else s.std[m] * scale for s in summary]
-        colours = [
-            "tab:gray" if n == study.baseline else "tab:orange" if n in study.controls else "tab:blue" for n in names
-        ]
-        ax.barh(range(len(names)), means, xerr=stds, color=colours, capsize=3)
+        for y, s in enumerate(summary):
+            if np.isnan(s.mean[m]):
+                continue
+            colour = "tab:gray" if s.row == study.baseline else "tab:orange" if s.row in study.controls else "tab:blue"
+            err = 0.0 if np.isnan(s.std[m]) else s.std[m] * scale
+            ax.errorbar(s.mean[m] * scale, y, xerr=err, fmt="o", color=colour, capsize=3)
         base = next((s.mean[m] for s in summary if s.row == study.baseline), float("nan"))
         if not np.isnan(base):
             ax.axvline(base * scale, color="black", linewidth=1, linestyle="--")
         ax.set_yticks(range(len(names)), names)
-        ax.invert_yaxis()
-        ax.set_xlabel(f"{m} (x{scale:g})")
+        ax.set_ylim(len(names) - 0.5, -0.5)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_xlabel(f"{m} (x{scale:g}; mean ± std over seeds)")
     fig.suptitle(study.title, fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
