@@ -356,10 +356,27 @@ def _untracked(*folders: str) -> tuple[str, ...]:
     return tuple(p.rstrip("/") for p in listed if p.strip())
 
 
-def _experiment_names() -> list[str]:
-    from dvc.api import exp_show
+def _experiments(commits: int = 1, tries: int = 3) -> list[dict[str, Any]]:
+    """``dvc.api.exp_show`` of the last ``commits`` commits. While the queue runs, DVC can list a run whose
+    temporary copy is being made or removed and fail on it (NotDvcRepoError on .dvc/tmp/exps/...): that is
+    retried; a lasting failure is one line."""
+    import time
 
-    return [row["Experiment"] for row in exp_show(repo=".") if row.get("Experiment")]
+    from dvc.api import exp_show
+    from dvc.exceptions import DvcException
+
+    for attempt in range(tries):
+        try:
+            return exp_show(repo=".", num=commits)
+        except DvcException as err:
+            if attempt == tries - 1:
+                raise LangdmlError(f"`dvc exp show` failed ({one_line(err)}); run this again") from None
+            time.sleep(2.0)
+    return []
+
+
+def _experiment_names() -> list[str]:
+    return [row["Experiment"] for row in _experiments() if row.get("Experiment")]
 
 
 @app.command()
@@ -376,14 +393,12 @@ def table(
     """A study's table from its experiments: mean ± std over seeds, the paired difference to the baseline,
     missing or failed runs named; Markdown (printed), CSV and a PNG. Runs queued before a commit belong to
     the commit before it: `--commits 2` finds them (the table names the commits when they are several)."""
-    from dvc.api import exp_show
-
     from stages.core.io import write_text
     from stages.core.study import collect, csv_text, load_study, markdown, plot, summarize
 
     with user_errors("table"):
         grid = load_study(name)
-        collected = collect(grid, exp_show(repo=".", num=commits))
+        collected = collect(grid, _experiments(commits))
         if not collected.values:
             among = "this commit's experiments" if commits == 1 else f"the experiments of the last {commits} commits"
             raise LangdmlError(
@@ -409,7 +424,6 @@ def exp_view(
     """`dvc exp show`, readable: each experiment with the params that differ between them and the headline
     metrics (recall@1, map@r, rsum), as Markdown."""
     import yaml
-    from dvc.api import exp_show
 
     from stages.core.io import read_text
     from stages.core.recipe import flatten
@@ -417,7 +431,7 @@ def exp_view(
 
     with user_errors("exp"):
         keys = list(flatten(yaml.safe_load(read_text(params)) or {}))
-        rows = experiment_view(exp_show(repo="."), keys, tuple(metric) if metric else HEADLINE)
+        rows = experiment_view(_experiments(), keys, tuple(metric) if metric else HEADLINE)
     typer.echo(markdown_rows(rows), nl=False)
 
 

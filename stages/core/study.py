@@ -264,8 +264,8 @@ def markdown(
     study: Study, summary: list[RowSummary], problems: list[str], commits: dict[str, int] | None = None
 ) -> str:
     """The table: mean ± std over seeds and the paired difference to the baseline (both x the study's scale),
-    the paper's number where the study gives one, the commits the runs were made at when more than one (their
-    code may differ), and every problem named below it."""
+    the paper's number where the study gives one, the commit(s) the runs were made at (several: their code may
+    differ), and every problem named below it."""
     scale = study.scale
     paper = bool(study.paper)
     head = ["row", "seeds", *study.metrics, *(f"Δ {m}" for m in study.metrics), *(["paper"] if paper else [])]
@@ -286,9 +286,14 @@ def markdown(
             p = study.paper.get(s.row, {})
             cells.append(", ".join(f"{k} {v} ({p.get('source', '?')})" for k, v in p.items() if k != "source") or "")
         lines.append("| " + " | ".join(cells) + " |")
-    if commits and len(commits) > 1:
+    if commits:
         made = ", ".join(f"{c} ({n} runs)" for c, n in commits.items())
-        lines += ["", f"Runs made at {len(commits)} commits, whose code may differ: {made}"]
+        lines += [
+            "",
+            f"Runs made at commit {made}"
+            if len(commits) == 1
+            else f"Runs made at {len(commits)} commits, whose code may differ: {made}",
+        ]
     if problems:
         lines += ["", "Not in the table:", *(f"- {p}" for p in problems)]
     return "\n".join(lines) + "\n"
