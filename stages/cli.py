@@ -375,6 +375,16 @@ def _experiments(commits: int = 1, tries: int = 3) -> list[dict[str, Any]]:
     return []
 
 
+def _short_rev(rev: str) -> str:
+    """A commit as the table names it: DVC names this commit's baseline by its branch (``main``), which the
+    next commit makes wrong; git's short hash stays true. ``rev`` itself where git cannot resolve it."""
+    import subprocess
+
+    done = subprocess.run(["git", "rev-parse", "--short=7", rev], capture_output=True, text=True, check=False)
+    short = done.stdout.strip() if done.returncode == 0 else ""
+    return short or rev
+
+
 def _experiment_names() -> list[str]:
     return [row["Experiment"] for row in _experiments() if row.get("Experiment")]
 
@@ -406,7 +416,8 @@ def table(
                 f"last commit: --commits 2); first: {collected.problems[0]}"
             )
         summary = summarize(grid, collected)
-        text = markdown(grid, summary, collected.problems, collected.commits)
+        commits = {_short_rev(rev): n for rev, n in collected.commits.items()}
+        text = markdown(grid, summary, collected.problems, commits)
         write_text(out / f"{grid.stem}.md", text)
         write_text(out / f"{grid.stem}.csv", csv_text(grid, summary))
         plot(grid, summary, out / f"{grid.stem}.png")
