@@ -416,7 +416,9 @@ def table(
                 f"last commit: --commits 2); first: {collected.problems[0]}"
             )
         summary = summarize(grid, collected)
-        commits = {_short_rev(rev): n for rev, n in collected.commits.items()}
+        commits: dict[str, int] = {}
+        for rev, n in collected.commits.items():
+            commits[_short_rev(rev)] = commits.get(_short_rev(rev), 0) + n
         text = markdown(grid, summary, collected.problems, commits)
         write_text(out / f"{grid.stem}.md", text)
         write_text(out / f"{grid.stem}.csv", csv_text(grid, summary))
