@@ -1,10 +1,11 @@
 """DDP scaling of the training stage: the same global batch on 1, 2, ... processes (gloo on the CPU, NCCL on GPUs).
 
-Runs `langdml train` (which relaunches itself under torchrun for `train.nproc` > 1) on the repository's
-prepared default data in a scratch folder, one epoch per process count, and reads the epoch's images/s
-from its log line. On a CPU the processes share the same cores (each gets cores / nproc
-threads), so this measures the overhead of the distributed machinery, not a speed-up; on a machine with
-one GPU per process it measures the scaling.
+Runs the train stage through DVC (`dvc repro --single-item train`, which relaunches `langdml train` under torchrun
+for `train.nproc` > 1) in a scratch DVC project holding this repository's pipeline and its precomputed outputs
+(benchmarks/dvc_scratch.py), one run per process count, and reads the last epoch's images/s from the training
+loop's row (the probe in each stage process records it). On a CPU the processes share the same cores (each gets
+cores / nproc threads), so this measures the overhead of the distributed machinery, not a speed-up; on a machine
+with one GPU per process it measures the scaling. Needs `make repro` first (the precomputed outputs).
 
     .venv/bin/python benchmarks/ddp_scaling.py                    # nproc 1 and 2, params.yaml otherwise
     .venv/bin/python benchmarks/ddp_scaling.py --nproc 1 2 4 --epochs 2
@@ -14,43 +15,33 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import yaml
+from dvc_scratch import REPO, new_project, repro, set_params
 
-REPO = Path(__file__).resolve().parents[1]
-WRITTEN = {"model", "checkpoint", "train", "eval"}
+# What the train stage reads (dvc.yaml's deps), copied with dvc.lock; the dataset root is linked.
+TRAIN_INPUTS = ("data/raw", "data/prepared", "data/language", "data/pseudolabels", "data/image_cache")
 
 
 def run(nproc: int, epochs: int, workdir: Path, threads: int) -> tuple[float, float]:
-    """(wall seconds, images/s of the last epoch) of one training run."""
-    (workdir / "data").mkdir(parents=True)
-    for entry in (REPO / "data").iterdir():
-        if entry.name not in WRITTEN and not entry.name.startswith("."):
-            (workdir / "data" / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["train"].update({"nproc": nproc, "epochs": epochs, "num_workers": 0})
-    (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // nproc))}
-    t0 = time.perf_counter()
-    res = subprocess.run(
-        [str(Path(sys.executable).parent / "langdml"), "train"], cwd=workdir, env=env, capture_output=True, text=True
+    """(wall seconds of `dvc repro`, images/s of the last epoch) of one training run."""
+    project = new_project(workdir, TRAIN_INPUTS)
+    set_params(project, {"train.nproc": nproc, "train.epochs": epochs, "train.num_workers": 0})
+    started = time.perf_counter()
+    status, printed, records = repro(
+        project, ["train"], single_item=True, env={"OMP_NUM_THREADS": str(max(1, threads // nproc))}
     )
-    wall = time.perf_counter() - t0
-    if res.returncode:
-        raise SystemExit(f"nproc={nproc} failed:\n{res.stderr[-3000:]}")
-    # Timings stay out of the checkpoint (identical reruns give identical files): read the epoch log line.
-    rates = re.findall(r"epoch \d+/\d+: .*?([0-9.]+) images/s", res.stderr)
-    if not rates:
-        raise SystemExit(f"nproc={nproc}: no epoch line in the log:\n{res.stderr[-3000:]}")
-    return wall, float(rates[-1])
+    wall = time.perf_counter() - started
+    if status:
+        raise SystemExit(f"nproc={nproc}: dvc repro failed:\n{printed[-3000:]}")
+    rows = [row for record in records if record["command"] == "train" for row in record["rows"]]
+    if not rows:
+        raise SystemExit(f"nproc={nproc}: the train stage recorded no epoch:\n{printed[-3000:]}")
+    return wall, float(rows[-1]["images_per_s"])
 
 
 def main() -> None:
@@ -59,14 +50,17 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads shared by the processes")
     args = ap.parse_args()
+    missing = [name for name in TRAIN_INPUTS if not (REPO / name).exists()]
+    if missing:
+        raise SystemExit(f"ddp_scaling: run `make repro` first (missing: {', '.join(missing)})")
     scratch = Path(tempfile.mkdtemp(prefix="langdml-ddp-"))
     try:
         rows = [(n, *run(n, args.epochs, scratch / f"n{n}", args.threads)) for n in args.nproc]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {args.threads} threads"
-    print(f"`langdml train`, params.yaml's model and global batch, {args.epochs} epoch(s), {device}")
-    print("| processes | wall (s) | images/s | step time vs 1 process |")
+    print(f"`dvc repro --single-item train`, params.yaml's model and global batch, {args.epochs} epoch(s), {device}")
+    print("| processes | wall of dvc repro (s) | images/s | step time vs 1 process |")
     print("|---|---|---|---|")
     base = rows[0][2]
     for n, wall, ips in rows:

@@ -3,12 +3,12 @@ real on-disk layout, through the stages' own code, on this machine.
 
 For each recipe it writes the dataset (CUB_200_2011 with images.txt / classes.txt / JPEGs of the real sizes;
 CARS196's cars_annos.mat + car_ims/; SOP's Ebay_{train,test}.txt + class folders; COCO / Flickr30K precomp
-``{train,testall}_ims.npy`` of N x 36 x 2048 float32 + 5 captions per image), applies the recipe to a copy of
-params.yaml as ``langdml recipe`` does, and runs the stages the recipe's training needs, each in its own process
-(the module's ``run(params)``, as ``langdml <stage>`` and so ``dvc exp run`` call it): prepare, embed_text and
-pseudo_labels (DML) or imagetext_prepare and imagetext_features (image-text), then training cut to ``--steps``
-steps of one epoch (``train.max_steps_per_epoch``), with the recipe's per-epoch test evaluation after it, then
-imagetext_evaluate for the image-text recipes.
+``{train,testall}_ims.npy`` of N x 36 x 2048 float32 + 5 captions per image) into a scratch DVC project holding
+this working tree's pipeline (benchmarks/dvc_scratch.py), applies the recipe to its params.yaml as ``langdml
+recipe`` does, and runs ``dvc repro train`` (DML: fetch_data, prepare, embed_text, pseudo_labels, cache_images,
+train) or ``dvc repro imagetext_evaluate`` (image-text: imagetext_prepare, _features, _train, _evaluate), each
+stage in its own process as DVC starts it, training cut to ``--steps`` steps of one epoch
+(``train.max_steps_per_epoch``), with the recipe's per-epoch test evaluation after it.
 
 The images are a stated fraction of the real dataset (``--fraction``, default ``FRACTIONS``: of each class's
 images for CUB200 and CARS196, every class kept; of the classes for SOP, 5 images a class as the real ~5.3; of the
@@ -16,7 +16,8 @@ training images for the precomp sets, whose test split is written whole: 5,000 x
 Weights: no model hub is reachable here, so each hub model is built with random weights of its architecture (the
 same compute); the GloVe 840B-300d file of the DivE recipes is written for the synthetic vocabulary, 300-d.
 
-Reported per recipe: each stage's seconds and peak RSS (the process's ``ru_maxrss``), the training step's
+Reported per recipe: each stage's seconds from its process's start (imports included) and peak RSS (the process's
+``ru_maxrss``), recorded by the probe in the stage processes (benchmarks/probe/sitecustomize.py), the training step's
 steady-state time (mean after the first step), the per-epoch evaluation's seconds, the data loader's images/s on
 one core (decode + the recipe's train transform, what one DataLoader worker does), the caches on disk (measured
 and scaled to the full dataset), and a projection of the full run on one GPU: from the GPU rate measured by
@@ -32,14 +33,11 @@ the DML recipes' ResNet50 (said so in the table; a GRU's ratio differs).
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import logging
 import math
 import os
-import resource
+import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from dvc_scratch import new_project, repro
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -193,67 +192,27 @@ def write_glove(path: Path, vocab: list[str], dim: int, rng: np.random.Generator
             f.write(word + " " + " ".join(f"{v:.4f}" for v in vec) + "\n")
 
 
-# --- one stage in its own process --------------------------------------------------------------------------
+# --- the stages, through DVC ---------------------------------------------------------------------------------
 
 
-def random_hub_weights() -> None:
-    """Build every hub model with random weights of its architecture: no hub is reachable here, and a dry run
-    measures compute, not accuracy. (timm's and open_clip's own constructors, called by the stages' loaders.)"""
-    import open_clip
-    import timm
-
-    timm_create, clip_create = timm.create_model, open_clip.create_model
-
-    def timm_random(name: str, *args: Any, **kwargs: Any) -> Any:
-        kwargs["pretrained"] = False
-        return timm_create(name, *args, **kwargs)
-
-    def clip_random(name: str, *args: Any, **kwargs: Any) -> Any:
-        kwargs.pop("pretrained", None)
-        kwargs.pop("require_pretrained", None)
-        return clip_create(name, *args, **kwargs)
-
-    timm.create_model, open_clip.create_model = timm_random, clip_random
-
-
-class EpochRows(logging.Handler):
-    """The training loop's per-epoch rows (it logs each with the record), timings included."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[dict[str, float]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if hasattr(record, "row"):
-            self.rows.append(record.row)
-
-
-def stage_worker(stage: str) -> None:
-    """Run ``stages.<stage>.run`` on ./params.yaml; print one JSON line (seconds, peak RSS, epoch rows)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    rows = EpochRows()
-    logging.getLogger("stages.core.training.fit").addHandler(rows)
-    random_hub_weights()
-    from stages.core.config import load_params
-
-    params = load_params("params.yaml")
-    module = importlib.import_module(f"stages.{stage}")
-    start = time.perf_counter()
-    module.run(params)
-    seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": seconds, "peak_mb": peak, "rows": rows.rows}))
-
-
-def run_stage(workdir: Path, stage: str, log: Path) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--stage-worker", stage]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    with log.open("a") as err:
-        done = subprocess.run(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=err, text=True, check=False)
-    if done.returncode != 0:
-        tail = log.read_text().strip().splitlines()[-1:] or ["?"]
-        return {"failed": f"exit {done.returncode}: {tail[0][-300:]}"}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def run_pipeline(project: Path, target: str, log: Path) -> tuple[dict[str, Any], float]:
+    """``dvc repro TARGET`` in the scratch project, hub models at random weights (benchmarks/probe): each stage's
+    record by its module name (seconds, peak MB, epoch rows), or ``failed`` for the stage DVC stopped at; the
+    repro's wall seconds."""
+    started = time.perf_counter()
+    status, printed, records = repro(project, [target], env={"LANGDML_PROBE_RANDOM_WEIGHTS": "1"})
+    wall = time.perf_counter() - started
+    with log.open("a") as f:
+        f.write(printed)
+    out: dict[str, Any] = {}
+    for record in records:
+        if record["rank"] == 0:
+            out[record["command"].replace("-", "_")] = record
+    if status:
+        ran = re.findall(r"Running stage '([^']+)'", printed) or ["?"]
+        lines = [line for line in printed.strip().splitlines() if line.strip()]
+        out[ran[-1]] = {"failed": f"exit {status}: {(lines or ['?'])[-1][-300:]}"}
+    return out, wall
 
 
 # --- one recipe --------------------------------------------------------------------------------------------
@@ -304,6 +263,7 @@ def dml_recipe(name: str, args: argparse.Namespace, workdir: Path, log: Path) ->
     dataset = recipe.params["dataset.name"]
     layout = IMAGE_SETS[dataset]
     rng = np.random.default_rng(0)
+    new_project(workdir)
     root = workdir / "data/raw" / dataset
     started = time.perf_counter()
     fraction = args.fraction or FRACTIONS[dataset]
@@ -332,14 +292,10 @@ def dml_recipe(name: str, args: argparse.Namespace, workdir: Path, log: Path) ->
     }
     apply_recipe(workdir / "params.yaml", name, overrides)
     out: dict[str, Any] = {"recipe": name, "dataset": dataset, "images": images, "scale": scale, "write_s": written}
-    stages = ["prepare", "embed_text"]
-    if recipe.params.get("language.guidance", "plg") == "plg" and recipe.params.get("omega", 1.0) > 0:
-        stages.append("pseudo_labels")
-    for stage in [*stages, "train"]:
-        result = run_stage(workdir, stage, log)
-        out[stage] = result
-        if "failed" in result:
-            return out
+    stages, out["dvc_s"] = run_pipeline(workdir, "train", log)
+    out.update(stages)
+    if any("failed" in v for v in stages.values()):
+        return out
     rates = loader_rates(workdir)
     out["loader_img_s_per_core"], out["decode_img_s_per_core"] = rates["decode_augment"], rates["decode"]
     os.chdir(REPO)
@@ -361,6 +317,7 @@ def imagetext_recipe(name: str, args: argparse.Namespace, workdir: Path, log: Pa
     folder = recipe.params["imagetext.data.root"]
     dataset = "coco" if "coco" in folder else "f30k"
     rng = np.random.default_rng(0)
+    new_project(workdir)
     started = time.perf_counter()
     images, vocab = write_precomp(workdir / folder, dataset, args.fraction or FRACTIONS[dataset], rng)
     tower = recipe.params["imagetext.features.text_tower"]
@@ -376,11 +333,10 @@ def imagetext_recipe(name: str, args: argparse.Namespace, workdir: Path, log: Pa
     apply_recipe(workdir / "params.yaml", name, overrides)
     out: dict[str, Any] = {"recipe": name, "dataset": dataset, "images": images, "write_s": written}
     out["scale"] = (n_train + n_test) / images
-    for stage in ("imagetext_prepare", "imagetext_features", "imagetext_train", "imagetext_evaluate"):
-        result = run_stage(workdir, stage, log)
-        out[stage] = result
-        if "failed" in result:
-            return out
+    stages, out["dvc_s"] = run_pipeline(workdir, "imagetext_evaluate", log)
+    out.update(stages)
+    if any("failed" in v for v in stages.values()):
+        return out
     out["caches_mb"] = {
         f: (folder_mb(workdir / "data/imagetext" / f), 1.0 if f == "model" else out["scale"])
         for f in ("prepared", "features", "model")
@@ -462,10 +418,7 @@ def main() -> None:
     ap.add_argument("--gpu-train-rate", type=float, default=None, help="measured ResNet50 training img/s on the GPU")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
-    ap.add_argument("--stage-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.stage_worker:
-        return stage_worker(args.stage_worker)
 
     from stages.core.recipe import recipe_names
 
@@ -478,12 +431,9 @@ def main() -> None:
     for name in names:
         workdir = scratch / name.replace("/", "--")
         shutil.rmtree(workdir, ignore_errors=True)
-        workdir.mkdir(parents=True)
-        for item in ("params.yaml", "data/local"):
-            src = REPO / item
-            (shutil.copytree if src.is_dir() else shutil.copy2)(src, workdir / item)
-        log = workdir / "stages.log"
-        print(f"{name}: writing the data and running the stages (log: {log})", file=sys.stderr, flush=True)
+        log = scratch / f"{workdir.name}.log"
+        log.unlink(missing_ok=True)
+        print(f"{name}: writing the data and running `dvc repro` (log: {log})", file=sys.stderr, flush=True)
         run = imagetext_recipe if name.startswith("dive/") else dml_recipe
         results.append(run(name, args, workdir, log))
         os.chdir(REPO)

@@ -104,7 +104,7 @@ def _run_stage(module: str, params_path: Path, **options: Any) -> None:
     stderr and exit 1."""
     _setup_logging()
     from stages.core.config import load_params
-    from stages.core.training.distributed import launched_by_torchrun
+    from stages.core.runtime import launched_by_torchrun
     from stages.lock import exit_with_parent, stage_lock
 
     command = module.replace("_", "-")

@@ -13,8 +13,26 @@ from stages.core.errors import LangdmlError
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
+
+# What torchrun sets in each worker it starts (the CLI's test, torch-free so the light stages never import torch).
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def launched_by_torchrun() -> bool:
+    return all(v in os.environ for v in TORCHRUN_ENV)
+
+
+def channels_last(module: nn.Module) -> nn.Module:
+    """The module's convolution weights in channels_last (NHWC), in place, on every device: oneDNN on the CPU and
+    cuDNN on GPUs both run NHWC convolutions faster, and a convolution given NHWC weights computes in NHWC
+    whatever its input's layout. EfficientNet-Lite0 on a 2-core AVX2 CPU: a training step at 64 px 2.1x faster,
+    inference at 192 px 1.55x. The same maths as NCHW, summed in another order: the last bits differ."""
+    import torch
+
+    return module.to(memory_format=torch.channels_last)
 
 
 def resolve_device(spec: str = "auto") -> torch.device:

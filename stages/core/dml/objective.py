@@ -31,6 +31,7 @@ from stages.core.language.targets import LanguageSources, LanguageTarget, build_
 from stages.core.model.encoder import EmbeddingModel, build_model, save_model
 from stages.core.model.set_losses import slot_diversity
 from stages.core.model.similarity import SimilaritySpec
+from stages.core.runtime import channels_last
 from stages.core.training import checkpoint as ckpt
 from stages.core.training.distributed import Context, gather_all
 from stages.core.training.fit import (
@@ -267,8 +268,7 @@ def train_dml(
         s2sd_weights=(tp.s2sd.weight, tp.s2sd.feat_weight),
         s2sd_weight_decay=tp.s2sd.weight_decay,
     ).to(run.device)
-    if run.cuda:
-        model.to(memory_format=torch.channels_last)
+    channels_last(model)
     loader = DataLoader(
         data.dataset,
         batch_sampler=sampler,

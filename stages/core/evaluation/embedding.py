@@ -33,19 +33,20 @@ def embed_dataset(
     """``fn`` (a model, or its ``pooled``) over ``dataset`` in order: float32, L2-normalised along the
     last axis; N x D for one vector per image, N x K x D for a set of K (never flattened).
 
-    When ``fn`` is an ``nn.Module`` or one's bound method, the module is moved to ``device`` and put in
-    eval mode for the loop (batch-norm statistics and dropout must not change what an image maps to),
-    then given back its previous mode. ``precision``: float32 (both official codes evaluate so) or bfloat16
-    (autocast on CUDA; full precision on the CPU either way). ``normalize``
-    False keeps the raw outputs (feature maps as tokens); ``dtype``: each batch's rows are stored so (float16
-    halves a feature cache, batch by batch, never holding a float32 copy of the whole).
+    When ``fn`` is an ``nn.Module`` or one's bound method, the module is moved to ``device`` (its convolutions
+    in channels_last: :func:`~stages.core.runtime.channels_last`) and put in eval mode for the loop (batch-norm
+    statistics and dropout must not change what an image maps to), then given back its previous mode.
+    ``precision``: float32 (both official codes evaluate so) or bfloat16 (autocast on CUDA; full precision on
+    the CPU either way). ``normalize`` False keeps the raw outputs (feature maps as tokens); ``dtype``: each
+    batch's rows are stored so (float16 halves a feature cache, batch by batch, never holding a float32 copy of
+    the whole).
     """
     import torch
     from torch import nn
     from torch.nn import functional as F
     from torch.utils.data import DataLoader
 
-    from stages.core.runtime import autocast
+    from stages.core.runtime import autocast, channels_last
 
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise LangdmlError("the dataset to embed is empty; check the test manifest (langdml prepare)")
@@ -54,7 +55,7 @@ def embed_dataset(
     module = owner if isinstance(owner, nn.Module) else None
     was_training = module.training if module is not None else False
     if module is not None:
-        module.to(device).eval()
+        channels_last(module.to(device)).eval()
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

@@ -47,7 +47,9 @@ def create_classifier(
     PIL-image transform ``transform`` names: ``classifier``, the one it was trained with, cropping to
     ``image_size`` instead of the native input size when given (smaller is much faster on a CPU, at some cost in
     accuracy); ``official``, Resize(256) then a zero-padded CenterCrop(``image_size``, 299 when None) with the
-    classifier's normalisation."""
+    classifier's normalisation. Its convolutions run in channels_last (:func:`~stages.core.runtime.channels_last`)."""
+    from stages.core.runtime import channels_last
+
     family, rest = parse_spec(spec, kind="classifier")
     factory = IMAGENET_CLASSIFIERS.get(family)
     model, own, (mean, std) = factory(rest, image_size)
@@ -55,7 +57,7 @@ def create_classifier(
         own = official_transform(image_size or OFFICIAL_CROP, mean, std)
     elif transform != "classifier":
         raise LangdmlError(f"pseudo_labels.transform must be one of {', '.join(TRANSFORMS)}, got {transform!r}")
-    return model.eval().to(device), own
+    return channels_last(model.eval().to(device)), own
 
 
 def official_transform(crop: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Transform:

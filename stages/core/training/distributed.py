@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+from stages.core.runtime import launched_by_torchrun
 
 
 @dataclass(frozen=True)
@@ -34,10 +34,6 @@ class Context:
     @property
     def distributed(self) -> bool:
         return self.world > 1
-
-
-def launched_by_torchrun() -> bool:
-    return all(v in os.environ for v in TORCHRUN_ENV)
 
 
 def setup(device_type: str) -> Context:
