@@ -7,8 +7,8 @@ Sections, each ``{"skipped": why}`` or ``{"failed": the error's last line}`` whe
 - ``tests``: ``pytest tests/test_gpu.py`` (its tests skip themselves without CUDA or faiss-gpu);
 - ``model_only``: training images/s of each DML recipe's model (ResNet50 at 224, the recipe's batch and
   precision; random weights), a fixed batch already on the device: the ceiling the stage is compared with;
-- ``full_stage``: ``benchmarks/paper_scale.py`` on one CUB200 recipe and DivE's COCO recipe (the stages under `dvc repro`:
-  decode, augmentation, loader, step; the per-epoch evaluation; DivE at batch 200 x 5 captions);
+- ``full_stage``: ``benchmarks/paper_scale.py`` on one CUB200 recipe and DivE's COCO recipe (the stages under
+  ``dvc repro``: decode, augmentation, loader, step; the per-epoch evaluation; DivE at batch 200 x 5 captions);
 - ``evaluation``: leave-one-out retrieval at 1M x 512 (the certified low-precision k-NN in torch and, where
   faiss-gpu is installed, faiss' flat index);
 - ``ddp``: ``benchmarks/ddp_scaling.py`` when two or more GPUs are present.
