@@ -20,6 +20,12 @@ import typer
 
 from stages.core.errors import LangdmlError, one_line
 
+# libgomp (torch's OpenMP on Linux) lets a waiting thread spin 300,000 times before it sleeps. Two torch processes
+# on the same cores (the tests beside a `dvc repro`, `dvc queue start -j 2`) then spin through each other's time
+# slices; 1,000 spins cost nothing alone and end that (benchmarks/openmp_spin.py). Set before any stage imports
+# torch; a value the user sets wins.
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
 app = typer.Typer(
     name="langdml",
     help="Language-guided deep metric learning as a DVC pipeline. Each command is one stage of dvc.yaml.",

@@ -6,7 +6,13 @@ worker waits on the build's lock while other work is left."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# As the CLI sets it for every stage (stages/cli.py): the two workers, and the tests beside a `dvc repro`, share
+# the cores without spinning through each other's time.
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 
 def _rank(item: pytest.Item) -> int:
